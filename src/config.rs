@@ -1,0 +1,1140 @@
+//! Configuration: TOML files (the main file plus `domains_dir/*.toml`) parsed
+//! into raw serde structs that keep source spans, then validated into a
+//! [`Config`] in which every policy is complete and correct.
+//!
+//! Validation collects *every* problem of every file as a [`Diagnostic`] with
+//! `file:line:col`, so an operator fixes a broken config in one pass.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::mxcert;
+use crate::policy::{DomainName, MAX_AGE_LIMIT, MAX_AGE_RECOMMENDED_MIN, Mode, MxPattern, Policy};
+
+/// The example configuration, embedded so `mtasts serve` runs without any
+/// file (README command 1).
+pub const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
+
+/// Largest config file we read: a provider's domain file is big, but not this big.
+const MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One located problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// Every error found in a config, plus the warnings seen on the way.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors {
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(f, "{n} config error{}", if n == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main file, as given (used in messages).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    /// Sorted by domain name; names are unique.
+    pub domains: Vec<DomainConfig>,
+    /// Non-fatal findings (e.g. a short `max_age`, skipped certificate names).
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// `[server]`: listeners, state and connection limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// HTTPS listener: policies for senders (RFC 8461 requires port 443 in production).
+    pub https: SocketAddr,
+    /// Plain HTTP listener: ACME HTTP-01 and a hint; policies only when `behind_proxy`.
+    pub http: SocketAddr,
+    /// Certificates, keys and the local CA live here.
+    pub state_dir: PathBuf,
+    /// A TLS-terminating proxy forwards to the http listener, which then serves policies.
+    pub behind_proxy: bool,
+    pub limits: Limits,
+}
+
+/// Resource limits on every connection (slowloris and flood protection).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How the HTTPS listener gets its certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// A local CA in `state_dir` issues a certificate per `mta-sts.<domain>`.
+    SelfSigned,
+    /// Publicly trusted certificates through ACME (not implemented yet).
+    Acme,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+}
+
+/// Where a domain's `mx` list came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MxSource {
+    Explicit,
+    /// The listed certificate files (absolute paths).
+    Certs(Vec<PathBuf>),
+}
+
+/// How the `mta-sts.<domain>` host record is published.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HostRecord {
+    /// Not configured: records output says how to set it.
+    #[default]
+    Unset,
+    Addresses {
+        v4: Vec<Ipv4Addr>,
+        v6: Vec<Ipv6Addr>,
+    },
+    /// A CNAME to a provider's policy host (absolute name, no trailing dot).
+    Cname(DomainName),
+}
+
+/// One hosted domain, fully resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainConfig {
+    pub name: DomainName,
+    pub policy: Policy,
+    pub mx_source: MxSource,
+    /// RFC 8460 report URIs (`mailto:` or `https:`); empty = no TLS-RPT record.
+    pub tlsrpt_rua: Vec<String>,
+    /// TTL of the DNS records printed for this domain.
+    pub ttl: u32,
+    pub host: HostRecord,
+    /// Where the domain was defined, for duplicate and later messages.
+    pub origin: Diagnostic,
+}
+
+// ---------------------------------------------------------------------------
+// Raw, span-carrying serde structures.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMain {
+    domains_dir: Option<Spanned<String>>,
+    server: Option<RawServer>,
+    tls: Option<RawTls>,
+    defaults: Option<Spanned<RawPolicy>>,
+    #[serde(default)]
+    domain: Vec<Spanned<RawPolicy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDomainFile {
+    #[serde(default)]
+    domain: Vec<Spanned<RawPolicy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    https: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    behind_proxy: Option<bool>,
+    max_connections: Option<Spanned<i64>>,
+    handshake_timeout: Option<Spanned<toml::Value>>,
+    header_read_timeout: Option<Spanned<toml::Value>>,
+    idle_timeout: Option<Spanned<toml::Value>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    shutdown_timeout: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    mode: Option<Spanned<String>>,
+}
+
+/// `[defaults]` and each `[[domain]]` share this shape; `name` is required
+/// in a domain and refused in defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    max_age: Option<Spanned<toml::Value>>,
+    mx: Option<Spanned<Vec<Spanned<String>>>>,
+    mx_certs: Option<Spanned<Vec<Spanned<String>>>>,
+    tlsrpt_rua: Option<Spanned<toml::Value>>,
+    ttl: Option<Spanned<i64>>,
+    host_a: Option<Spanned<Vec<Spanned<String>>>>,
+    host_aaaa: Option<Spanned<Vec<Spanned<String>>>>,
+    host_cname: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+
+/// The text of one config file and how to report positions in it.
+struct Source {
+    path: PathBuf,
+    /// Relative paths inside the file are resolved against this directory.
+    base: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
+        let (line, col) = line_col(&self.text, span.start);
+        Diagnostic {
+            file: self.path.clone(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let path = Path::new(p);
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base.join(path)
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
+}
+
+/// Collects diagnostics while validating.
+#[derive(Default)]
+struct Report {
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+}
+
+impl Config {
+    /// Reads and validates `path` and every `*.toml` in its `domains_dir`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = read_limited(path).map_err(|message| ConfigErrors {
+            errors: vec![Diagnostic {
+                file: path.to_owned(),
+                line: 1,
+                col: 1,
+                message,
+            }],
+            warnings: vec![],
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::from_source(path, &base, text)
+    }
+
+    /// Validates config text as if it were the file `path`, resolving
+    /// relative paths against `base`.
+    pub fn from_source(path: &Path, base: &Path, text: String) -> Result<Config, ConfigErrors> {
+        let main = Source {
+            path: path.to_owned(),
+            base: if base.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                base.to_owned()
+            },
+            text,
+        };
+        let mut report = Report::default();
+        let raw: RawMain = match toml::from_str(&main.text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                report.errors.push(toml_error(&main, &e));
+                return Err(ConfigErrors {
+                    errors: report.errors,
+                    warnings: report.warnings,
+                });
+            }
+        };
+
+        let server = server_config(&main, raw.server, &mut report);
+        let tls = tls_config(&main, raw.tls, &mut report);
+
+        let defaults = match raw.defaults {
+            Some(d) => {
+                if let Some(name) = &d.get_ref().name {
+                    report.errors.push(main.at(
+                        name.span(),
+                        "`name` belongs in a [[domain]] entry, not in [defaults]",
+                    ));
+                }
+                d.into_inner()
+            }
+            None => RawPolicy::default(),
+        };
+        let defaults = Layer::new(&main, &defaults);
+
+        // Domain entries: main file first, then domains_dir files in name order.
+        let mut sources: Vec<(Source, Vec<Spanned<RawPolicy>>)> = Vec::new();
+        let domains_dir = raw.domains_dir.as_ref().map(|d| main.resolve(d.get_ref()));
+        let main_domains = raw.domain;
+        if let (Some(dir), Some(spanned)) = (&domains_dir, &raw.domains_dir) {
+            match domain_files(dir) {
+                Ok(files) => {
+                    for file in files {
+                        match load_domain_file(&file) {
+                            Ok(pair) => sources.push(pair),
+                            Err(d) => report.errors.push(d),
+                        }
+                    }
+                }
+                Err(message) => report.errors.push(main.at(spanned.span(), message)),
+            }
+        }
+
+        let now = time::OffsetDateTime::now_utc();
+        let mut cert_cache = HashMap::new();
+        let mut domains: Vec<DomainConfig> = Vec::new();
+        let mut seen: HashMap<DomainName, Diagnostic> = HashMap::new();
+        let all = std::iter::once((&main, main_domains.as_slice()))
+            .chain(sources.iter().map(|(s, d)| (s, d.as_slice())));
+        for (source, entries) in all {
+            for entry in entries {
+                let Some((name, origin)) = domain_name(source, entry, &mut report) else {
+                    continue;
+                };
+                if let Some(first) = seen.get(&name) {
+                    let mut dup = origin;
+                    dup.message = format!(
+                        "duplicate domain {name} (first defined at {}:{}:{})",
+                        first.file.display(),
+                        first.line,
+                        first.col
+                    );
+                    report.errors.push(dup);
+                    continue;
+                }
+                seen.insert(name.clone(), origin.clone());
+                if let Some(domain) = domain_config(
+                    source,
+                    entry.get_ref(),
+                    name,
+                    origin,
+                    &defaults,
+                    &mut cert_cache,
+                    now,
+                    &mut report,
+                ) {
+                    domains.push(domain);
+                }
+            }
+        }
+        domains.sort_by(|a, b| a.name.cmp(&b.name));
+
+        if report.errors.is_empty() {
+            Ok(Config {
+                path: main.path,
+                server,
+                tls,
+                domains,
+                warnings: report.warnings,
+            })
+        } else {
+            Err(ConfigErrors {
+                errors: report.errors,
+                warnings: report.warnings,
+            })
+        }
+    }
+
+    /// The embedded example config; relative paths resolve against the
+    /// current directory.
+    pub fn example() -> Result<Config, ConfigErrors> {
+        Self::from_source(
+            Path::new("<embedded config.example.toml>"),
+            Path::new("."),
+            EXAMPLE_CONFIG.to_owned(),
+        )
+    }
+
+    pub fn domain(&self, name: &DomainName) -> Option<&DomainConfig> {
+        self.domains
+            .binary_search_by(|d| d.name.cmp(name))
+            .ok()
+            .and_then(|i| self.domains.get(i))
+    }
+}
+
+fn read_limited(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read config: {e}"))?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "config file is larger than {MAX_CONFIG_BYTES} bytes"
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read config: {e}"))
+}
+
+fn domain_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read domains_dir {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn load_domain_file(path: &Path) -> Result<(Source, Vec<Spanned<RawPolicy>>), Diagnostic> {
+    let text = read_limited(path).map_err(|message| Diagnostic {
+        file: path.to_owned(),
+        line: 1,
+        col: 1,
+        message,
+    })?;
+    let source = Source {
+        path: path.to_owned(),
+        base: path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        text,
+    };
+    match toml::from_str::<RawDomainFile>(&source.text) {
+        Ok(raw) => Ok((source, raw.domain)),
+        Err(e) => Err(toml_error(&source, &e)),
+    }
+}
+
+/// Turns a TOML/serde error into a located diagnostic, with a "did you mean"
+/// for misspelt keys.
+fn toml_error(source: &Source, e: &toml::de::Error) -> Diagnostic {
+    let span = e.span().unwrap_or(0..0);
+    let mut message = e.message().trim().to_owned();
+    if let Some(hint) = did_you_mean(&message) {
+        message.push_str(&format!("; did you mean `{hint}`?"));
+    }
+    source.at(span, message)
+}
+
+/// serde's unknown-field message is "unknown field `x`, expected one of `a`, `b`".
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|cand| (strsim::damerau_levenshtein(unknown, cand), cand))
+        .filter(|(dist, cand)| *dist <= 2.max(cand.len() / 4) && *dist < cand.len())
+        .min_by_key(|(dist, _)| *dist)
+        .map(|(_, cand)| cand.to_owned())
+}
+
+fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -> ServerConfig {
+    let mut cfg = ServerConfig {
+        https: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 443)),
+        http: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
+        state_dir: PathBuf::from("/var/lib/mtasts"),
+        behind_proxy: false,
+        limits: Limits::default(),
+    };
+    let Some(raw) = raw else { return cfg };
+    let addr = |v: &Option<Spanned<String>>, report: &mut Report, key: &str| {
+        let v = v.as_ref()?;
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                report.errors.push(source.at(
+                    v.span(),
+                    format!(
+                        "server.{key}: {:?} is not an address:port (e.g. \"127.0.0.1:8443\" or \"[::]:443\")",
+                        v.get_ref()
+                    ),
+                ));
+                None
+            }
+        }
+    };
+    if let Some(a) = addr(&raw.https, report, "https") {
+        cfg.https = a;
+    }
+    if let Some(a) = addr(&raw.http, report, "http") {
+        cfg.http = a;
+    }
+    if cfg.https == cfg.http
+        && let Some(v) = &raw.http
+    {
+        report.errors.push(source.at(
+            v.span(),
+            "server.http and server.https must be different addresses",
+        ));
+    }
+    if let Some(dir) = &raw.state_dir {
+        if dir.get_ref().is_empty() {
+            report
+                .errors
+                .push(source.at(dir.span(), "server.state_dir must not be empty"));
+        }
+        cfg.state_dir = source.resolve(dir.get_ref());
+    }
+    cfg.behind_proxy = raw.behind_proxy.unwrap_or(false);
+    let limits = &mut cfg.limits;
+    if let Some(n) = &raw.max_connections {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if v > 0 => limits.max_connections = v,
+            _ => report.errors.push(source.at(
+                n.span(),
+                "server.max_connections must be a positive integer",
+            )),
+        }
+    }
+    if let Some(n) = &raw.max_header_bytes {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if (8192..=1024 * 1024).contains(&v) => limits.max_header_bytes = v,
+            _ => report.errors.push(source.at(
+                n.span(),
+                "server.max_header_bytes must be between 8192 and 1048576",
+            )),
+        }
+    }
+    let durations = [
+        (
+            &raw.handshake_timeout,
+            &mut limits.handshake_timeout,
+            "handshake_timeout",
+        ),
+        (
+            &raw.header_read_timeout,
+            &mut limits.header_read_timeout,
+            "header_read_timeout",
+        ),
+        (&raw.idle_timeout, &mut limits.idle_timeout, "idle_timeout"),
+        (
+            &raw.shutdown_timeout,
+            &mut limits.shutdown_timeout,
+            "shutdown_timeout",
+        ),
+    ];
+    for (value, slot, key) in durations {
+        if let Some(v) = value {
+            match duration(v.get_ref()) {
+                Ok(d) if !d.is_zero() => *slot = d,
+                Ok(_) => report
+                    .errors
+                    .push(source.at(v.span(), format!("server.{key} must be more than 0"))),
+                Err(msg) => report
+                    .errors
+                    .push(source.at(v.span(), format!("server.{key}: {msg}"))),
+            }
+        }
+    }
+    cfg
+}
+
+fn tls_config(source: &Source, raw: Option<RawTls>, report: &mut Report) -> TlsConfig {
+    let mut cfg = TlsConfig {
+        mode: TlsMode::SelfSigned,
+    };
+    if let Some(mode) = raw.and_then(|r| r.mode) {
+        match mode.get_ref().as_str() {
+            "self-signed" => cfg.mode = TlsMode::SelfSigned,
+            "acme" => cfg.mode = TlsMode::Acme,
+            other => report.errors.push(source.at(
+                mode.span(),
+                format!("tls.mode {other:?} is not one of \"self-signed\", \"acme\""),
+            )),
+        }
+    }
+    cfg
+}
+
+/// A duration given as seconds (integer) or humane text ("7d", "1w", "90s").
+fn duration(v: &toml::Value) -> Result<Duration, String> {
+    match v {
+        toml::Value::Integer(i) => u64::try_from(*i)
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{i} is negative")),
+        toml::Value::String(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("{s:?} is not a duration ({e}); use seconds or e.g. \"7d\", \"1w\"")
+        }),
+        other => Err(format!(
+            "expected seconds or a duration string, found a {}",
+            other.type_str()
+        )),
+    }
+}
+
+/// One layer of policy settings (defaults or a domain) with its source.
+struct Layer<'a> {
+    source: &'a Source,
+    raw: &'a RawPolicy,
+}
+
+impl<'a> Layer<'a> {
+    fn new(source: &'a Source, raw: &'a RawPolicy) -> Self {
+        Self { source, raw }
+    }
+}
+
+/// Picks a field from the domain layer, else from defaults, with the source
+/// the value came from (for spans and relative paths).
+fn pick<'a, T>(
+    domain: &'a Layer<'a>,
+    defaults: &'a Layer<'a>,
+    f: impl Fn(&RawPolicy) -> Option<&T>,
+) -> Option<(&'a Source, &'a T)> {
+    f(domain.raw)
+        .map(|v| (domain.source, v))
+        .or_else(|| f(defaults.raw).map(|v| (defaults.source, v)))
+}
+
+type CertCache = HashMap<PathBuf, Result<mxcert::CertNames, String>>;
+
+/// The `name` of a `[[domain]]` entry and where it stands.
+fn domain_name(
+    source: &Source,
+    entry: &Spanned<RawPolicy>,
+    report: &mut Report,
+) -> Option<(DomainName, Diagnostic)> {
+    let Some(name_raw) = &entry.get_ref().name else {
+        report.errors.push(source.at(
+            entry.span(),
+            "[[domain]] entry has no `name` (e.g. name = \"example.com\")",
+        ));
+        return None;
+    };
+    match DomainName::parse(name_raw.get_ref()) {
+        Ok(n) => Some((n, source.at(name_raw.span(), String::new()))),
+        Err(e) => {
+            report
+                .errors
+                .push(source.at(name_raw.span(), format!("domain name: {e}")));
+            None
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn domain_config(
+    source: &Source,
+    raw: &RawPolicy,
+    name: DomainName,
+    origin: Diagnostic,
+    defaults: &Layer<'_>,
+    cert_cache: &mut CertCache,
+    now: time::OffsetDateTime,
+    report: &mut Report,
+) -> Option<DomainConfig> {
+    let domain = Layer::new(source, raw);
+    let errors_before = report.errors.len();
+
+    let mode = match pick(&domain, defaults, |r| r.mode.as_ref()) {
+        Some((src, m)) => match Mode::parse(m.get_ref()) {
+            Some(mode) => mode,
+            None => {
+                report.errors.push(src.at(
+                    m.span(),
+                    format!(
+                        "mode {:?} is not one of \"enforce\", \"testing\", \"none\"",
+                        m.get_ref()
+                    ),
+                ));
+                Mode::Testing
+            }
+        },
+        None => Mode::Testing,
+    };
+
+    let max_age = match pick(&domain, defaults, |r| r.max_age.as_ref()) {
+        Some((src, v)) => match duration(v.get_ref()) {
+            Ok(d) if d.as_secs() <= MAX_AGE_LIMIT && d.subsec_nanos() == 0 => {
+                if d.as_secs() < MAX_AGE_RECOMMENDED_MIN {
+                    report.warnings.push(src.at(
+                        v.span(),
+                        format!(
+                            "{name}: max_age {} s is below one day (86400 s); senders will refetch the policy very often",
+                            d.as_secs()
+                        ),
+                    ));
+                }
+                d.as_secs()
+            }
+            Ok(d) => {
+                report.errors.push(src.at(
+                    v.span(),
+                    format!(
+                        "max_age {} s is outside 0..={MAX_AGE_LIMIT} whole seconds (RFC 8461 §3.2)",
+                        d.as_secs_f64()
+                    ),
+                ));
+                0
+            }
+            Err(msg) => {
+                report
+                    .errors
+                    .push(src.at(v.span(), format!("max_age: {msg}")));
+                0
+            }
+        },
+        None => 604_800,
+    };
+
+    // Explicit mx wins over mx_certs at the same level; a domain's own
+    // setting wins over [defaults].
+    let (mx, mx_source) =
+        if raw.mx.is_some() || (raw.mx_certs.is_none() && defaults.raw.mx.is_some()) {
+            let (src, list) = pick(&domain, defaults, |r| r.mx.as_ref())?;
+            let mut mx = Vec::new();
+            for item in list.get_ref() {
+                match MxPattern::parse(item.get_ref()) {
+                    Ok(p) => mx.push(p),
+                    Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
+                }
+            }
+            (mx, MxSource::Explicit)
+        } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
+            let mut mx = Vec::new();
+            let mut paths = Vec::new();
+            for item in list.get_ref() {
+                let path = src.resolve(item.get_ref());
+                let names = cert_cache
+                    .entry(path.clone())
+                    .or_insert_with(|| mxcert::read(&path, now).map_err(|e| e.to_string()));
+                match names {
+                    Ok(names) => {
+                        mx.extend(names.patterns.iter().cloned());
+                        for (skipped, why) in &names.skipped {
+                            report.warnings.push(src.at(
+                                item.span(),
+                                format!(
+                                    "{name}: skipping {skipped:?} from {}: {why}",
+                                    path.display()
+                                ),
+                            ));
+                        }
+                    }
+                    Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
+                }
+                paths.push(path);
+            }
+            (mx, MxSource::Certs(paths))
+        } else {
+            (Vec::new(), MxSource::Explicit)
+        };
+    let mut mx = mx;
+    mx.sort();
+    mx.dedup();
+    if mx.is_empty() && mode != Mode::None && report.errors.len() == errors_before {
+        report.errors.push(Diagnostic {
+            message: format!(
+                "{name}: mode {mode} needs at least one mx (set `mx` or `mx_certs` here or in [defaults])"
+            ),
+            ..origin.clone()
+        });
+    }
+
+    let tlsrpt_rua = match pick(&domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
+        Some((src, v)) => rua_list(src, v, report),
+        None => Vec::new(),
+    };
+
+    let ttl = match pick(&domain, defaults, |r| r.ttl.as_ref()) {
+        Some((src, v)) => match u32::try_from(*v.get_ref()) {
+            Ok(t) if t <= 2_147_483_647 => t,
+            _ => {
+                report
+                    .errors
+                    .push(src.at(v.span(), "ttl must be between 0 and 2147483647 seconds"));
+                3600
+            }
+        },
+        None => 3600,
+    };
+
+    let host = host_record(&domain, defaults, report);
+
+    if report.errors.len() > errors_before {
+        return None;
+    }
+    Some(DomainConfig {
+        name,
+        policy: Policy { mode, mx, max_age },
+        mx_source,
+        tlsrpt_rua,
+        ttl,
+        host,
+        origin,
+    })
+}
+
+/// RFC 8460 §3: `rua` is one or more `mailto:` or `https:` URIs.
+fn rua_list(src: &Source, v: &Spanned<toml::Value>, report: &mut Report) -> Vec<String> {
+    let items: Vec<&str> = match v.get_ref() {
+        toml::Value::String(s) => vec![s.as_str()],
+        toml::Value::Array(a) => a.iter().filter_map(toml::Value::as_str).collect(),
+        _ => {
+            report
+                .errors
+                .push(src.at(v.span(), "tlsrpt_rua must be a string or a list of strings"));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let item = item.trim();
+        let scheme_ok = item.starts_with("mailto:") || item.starts_with("https://");
+        let bad_char = item
+            .chars()
+            .find(|c| c.is_whitespace() || matches!(c, ';' | ',' | '"' | '\\') || c.is_control());
+        if !scheme_ok {
+            report.errors.push(src.at(
+                v.span(),
+                format!(
+                    "tlsrpt_rua {item:?} must start with \"mailto:\" or \"https://\" (RFC 8460 §3)"
+                ),
+            ));
+        } else if let Some(c) = bad_char {
+            report.errors.push(src.at(
+                v.span(),
+                format!("tlsrpt_rua {item:?} contains {c:?}; percent-encode it"),
+            ));
+        } else if item.len() <= "mailto:".len() {
+            report
+                .errors
+                .push(src.at(v.span(), format!("tlsrpt_rua {item:?} has no address")));
+        } else {
+            out.push(item.to_owned());
+        }
+    }
+    if out.is_empty() && matches!(v.get_ref(), toml::Value::Array(a) if a.is_empty()) {
+        report
+            .errors
+            .push(src.at(v.span(), "tlsrpt_rua is empty; remove it or add a URI"));
+    }
+    out
+}
+
+fn host_record(domain: &Layer<'_>, defaults: &Layer<'_>, report: &mut Report) -> HostRecord {
+    // The domain's own host settings replace the defaults' as a whole: mixing
+    // a default CNAME with a domain's addresses would be an invalid RRset.
+    let layer = if domain.raw.host_a.is_some()
+        || domain.raw.host_aaaa.is_some()
+        || domain.raw.host_cname.is_some()
+    {
+        domain
+    } else {
+        defaults
+    };
+    let src = layer.source;
+    let raw = &layer.raw;
+    if let Some(cname) = &raw.host_cname {
+        if raw.host_a.is_some() || raw.host_aaaa.is_some() {
+            report.errors.push(src.at(
+                cname.span(),
+                "host_cname cannot be combined with host_a/host_aaaa (a CNAME stands alone)",
+            ));
+            return HostRecord::Unset;
+        }
+        return match DomainName::parse(cname.get_ref()) {
+            Ok(target) => HostRecord::Cname(target),
+            Err(e) => {
+                report
+                    .errors
+                    .push(src.at(cname.span(), format!("host_cname: {e}")));
+                HostRecord::Unset
+            }
+        };
+    }
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for item in raw.host_a.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) => v4.push(a),
+            Err(_) => report.errors.push(src.at(
+                item.span(),
+                format!("host_a: {:?} is not an IPv4 address", item.get_ref()),
+            )),
+        }
+    }
+    for item in raw.host_aaaa.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse::<Ipv6Addr>() {
+            Ok(a) => v6.push(a),
+            Err(_) => report.errors.push(src.at(
+                item.span(),
+                format!("host_aaaa: {:?} is not an IPv6 address", item.get_ref()),
+            )),
+        }
+    }
+    if v4.is_empty() && v6.is_empty() {
+        HostRecord::Unset
+    } else {
+        HostRecord::Addresses { v4, v6 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_source(Path::new("test.toml"), Path::new("."), text.to_owned())
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match load(text) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let cfg = Config::example().expect("example config validates");
+        assert!(!cfg.domains.is_empty());
+        assert_eq!(cfg.server.https.port(), 8443);
+        assert!(cfg.server.https.ip().is_loopback());
+        assert!(cfg.server.http.ip().is_loopback());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let cfg = load(
+            r#"
+[defaults]
+mode = "enforce"
+max_age = "1w"
+mx = ["mx1.example.net", "*.mx.example.net", "mx1.example.net"]
+ttl = 300
+
+[[domain]]
+name = "Example.COM"
+
+[[domain]]
+name = "b.example"
+mode = "testing"
+max_age = 86400
+mx = ["mail.b.example"]
+tlsrpt_rua = "mailto:tls@b.example"
+host_cname = "mta-sts.provider.example"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.domains.len(), 2);
+        let b = &cfg.domains[0];
+        assert_eq!(b.name.as_str(), "b.example");
+        assert_eq!(b.policy.mode, Mode::Testing);
+        assert_eq!(b.policy.max_age, 86_400);
+        assert_eq!(b.tlsrpt_rua, ["mailto:tls@b.example"]);
+        assert!(
+            matches!(&b.host, HostRecord::Cname(t) if t.as_str() == "mta-sts.provider.example")
+        );
+        let a = &cfg.domains[1];
+        assert_eq!(a.name.as_str(), "example.com");
+        assert_eq!(a.policy.mode, Mode::Enforce);
+        assert_eq!(a.policy.max_age, 604_800);
+        assert_eq!(a.ttl, 300);
+        let mx: Vec<&str> = a.policy.mx.iter().map(MxPattern::as_str).collect();
+        assert_eq!(mx, ["*.mx.example.net", "mx1.example.net"]);
+    }
+
+    #[test]
+    fn unknown_key_with_suggestion_and_position() {
+        let errs = errors("[defaults]\nmdoe = \"enforce\"\n");
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("test.toml:2:1: unknown field `mdoe`"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[0].contains("did you mean `mode`?"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_position() {
+        let errs = errors(
+            r#"[defaults]
+mx = ["mx.example.com"]
+
+[[domain]]
+name = "a.example"
+mode = "enforcing"
+
+[[domain]]
+name = "b.example"
+max_age = 40000000
+
+[[domain]]
+name = "c.example"
+mx = ["10.0.0.1", "mx.*.example"]
+
+[[domain]]
+name = "not a domain"
+
+[[domain]]
+name = "a.example"
+"#,
+        );
+        let expected = [
+            "test.toml:6:8: mode \"enforcing\"",
+            "test.toml:10:11: max_age 40000000 s",
+            "test.toml:14:7: mx: \"10.0.0.1\" looks like an IP",
+            "test.toml:14:19: mx: \"mx.*.example\": a wildcard",
+            "test.toml:17:8: domain name:",
+            "test.toml:20:8: duplicate domain a.example (first defined at test.toml:5:8)",
+        ];
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+        for (e, want) in errs.iter().zip(expected) {
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn mx_required_unless_mode_none() {
+        let errs = errors("[[domain]]\nname = \"a.example\"\nmode = \"enforce\"\n");
+        assert!(errs[0].contains("needs at least one mx"), "{errs:?}");
+        let cfg =
+            load("[[domain]]\nname = \"a.example\"\nmode = \"none\"\n").expect("none needs no mx");
+        assert!(cfg.domains[0].policy.mx.is_empty());
+    }
+
+    #[test]
+    fn short_max_age_is_a_warning() {
+        let cfg =
+            load("[[domain]]\nname = \"a.example\"\nmx = [\"mx.a.example\"]\nmax_age = \"1h\"\n")
+                .expect("valid");
+        assert_eq!(cfg.domains[0].policy.max_age, 3600);
+        assert_eq!(cfg.warnings.len(), 1);
+        assert!(
+            cfg.warnings[0].to_string().starts_with("test.toml:4:11:"),
+            "{}",
+            cfg.warnings[0]
+        );
+    }
+
+    #[test]
+    fn max_age_bounds() {
+        let ok = load("[[domain]]\nname = \"a.example\"\nmode = \"none\"\nmax_age = 31557600\n")
+            .expect("upper bound ok");
+        assert_eq!(ok.domains[0].policy.max_age, MAX_AGE_LIMIT);
+        let errs = errors("[[domain]]\nname = \"a.example\"\nmode = \"none\"\nmax_age = -1\n");
+        assert!(errs[0].contains("negative"), "{errs:?}");
+    }
+
+    #[test]
+    fn idn_domain_to_a_label() {
+        let cfg = load("[[domain]]\nname = \"bücher.example\"\nmode = \"none\"\n").expect("idn");
+        assert_eq!(cfg.domains[0].name.as_str(), "xn--bcher-kva.example");
+    }
+
+    #[test]
+    fn server_addresses_and_limits() {
+        let cfg = load(
+            "[server]\nhttps = \"127.0.0.1:9443\"\nhttp = \"127.0.0.1:9080\"\nidle_timeout = \"30s\"\nmax_connections = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(cfg.server.https.port(), 9443);
+        assert_eq!(cfg.server.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.server.limits.max_connections, 5);
+        let errs = errors("[server]\nhttps = \"localhost\"\n");
+        assert!(
+            errs[0].starts_with("test.toml:2:9: server.https"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn tls_mode_values() {
+        let errs = errors("[tls]\nmode = \"letsencrypt\"\n");
+        assert!(errs[0].contains("tls.mode"), "{errs:?}");
+    }
+
+    #[test]
+    fn rua_validation() {
+        let errs = errors(
+            "[[domain]]\nname = \"a.example\"\nmode = \"none\"\ntlsrpt_rua = [\"ftp://x\", \"mailto:a b@c\"]\n",
+        );
+        assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn cname_and_addresses_conflict() {
+        let errs = errors(
+            "[[domain]]\nname = \"a.example\"\nmode = \"none\"\nhost_a = [\"192.0.2.1\"]\nhost_cname = \"x.example\"\n",
+        );
+        assert!(
+            errs[0].contains("host_cname cannot be combined"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ä\nx", 3), (2, 1));
+        assert_eq!(line_col("äb", 2), (1, 2));
+    }
+}

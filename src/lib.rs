@@ -1,0 +1,25 @@
+//! mtasts publishes MTA-STS (RFC 8461) for many receiving mail domains.
+//!
+//! Data flows one way:
+//!
+//! - [`config`]: TOML files → validated [`config::Config`], every error with
+//!   `file:line:col`.
+//! - [`mxcert`]: `mx` patterns from the mail servers' certificates.
+//! - [`policy`]: the policy model, its CRLF rendering and the id derived from it.
+//! - [`snapshot`]: the immutable host → pre-rendered policy map, swapped whole.
+//! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
+//!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
+//! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
+//! - [`store`]: atomic, permission-correct files in `state_dir`.
+//! - [`cli`]: the subcommands.
+
+pub mod cli;
+pub mod config;
+pub mod dns;
+pub mod http;
+pub mod mxcert;
+pub mod policy;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod tls;

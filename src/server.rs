@@ -1,0 +1,358 @@
+//! The listeners: accept loops for HTTPS and HTTP with connection limits,
+//! handshake/header/idle timeouts, SNI checked before any certificate is
+//! shown, and graceful shutdown that lets in-flight requests finish.
+//!
+//! [`Server`] owns the state; [`Server::run`] takes already bound listeners,
+//! so tests bind `127.0.0.1:0` and drive the real server.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use rustls::sign::CertifiedKey;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_io_timeout::TimeoutStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::config::{Config, Limits, TlsMode};
+use crate::http::{self, Listener, Shared, Sni};
+use crate::snapshot::Snapshot;
+use crate::tls::{self, CertIndex, LocalCa, TlsError};
+
+/// Why the server could not start or apply a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "tls.mode = \"acme\" is not supported yet; use mode = \"self-signed\" or terminate TLS in a proxy with behind_proxy = true"
+    )]
+    AcmeUnsupported,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A running publisher: current snapshot, certificates, limits.
+pub struct Server {
+    shared: Arc<Shared>,
+    certs: Arc<CertIndex>,
+    tls_config: Arc<rustls::ServerConfig>,
+    limits: Limits,
+    ca: LocalCa,
+}
+
+impl Server {
+    /// Builds the first snapshot and makes sure every domain has a
+    /// certificate. Blocking (key generation, file I/O): call it before
+    /// serving or from `spawn_blocking`.
+    pub fn new(config: &Config) -> Result<Server, ServeError> {
+        if config.tls.mode == TlsMode::Acme {
+            return Err(ServeError::AcmeUnsupported);
+        }
+        let ca = LocalCa::load_or_create(&config.server.state_dir)?;
+        let certs = Arc::new(CertIndex::default());
+        let server = Server {
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(Snapshot::default()),
+                behind_proxy: config.server.behind_proxy,
+            }),
+            tls_config: tls::server_config(Arc::clone(&certs)),
+            certs,
+            limits: config.server.limits.clone(),
+            ca,
+        };
+        server.apply(config)?;
+        Ok(server)
+    }
+
+    /// Path of the local CA certificate clients must trust.
+    pub fn ca_path(&self) -> &std::path::Path {
+        &self.ca.cert_path
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Swaps in the snapshot of `config`, certificates first, so that every
+    /// host in the new snapshot can complete a handshake the moment it is
+    /// served. On error nothing changes.
+    pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
+        let snapshot = Snapshot::build(config);
+        let hosts: Vec<&str> = snapshot.sites().iter().map(|s| &*s.host).collect();
+        let old = self.certs.snapshot();
+        let mut map: HashMap<Box<str>, Arc<CertifiedKey>> = HashMap::with_capacity(hosts.len());
+        let missing: Vec<&str> = hosts
+            .iter()
+            .copied()
+            .filter(|h| match old.get(*h) {
+                Some(ck) => {
+                    map.insert((*h).into(), Arc::clone(ck));
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        for (host, ck) in issue_parallel(&self.ca, &missing)? {
+            map.insert(host.into(), Arc::new(ck));
+        }
+        self.certs.replace(map);
+        self.shared.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and waits up to
+    /// `shutdown_timeout` for open connections to finish their requests.
+    pub async fn run(
+        self: Arc<Self>,
+        https: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        // Accept loops take a watcher per connection (also while it is still
+        // handshaking), so shutdown waits for those too.
+        let graceful = Arc::new(GracefulShutdown::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut loops = tokio::task::JoinSet::new();
+        for (listener, kind) in [(https, Listener::Https), (http, Listener::Http)] {
+            let ctx = Arc::new(ConnCtx::new(&self, kind));
+            loops.spawn(accept_loop(
+                listener,
+                ctx,
+                Arc::clone(&slots),
+                stop_rx.clone(),
+                Arc::clone(&graceful),
+            ));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing open requests");
+        let _ = stop_tx.send(true);
+        while loops.join_next().await.is_some() {}
+        let Ok(graceful) = Arc::try_unwrap(graceful) else {
+            // Unreachable: the accept loops, the only other owners, have ended.
+            return Ok(());
+        };
+        if tokio::time::timeout(self.limits.shutdown_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open after {:?}; closing them",
+                self.limits.shutdown_timeout
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Issues missing self-signed certificates on all cores.
+fn issue_parallel<'a>(
+    ca: &LocalCa,
+    hosts: &[&'a str],
+) -> Result<Vec<(&'a str, CertifiedKey)>, TlsError> {
+    if hosts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let threads = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .min(hosts.len());
+    let chunk = hosts.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = hosts
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|h| ca.leaf(h).map(|ck| (*h, ck)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(hosts.len());
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend(part?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// What every connection of one listener needs.
+struct ConnCtx {
+    kind: Listener,
+    router: axum::Router,
+    certs: Arc<CertIndex>,
+    tls_config: Arc<rustls::ServerConfig>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+}
+
+impl ConnCtx {
+    fn new(server: &Server, kind: Listener) -> Self {
+        let limits = server.limits.clone();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(100)
+            .keep_alive_interval(None);
+        ConnCtx {
+            kind,
+            router: http::app(Arc::clone(&server.shared), kind),
+            certs: Arc::clone(&server.certs),
+            tls_config: Arc::clone(&server.tls_config),
+            builder,
+            limits,
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ConnCtx>,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "connection limit reached; closing");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            match ctx.kind {
+                Listener::Https => serve_tls(ctx, tcp, peer, watcher, permit).await,
+                Listener::Http => {
+                    let svc = TowerToHyperService::new(ctx.router.clone());
+                    serve_io(&ctx, tcp, svc, watcher, permit).await;
+                }
+            }
+        });
+    }
+}
+
+async fn serve_tls(
+    ctx: Arc<ConnCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+    permit: OwnedSemaphorePermit,
+) {
+    // One budget for reading the ClientHello and finishing the handshake.
+    let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout_at(deadline, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "bad ClientHello");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let sni = start
+        .client_hello()
+        .server_name()
+        .and_then(http::normalize_host)
+        .map(|s| Arc::<str>::from(&*s));
+    let Some(sni) = sni.filter(|s| ctx.certs.contains(s)) else {
+        // Never fall back to another domain's certificate.
+        let mut io = start.io;
+        let _ = tokio::time::timeout_at(deadline, async {
+            let _ = io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
+            let _ = io.shutdown().await;
+        })
+        .await;
+        return;
+    };
+    let tls =
+        match tokio::time::timeout_at(deadline, start.into_stream(Arc::clone(&ctx.tls_config)))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "handshake timed out");
+                return;
+            }
+        };
+    let router = ctx.router.clone();
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(Sni(Arc::clone(&sni)));
+        let router = router.clone();
+        async move {
+            use tower::ServiceExt;
+            router.oneshot(req).await
+        }
+    });
+    serve_io(&ctx, tls, svc, watcher, permit).await;
+}
+
+async fn serve_io<I, S>(
+    ctx: &ConnCtx,
+    io: I,
+    svc: S,
+    watcher: Watcher,
+    permit: OwnedSemaphorePermit,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    // Idle limit: a connection that sends nothing for idle_timeout is closed,
+    // between keep-alive requests as well as mid-request.
+    let mut io = TimeoutStream::new(io);
+    io.set_read_timeout(Some(ctx.limits.idle_timeout));
+    let io = TokioIo::new(Box::pin(io));
+    let conn = ctx.builder.serve_connection(io, svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+    drop(permit);
+}

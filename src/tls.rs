@@ -1,0 +1,336 @@
+//! TLS for the HTTPS listener: the SNI → certificate index (lock-free reads
+//! over an `ArcSwap` map), the rustls server config, and the local CA of
+//! `tls.mode = "self-signed"` that issues one certificate per
+//! `mta-sts.<domain>` and keeps it in `state_dir` across restarts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::store;
+
+/// A fatal `unrecognized_name` alert (RFC 6066 §3, alert 112) as a plaintext
+/// TLS record: what a client with an SNI we do not serve receives, instead of
+/// another domain's certificate.
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// ALPN protocols offered to clients.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Errors of certificate handling; each names the file or host involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+    #[error("cannot generate a certificate for {host}: {source}")]
+    Generate { host: String, source: rcgen::Error },
+    #[error("certificate for {host} is unusable: {source}")]
+    Key { host: String, source: rustls::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The SNI index: host name (lowercase, no trailing dot) → certificate.
+/// Replaced whole, so a handshake never sees a half-updated set.
+#[derive(Debug, Default)]
+pub struct CertIndex {
+    map: ArcSwap<HashMap<Box<str>, Arc<CertifiedKey>>>,
+}
+
+impl CertIndex {
+    pub fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        self.map.load().get(host).cloned()
+    }
+
+    pub fn contains(&self, host: &str) -> bool {
+        self.map.load().contains_key(host)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The current map, for building the next one.
+    pub fn snapshot(&self) -> Arc<HashMap<Box<str>, Arc<CertifiedKey>>> {
+        self.map.load_full()
+    }
+
+    /// Replaces the whole index.
+    pub fn replace(&self, map: HashMap<Box<str>, Arc<CertifiedKey>>) {
+        self.map.store(Arc::new(map));
+    }
+}
+
+impl ResolvesServerCert for CertIndex {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = crate::http::normalize_host(hello.server_name()?)?;
+        self.lookup(&name)
+    }
+}
+
+/// The rustls config of the HTTPS listener: certificates from `index`, ALPN
+/// h2 and http/1.1.
+pub fn server_config(index: Arc<CertIndex>) -> Arc<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(index);
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Builds a rustls key from PEM text (certificate chain + private key).
+pub fn certified_key(host: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in PEM".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("bad key PEM: {e}"))?;
+    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+        .map_err(|e| format!("unsupported key for {host}: {e}"))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| format!("key does not match certificate for {host}: {e}"))?;
+    Ok(ck)
+}
+
+/// The local CA of self-signed mode, stored as `state_dir/ca/ca.pem` and
+/// `state_dir/ca/ca-key.pem` (0600).
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// Path of the CA certificate that clients (curl --cacert) must trust.
+    pub cert_path: PathBuf,
+    /// DER of the CA certificate, to recognise leaves it issued.
+    subject_der: Vec<u8>,
+    leaf_dir: PathBuf,
+}
+
+/// A leaf is regenerated at start when it has less than this left.
+const RENEW_BEFORE: time::Duration = time::Duration::days(30);
+
+impl LocalCa {
+    /// Loads the CA from `state_dir`, creating it on first use.
+    pub fn load_or_create(state_dir: &Path) -> Result<LocalCa, TlsError> {
+        let dir = state_dir.join("ca");
+        store::ensure_private_dir(&dir).map_err(io_err(&dir))?;
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca-key.pem");
+        let leaf_dir = state_dir.join("self-signed");
+        store::ensure_private_dir(&leaf_dir).map_err(io_err(&leaf_dir))?;
+
+        let existing = cert_path.exists() && key_path.exists();
+        let (cert_pem, key) = if existing {
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::BadFile {
+                path: key_path.clone(),
+                reason: format!("not a usable private key: {e}"),
+            })?;
+            (cert_pem, key)
+        } else {
+            let key = KeyPair::generate().map_err(|source| TlsError::Generate {
+                host: "local CA".to_owned(),
+                source,
+            })?;
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, "mtasts local CA");
+            dn.push(DnType::OrganizationName, "mtasts self-signed mode");
+            params.distinguished_name = dn;
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::hours(1);
+            params.not_after = now + time::Duration::days(3650);
+            let cert = params
+                .self_signed(&key)
+                .map_err(|source| TlsError::Generate {
+                    host: "local CA".to_owned(),
+                    source,
+                })?;
+            store::write_atomic(&key_path, key.serialize_pem().as_bytes(), store::KEY_MODE)
+                .map_err(io_err(&key_path))?;
+            store::write_atomic(&cert_path, cert.pem().as_bytes(), store::PUBLIC_MODE)
+                .map_err(io_err(&cert_path))?;
+            (cert.pem(), key)
+        };
+        let subject_der = ca_subject(&cert_path, cert_pem.as_bytes())?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| TlsError::BadFile {
+            path: cert_path.clone(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+        Ok(LocalCa {
+            issuer,
+            cert_path,
+            subject_der,
+            leaf_dir,
+        })
+    }
+
+    /// The certificate for `host`: reused from `state_dir/self-signed/<host>/`
+    /// when it is ours, for this name and not close to expiry; else issued
+    /// anew and stored.
+    pub fn leaf(&self, host: &str) -> Result<CertifiedKey, TlsError> {
+        let dir = self.leaf_dir.join(host);
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        if let (Ok(cert), Ok(key)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+            if self.reusable(host, &cert)
+                && let Ok(ck) = certified_key(host, &cert, &key)
+            {
+                return Ok(ck);
+            }
+            tracing::info!(host, "replacing stored self-signed certificate");
+        }
+        store::ensure_private_dir(&dir).map_err(io_err(&dir))?;
+        let generate = |source| TlsError::Generate {
+            host: host.to_owned(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(generate)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::DnsName(host.try_into().map_err(generate)?)];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, host);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(90);
+        let cert = params.signed_by(&key, &self.issuer).map_err(generate)?;
+        let key_pem = key.serialize_pem();
+        let cert_pem = cert.pem();
+        // Key first: a crash between the two writes leaves a key without a
+        // matching certificate, which the reuse check rejects.
+        store::write_atomic(&key_path, key_pem.as_bytes(), store::KEY_MODE)
+            .map_err(io_err(&key_path))?;
+        store::write_atomic(&cert_path, cert_pem.as_bytes(), store::PUBLIC_MODE)
+            .map_err(io_err(&cert_path))?;
+        certified_key(host, cert_pem.as_bytes(), key_pem.as_bytes()).map_err(|reason| {
+            TlsError::BadFile {
+                path: cert_path,
+                reason,
+            }
+        })
+    }
+
+    fn reusable(&self, host: &str, cert_pem: &[u8]) -> bool {
+        let Some(pem) = x509_parser::pem::Pem::iter_from_buffer(cert_pem)
+            .filter_map(Result::ok)
+            .next()
+        else {
+            return false;
+        };
+        let Ok(cert) = pem.parse_x509() else {
+            return false;
+        };
+        let fresh = cert.validity().not_after.to_datetime()
+            > time::OffsetDateTime::now_utc() + RENEW_BEFORE;
+        let ours = cert.issuer().as_raw() == self.subject_der.as_slice();
+        let named = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .is_some_and(|san| {
+                san.value.general_names.iter().any(|n| {
+                    matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if d.eq_ignore_ascii_case(host))
+                })
+            });
+        fresh && ours && named
+    }
+}
+
+fn ca_subject(path: &Path, pem: &[u8]) -> Result<Vec<u8>, TlsError> {
+    let bad = |reason: String| TlsError::BadFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(Result::ok)
+        .next()
+        .ok_or_else(|| bad("no certificate".to_owned()))?;
+    let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+    Ok(cert.subject().as_raw().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_and_leaf_persist_across_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let first = ca.leaf("mta-sts.example.com").expect("leaf");
+        let ca_pem = std::fs::read(&ca.cert_path).expect("ca pem");
+
+        let again = LocalCa::load_or_create(dir.path()).expect("ca again");
+        assert_eq!(std::fs::read(&again.cert_path).expect("ca pem"), ca_pem);
+        let second = again.leaf("mta-sts.example.com").expect("leaf again");
+        assert_eq!(first.cert, second.cert, "stored leaf is reused");
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for key in [
+                dir.path().join("ca/ca-key.pem"),
+                dir.path().join("self-signed/mta-sts.example.com/key.pem"),
+            ] {
+                let mode = std::fs::metadata(&key).expect("key").permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+            }
+        }
+    }
+
+    #[test]
+    fn leaf_for_other_name_or_corrupt_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let first = ca.leaf("mta-sts.example.com").expect("leaf");
+        let cert_path = dir.path().join("self-signed/mta-sts.example.com/cert.pem");
+        std::fs::write(&cert_path, b"garbage").expect("corrupt");
+        let second = ca.leaf("mta-sts.example.com").expect("reissued");
+        assert_ne!(first.cert, second.cert);
+    }
+
+    #[test]
+    fn index_lookup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let index = CertIndex::default();
+        let mut map = HashMap::new();
+        map.insert(
+            Box::<str>::from("mta-sts.a.example"),
+            Arc::new(ca.leaf("mta-sts.a.example").expect("leaf")),
+        );
+        index.replace(map);
+        assert!(index.contains("mta-sts.a.example"));
+        assert!(index.lookup("mta-sts.b.example").is_none());
+    }
+}
