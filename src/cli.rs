@@ -6,11 +6,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::admin;
 use crate::config::{Config, ConfigErrors};
+use crate::control::{self, Control};
 use crate::dns;
 use crate::policy::DomainName;
 use crate::server::Server;
@@ -274,13 +277,32 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     print_banner(&cfg, &server, &snapshot, https_addr, http_addr);
 
-    let reloader = tokio::spawn(reload_on_sighup(
-        Arc::clone(&server),
-        path,
-        cfg.server.clone(),
-    ));
+    let control = Arc::new(Control::new(Arc::clone(&server), path.clone(), cfg.clone()));
+    let reloader = tokio::spawn(control::reload_on_sighup(Arc::clone(&control)));
+    // Keep the watcher alive while serving.
+    let _watcher = match &path {
+        Some(_) => match control::watch(Arc::clone(&control), Duration::from_millis(300)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch the config files ({e}); reload with SIGHUP");
+                None
+            }
+        },
+        None => None,
+    };
+    let admin = match &cfg.admin {
+        Some(a) => {
+            let token = admin::read_token(&a.token_file)?;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot listen on admin address {}", a.listen))?;
+            tracing::info!(admin = %listener.local_addr()?, "admin API listening");
+            Some((listener, admin::router(Arc::clone(&control), token)))
+        }
+        None => None,
+    };
     let result = Arc::clone(&server)
-        .run(https, http, shutdown_signal())
+        .run(https, http, admin, shutdown_signal())
         .await;
     reloader.abort();
     result.context("server failed")?;
@@ -347,53 +369,4 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// SIGHUP re-reads the config; a bad config is logged and the running
-/// snapshot keeps serving.
-async fn reload_on_sighup(
-    server: Arc<Server>,
-    path: Option<PathBuf>,
-    running: crate::config::ServerConfig,
-) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let Some(path) = path.clone() else {
-                tracing::info!("SIGHUP: the embedded config does not change; nothing to reload");
-                continue;
-            };
-            let server = Arc::clone(&server);
-            let running = running.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || reload(&server, &path, &running)).await;
-            match outcome {
-                Ok(Ok(n)) => tracing::info!(domains = n, "reloaded"),
-                Ok(Err(e)) => {
-                    tracing::error!("reload rejected, previous config keeps serving: {e:#}")
-                }
-                Err(e) => tracing::error!("reload panicked: {e}"),
-            }
-        }
-    }
-}
-
-fn reload(
-    server: &Server,
-    path: &Path,
-    running: &crate::config::ServerConfig,
-) -> anyhow::Result<usize> {
-    let cfg = Config::load(path).map_err(anyhow::Error::new)?;
-    for w in &cfg.warnings {
-        tracing::warn!("{w}");
-    }
-    if cfg.server != *running {
-        tracing::warn!("[server] settings changed; they take effect after a restart");
-    }
-    server.apply(&cfg)?;
-    Ok(cfg.domains.len())
 }
