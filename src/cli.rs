@@ -203,15 +203,21 @@ fn records(path: &Path, format: RecordFormat, names: &[String]) -> anyhow::Resul
         }
     }
     let snapshot = Snapshot::build(&cfg);
-    for site in snapshot.sites() {
-        if (only.is_empty() || only.contains(&site.domain.name))
-            && site.domain.host == crate::config::HostRecord::Unset
-        {
-            eprintln!(
-                "note: no host record for {} (set host_a/host_aaaa or host_cname); point it at this server",
-                site.host
-            );
-        }
+    let hostless: Vec<&str> = snapshot
+        .sites()
+        .iter()
+        .filter(|s| only.is_empty() || only.contains(&s.domain.name))
+        .filter(|s| s.domain.host == crate::config::HostRecord::Unset)
+        .map(|s| &*s.host)
+        .collect();
+    if let Some(first) = hostless.first() {
+        let more = match hostless.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        eprintln!(
+            "note: no host record for {first}{more} (set host_a/host_aaaa or host_cname); point it at this server"
+        );
     }
     let recs = dns::records(&snapshot, &only);
     let text = match format {

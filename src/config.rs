@@ -255,11 +255,12 @@ struct Source {
     /// Relative paths inside the file are resolved against this directory.
     base: PathBuf,
     text: String,
+    line_starts: Vec<usize>,
 }
 
 impl Source {
     fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
-        let (line, col) = line_col(&self.text, span.start);
+        let (line, col) = line_col(&self.text, &self.line_starts, span.start);
         Diagnostic {
             file: self.path.clone(),
             line,
@@ -278,13 +279,21 @@ impl Source {
     }
 }
 
+/// Byte offsets at which lines start, so positions are found by binary
+/// search: a 100,000-domain file needs 100,000 positions, and scanning from
+/// the start for each would be quadratic.
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
 /// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, starts: &[usize], offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    let line = starts.partition_point(|&s| s <= offset).max(1);
+    let start = starts.get(line - 1).copied().unwrap_or(0);
+    let col = text.get(start..offset).map_or(0, |s| s.chars().count()) + 1;
     (line, col)
 }
 
@@ -324,6 +333,7 @@ impl Config {
             } else {
                 base.to_owned()
             },
+            line_starts: line_starts(&text),
             text,
         };
         let mut report = Report::default();
@@ -484,6 +494,7 @@ fn load_domain_file(path: &Path) -> Result<(Source, Vec<Spanned<RawPolicy>>), Di
             .parent()
             .map(Path::to_owned)
             .unwrap_or_else(|| PathBuf::from(".")),
+        line_starts: line_starts(&text),
         text,
     };
     match toml::from_str::<RawDomainFile>(&source.text) {
@@ -1197,8 +1208,11 @@ name = "a.example"
 
     #[test]
     fn line_col_counts_chars() {
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
-        assert_eq!(line_col("ä\nx", 3), (2, 1));
-        assert_eq!(line_col("äb", 2), (1, 2));
+        let lc = |t: &str, o| line_col(t, &line_starts(t), o);
+        assert_eq!(lc("ab\ncd", 4), (2, 2));
+        assert_eq!(lc("ä\nx", 3), (2, 1));
+        assert_eq!(lc("äb", 2), (1, 2));
+        assert_eq!(lc("ab\n", 3), (2, 1));
+        assert_eq!(lc("", 0), (1, 1));
     }
 }
