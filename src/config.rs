@@ -93,6 +93,8 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// A TLS-terminating proxy forwards to the http listener, which then serves policies.
     pub behind_proxy: bool,
+    /// Certificates kept in memory; others are loaded from state_dir on use.
+    pub cert_cache: usize,
     pub limits: Limits,
 }
 
@@ -208,6 +210,7 @@ struct RawServer {
     http: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     behind_proxy: Option<bool>,
+    cert_cache: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     handshake_timeout: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<toml::Value>>,
@@ -534,6 +537,7 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
         http: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
         state_dir: PathBuf::from("/var/lib/mtasts"),
         behind_proxy: false,
+        cert_cache: 10_000,
         limits: Limits::default(),
     };
     let Some(raw) = raw else { return cfg };
@@ -576,6 +580,14 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
         cfg.state_dir = source.resolve(dir.get_ref());
     }
     cfg.behind_proxy = raw.behind_proxy.unwrap_or(false);
+    if let Some(n) = &raw.cert_cache {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if v > 0 => cfg.cert_cache = v,
+            _ => report
+                .errors
+                .push(source.at(n.span(), "server.cert_cache must be a positive integer")),
+        }
+    }
     let limits = &mut cfg.limits;
     if let Some(n) = &raw.max_connections {
         match usize::try_from(*n.get_ref()) {

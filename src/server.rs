@@ -5,7 +5,7 @@
 //! [`Server`] owns the state; [`Server::run`] takes already bound listeners,
 //! so tests bind `127.0.0.1:0` and drive the real server.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +15,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use rustls::sign::CertifiedKey;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -47,7 +46,7 @@ pub struct Server {
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
     limits: Limits,
-    ca: LocalCa,
+    ca: Arc<LocalCa>,
 }
 
 impl Server {
@@ -58,8 +57,11 @@ impl Server {
         if config.tls.mode == TlsMode::Acme {
             return Err(ServeError::AcmeUnsupported);
         }
-        let ca = LocalCa::load_or_create(&config.server.state_dir)?;
-        let certs = Arc::new(CertIndex::default());
+        let ca = Arc::new(LocalCa::load_or_create(&config.server.state_dir)?);
+        let certs = Arc::new(CertIndex::lazy(
+            Arc::clone(&ca) as Arc<dyn tls::CertLoader>,
+            config.server.cert_cache,
+        ));
         let metrics = Arc::new(Metrics::new());
         let server = Server {
             shared: Arc::new(Shared {
@@ -106,25 +108,15 @@ impl Server {
     /// served. On error nothing changes.
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
         let snapshot = Snapshot::build(config);
-        let hosts: Vec<&str> = snapshot.sites().iter().map(|s| &*s.host).collect();
-        let old = self.certs.snapshot();
-        let mut map: HashMap<Box<str>, Arc<CertifiedKey>> = HashMap::with_capacity(hosts.len());
-        let missing: Vec<&str> = hosts
-            .iter()
-            .copied()
-            .filter(|h| match old.get(*h) {
-                Some(ck) => {
-                    map.insert((*h).into(), Arc::clone(ck));
-                    false
-                }
-                None => true,
-            })
-            .collect();
-        for (host, ck) in issue_parallel(&self.ca, &missing)? {
-            map.insert(host.into(), Arc::new(ck));
-        }
-        let soonest = map.values().filter_map(|ck| not_after(ck)).min();
-        self.certs.replace(map);
+        // Self-signed certificates are loaded (or issued) on the first
+        // handshake of each host: nothing to read here, however many hosts.
+        self.certs.set_lazy_hosts(
+            snapshot
+                .sites()
+                .iter()
+                .map(|s| s.host.clone())
+                .collect::<HashSet<_>>(),
+        );
         let domains = snapshot.len();
         self.shared.snapshot.store(Arc::new(snapshot));
         let generation = self
@@ -137,10 +129,20 @@ impl Server {
         self.metrics
             .domains
             .set(i64::try_from(domains).unwrap_or(i64::MAX));
-        if let Some(t) = soonest {
+        Ok(())
+    }
+
+    /// Brings the gauges that are computed rather than counted up to date
+    /// (called before metrics are rendered).
+    pub fn refresh_metrics(&self) {
+        if let Some(t) = self.certs.soonest_expiry() {
             self.metrics.cert_expiry_soonest.set(t);
         }
-        Ok(())
+        let loads = self.certs.loads();
+        let counted = self.metrics.cert_loads.get();
+        if loads > counted {
+            self.metrics.cert_loads.inc_by(loads - counted);
+        }
     }
 
     /// Serves until `shutdown` resolves (with the admin router on its own
@@ -195,48 +197,6 @@ impl Server {
         }
         Ok(())
     }
-}
-
-/// Expiry (Unix seconds) of a certificate's leaf.
-fn not_after(ck: &CertifiedKey) -> Option<i64> {
-    let leaf = ck.cert.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    Some(cert.validity().not_after.timestamp())
-}
-
-/// Issues missing self-signed certificates on all cores.
-fn issue_parallel<'a>(
-    ca: &LocalCa,
-    hosts: &[&'a str],
-) -> Result<Vec<(&'a str, CertifiedKey)>, TlsError> {
-    if hosts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let threads = std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(1)
-        .min(hosts.len());
-    let chunk = hosts.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = hosts
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|h| ca.leaf(h).map(|ck| (*h, ck)))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(hosts.len());
-        for h in handles {
-            match h.join() {
-                Ok(part) => out.extend(part?),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        Ok(out)
-    })
 }
 
 /// What every connection of one listener needs.
@@ -349,7 +309,11 @@ async fn serve_tls(
         .server_name()
         .and_then(http::normalize_host)
         .map(|s| Arc::<str>::from(&*s));
-    let Some(sni) = sni.filter(|s| ctx.certs.contains(s)) else {
+    let key = match &sni {
+        Some(name) => ctx.certs.obtain(name).await,
+        None => None,
+    };
+    let (Some(sni), Some(key)) = (sni, key) else {
         // Never fall back to another domain's certificate.
         ctx.metrics.handshake(Handshake::UnknownSni);
         let mut io = start.io;
@@ -360,25 +324,26 @@ async fn serve_tls(
         .await;
         return;
     };
-    let tls =
-        match tokio::time::timeout_at(deadline, start.into_stream(Arc::clone(&ctx.tls_config)))
-            .await
-        {
-            Ok(Ok(tls)) => {
-                ctx.metrics.handshake(Handshake::Ok);
-                tls
-            }
-            Ok(Err(e)) => {
-                ctx.metrics.handshake(Handshake::Failed);
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                ctx.metrics.handshake(Handshake::Timeout);
-                tracing::debug!(%peer, "handshake timed out");
-                return;
-            }
-        };
+    // This connection's config presents exactly the key just obtained, even
+    // if the cache evicts it meanwhile.
+    let mut config = (*ctx.tls_config).clone();
+    config.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(Arc::new(config))).await {
+        Ok(Ok(tls)) => {
+            ctx.metrics.handshake(Handshake::Ok);
+            tls
+        }
+        Ok(Err(e)) => {
+            ctx.metrics.handshake(Handshake::Failed);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.handshake(Handshake::Timeout);
+            tracing::debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
     let router = ctx.router.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Sni(Arc::clone(&sni)));
