@@ -50,6 +50,12 @@ pub enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = RecordFormat::Bind)]
         format: RecordFormat,
+        /// Render with your own minijinja template instead (see docs/DNS.md).
+        #[arg(long, value_name = "FILE", conflicts_with = "format")]
+        template: Option<PathBuf>,
+        /// Delegated hosting: the records of one side only (needs [delegation]).
+        #[arg(long = "for", value_enum, value_name = "SIDE")]
+        side: Option<RecordSide>,
         /// Only these domains.
         domains: Vec<String>,
     },
@@ -72,6 +78,46 @@ pub enum RecordFormat {
     Bind,
     /// A JSON array of {domain, name, type, ttl, value}.
     Json,
+    /// CSV: domain,name,type,ttl,value.
+    Csv,
+    /// octoDNS YAML, one document per zone.
+    Octodns,
+    /// Cloudflare API bodies per zone (dns_records/batch).
+    Cloudflare,
+    /// Route 53 ChangeBatch JSON per zone.
+    Route53,
+}
+
+impl From<RecordFormat> for dns::format::Format {
+    fn from(f: RecordFormat) -> Self {
+        use dns::format::Format;
+        match f {
+            RecordFormat::Bind => Format::Bind,
+            RecordFormat::Json => Format::Json,
+            RecordFormat::Csv => Format::Csv,
+            RecordFormat::Octodns => Format::Octodns,
+            RecordFormat::Cloudflare => Format::Cloudflare,
+            RecordFormat::Route53 => Format::Route53,
+        }
+    }
+}
+
+/// The two sides of delegated hosting.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RecordSide {
+    /// The customer's zone: CNAMEs to the provider (set once) and TLS-RPT.
+    Customer,
+    /// The provider's zone: the TXT with the rotating id per customer.
+    Provider,
+}
+
+impl From<RecordSide> for dns::Side {
+    fn from(s: RecordSide) -> Self {
+        match s {
+            RecordSide::Customer => dns::Side::Customer,
+            RecordSide::Provider => dns::Side::Provider,
+        }
+    }
 }
 
 /// Entry point of the binary.
@@ -108,8 +154,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Records {
             config,
             format,
+            template,
+            side,
             domains,
-        } => records(&config, format, &domains),
+        } => records(&config, format, template.as_deref(), side, &domains),
         Command::Policy { config, domain } => policy(&config, &domain),
         Command::CheckConfig { config } => Ok(check_config(&config)),
     }
@@ -191,8 +239,23 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn records(path: &Path, format: RecordFormat, names: &[String]) -> anyhow::Result<ExitCode> {
+fn records(
+    path: &Path,
+    format: RecordFormat,
+    template: Option<&Path>,
+    side: Option<RecordSide>,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
+    // Read the template before any output, so a bad path prints nothing else.
+    let template = template
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|text| (p, text))
+                .with_context(|| format!("cannot read template {}", p.display()))
+        })
+        .transpose()?;
+    let side = side.map_or(dns::Side::Full, dns::Side::from);
     let only = domain_args(names)?;
     for d in &only {
         if cfg.domain(d).is_none() {
@@ -201,7 +264,8 @@ fn records(path: &Path, format: RecordFormat, names: &[String]) -> anyhow::Resul
     }
     let snapshot = Snapshot::build(&cfg);
     for site in snapshot.sites() {
-        if (only.is_empty() || only.contains(&site.domain.name))
+        if side == dns::Side::Full
+            && (only.is_empty() || only.contains(&site.domain.name))
             && site.domain.host == crate::config::HostRecord::Unset
         {
             eprintln!(
@@ -210,10 +274,10 @@ fn records(path: &Path, format: RecordFormat, names: &[String]) -> anyhow::Resul
             );
         }
     }
-    let recs = dns::records(&snapshot, &only);
-    let text = match format {
-        RecordFormat::Bind => dns::to_bind(&recs),
-        RecordFormat::Json => dns::to_json(&recs),
+    let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
+    let text = match &template {
+        Some((p, source)) => dns::format::render_source(&p.display().to_string(), source, &recs)?,
+        None => dns::format::render(format.into(), &recs)?,
     };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
