@@ -70,6 +70,29 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Keep records current on a DNS server.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Send the records to the [dns.update] server once (RFC 2136 UPDATE,
+    /// TSIG-signed). Only RRsets that differ are sent; see docs/DNS.md.
+    Push {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Which records (default: provider with [delegation], else full).
+        #[arg(long = "for", value_enum, value_name = "SIDE")]
+        side: Option<RecordSide>,
+        /// Read and compare only; send no update.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only these domains.
+        domains: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -105,6 +128,8 @@ impl From<RecordFormat> for dns::format::Format {
 /// The two sides of delegated hosting.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum RecordSide {
+    /// No delegation: every record in each domain's own zone.
+    Full,
     /// The customer's zone: CNAMEs to the provider (set once) and TLS-RPT.
     Customer,
     /// The provider's zone: the TXT with the rotating id per customer.
@@ -114,6 +139,7 @@ pub enum RecordSide {
 impl From<RecordSide> for dns::Side {
     fn from(s: RecordSide) -> Self {
         match s {
+            RecordSide::Full => dns::Side::Full,
             RecordSide::Customer => dns::Side::Customer,
             RecordSide::Provider => dns::Side::Provider,
         }
@@ -160,6 +186,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => records(&config, format, template.as_deref(), side, &domains),
         Command::Policy { config, domain } => policy(&config, &domain),
         Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::Dns {
+            command:
+                DnsCommand::Push {
+                    config,
+                    side,
+                    dry_run,
+                    domains,
+                },
+        } => dns_push(&config, side, dry_run, &domains),
     }
 }
 
@@ -281,6 +316,77 @@ fn records(
     };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn dns_push(
+    path: &Path,
+    side: Option<RecordSide>,
+    dry_run: bool,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
+    use dns::update::{Outcome, Pusher};
+
+    let cfg = load(path)?;
+    let Some(update) = &cfg.dns_update else {
+        anyhow::bail!(
+            "{} has no [dns.update] section (server, zone, key_name, secret); see docs/DNS.md",
+            path.display()
+        );
+    };
+    let only = domain_args(names)?;
+    let side = match side {
+        Some(s) => dns::Side::from(s),
+        None if cfg.delegation.is_some() => dns::Side::Provider,
+        None => dns::Side::Full,
+    };
+    let snapshot = Snapshot::build(&cfg);
+    let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
+    let mut pusher = Pusher::new(update, dry_run)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(pusher.push(&recs));
+
+    if let Some(first) = report.outside_zone.first() {
+        eprintln!(
+            "note: {} record{} outside zone {} not pushed (e.g. {first})",
+            report.outside_zone.len(),
+            plural(report.outside_zone.len()),
+            update.zone
+        );
+    }
+    let mut unchanged = 0;
+    let mut changed = 0;
+    for (domain, outcome) in &report.domains {
+        match outcome {
+            Outcome::Unchanged => unchanged += 1,
+            Outcome::Updated(sets) => {
+                changed += 1;
+                println!("updated {domain}: {}", sets.join(", "));
+            }
+            Outcome::WouldUpdate(sets) => {
+                changed += 1;
+                println!("would update {domain}: {}", sets.join(", "));
+            }
+            Outcome::Failed(e) => eprintln!("error: {domain}: {e}"),
+        }
+    }
+    if let Some(e) = &report.aborted {
+        eprintln!("error: push stopped: {e}");
+    }
+    println!(
+        "dns push to {} (zone {}): {changed} {}, {unchanged} unchanged, {} failed",
+        update.server,
+        update.zone,
+        if dry_run { "to update" } else { "updated" },
+        report.failed()
+    );
+    Ok(if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn policy(path: &Path, name: &str) -> anyhow::Result<ExitCode> {

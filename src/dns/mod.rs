@@ -4,9 +4,10 @@
 //! the customer and provider sides of delegated hosting.
 //!
 //! [`format`] renders them (zone file, JSON, CSV, octoDNS, Cloudflare,
-//! Route 53, user templates).
+//! Route 53, user templates); [`update`] pushes them with RFC 2136.
 
 pub mod format;
+pub mod update;
 
 use std::fmt::Write as _;
 

@@ -1,0 +1,3 @@
+//! Helpers shared by integration tests: real servers started on loopback.
+
+pub mod knot;

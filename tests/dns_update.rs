@@ -1,0 +1,390 @@
+//! `mtasts dns push` against a real knotd: TSIG-signed RFC 2136 updates,
+//! read back from the server and compared with `mtasts records`; wrong keys,
+//! a server that is down, records that are not ours.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use common::knot::{KEY_NAME, Knot};
+use hickory_proto::rr::RecordType;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+const ZONE: &str = "example.test";
+
+fn mtasts(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mtasts"))
+        .args(args)
+        .output()
+        .expect("run mtasts")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    /// A config with `body` (domains etc.) and a `[dns.update]` section.
+    fn new(body: &str, server: &str, zone: &str, key: &str, secret: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("mtasts.toml");
+        let s = Setup { _dir: dir, config };
+        s.write(body, server, zone, key, secret);
+        s
+    }
+
+    fn write(&self, body: &str, server: &str, zone: &str, key: &str, secret: &str) {
+        let text = format!(
+            "{body}\n[dns.update]\nserver = \"{server}\"\nzone = \"{zone}\"\nkey_name = \"{key}\"\nsecret = \"{secret}\"\nretries = 2\ntimeout = \"2s\"\n"
+        );
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    fn path(&self) -> &str {
+        self.config.to_str().expect("utf-8 path")
+    }
+
+    fn push(&self, extra: &[&str]) -> Output {
+        let mut args = vec!["dns", "push", "--config", self.path()];
+        args.extend_from_slice(extra);
+        mtasts(&args)
+    }
+
+    fn records(&self, extra: &[&str]) -> Vec<JsonRecord> {
+        let mut args = vec!["records", "--config", self.path(), "--format", "json"];
+        args.extend_from_slice(extra);
+        let out = mtasts(&args);
+        assert!(out.status.success(), "{}", text(&out).1);
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    /// The id of the body `mtasts policy` prints (what is served).
+    fn served_id(&self, domain: &str) -> String {
+        let out = mtasts(&["policy", "--config", self.path(), domain]);
+        assert!(out.status.success());
+        Sha256::digest(&out.stdout)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonRecord {
+    #[allow(dead_code)]
+    domain: String,
+    name: String,
+    #[serde(rename = "type")]
+    rtype: String,
+    ttl: u32,
+    value: String,
+}
+
+fn rtype(s: &str) -> RecordType {
+    s.parse().expect("record type")
+}
+
+/// Every record of `recs` inside `zone` is on the server exactly: same
+/// RRsets (no extra records), same TTLs and values.
+fn assert_served(knot: &Knot, recs: &[JsonRecord], zone: &str) -> usize {
+    let suffix = format!(".{zone}.");
+    let mut sets: std::collections::BTreeMap<(String, String), Vec<(u32, String)>> =
+        Default::default();
+    for r in recs.iter().filter(|r| r.name.ends_with(&suffix)) {
+        sets.entry((r.name.clone(), r.rtype.clone()))
+            .or_default()
+            .push((r.ttl, r.value.clone()));
+    }
+    for ((name, t), want) in &mut sets {
+        want.sort();
+        assert_eq!(&knot.rrset(name, rtype(t)), want, "{name} {t}");
+    }
+    sets.len()
+}
+
+const DOMAINS: &str = r#"
+[defaults]
+mx = ["mx1.example.test", "*.mx.example.test"]
+host_a = ["127.0.0.1"]
+host_aaaa = ["::1"]
+ttl = 600
+tlsrpt_rua = "mailto:tls@example.test"
+
+[[domain]]
+name = "a.example.test"
+
+[[domain]]
+name = "b.example.test"
+mode = "enforce"
+
+[[domain]]
+name = "outside.example"
+"#;
+
+#[test]
+fn push_publishes_records_and_is_idempotent() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let setup = Setup::new(
+        DOMAINS,
+        &knot.addr.to_string(),
+        ZONE,
+        KEY_NAME,
+        &knot.secret,
+    );
+    let started = Instant::now();
+    let out = setup.push(&[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{}", knot.log());
+    assert!(
+        stdout.contains("2 updated, 0 unchanged, 0 failed"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("outside zone example.test"), "{stderr}");
+    eprintln!("first push: {:?}", started.elapsed());
+
+    let n = assert_served(&knot, &setup.records(&[]), ZONE);
+    assert_eq!(n, 8, "TXT, A, AAAA, TLS-RPT for two domains");
+    for d in ["a.example.test", "b.example.test"] {
+        let txt = knot.rrset(&format!("_mta-sts.{d}."), RecordType::TXT);
+        assert_eq!(txt.len(), 1);
+        assert_eq!(txt[0].1, format!("v=STSv1; id={};", setup.served_id(d)));
+    }
+    assert!(knot.log().contains("DDNS, finished"), "{}", knot.log());
+
+    // Nothing changed: nothing is sent.
+    let out = setup.push(&[]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("0 updated, 2 unchanged, 0 failed"),
+        "{stdout}"
+    );
+    assert_eq!(knot.log().matches("DDNS, finished").count(), 2);
+}
+
+#[test]
+fn policy_change_rotates_only_the_id() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let server = knot.addr.to_string();
+    let setup = Setup::new(DOMAINS, &server, ZONE, KEY_NAME, &knot.secret);
+    assert!(setup.push(&[]).status.success());
+    let old = setup.served_id("a.example.test");
+
+    let changed = DOMAINS.replace(
+        "name = \"a.example.test\"",
+        "name = \"a.example.test\"\nmode = \"enforce\"",
+    );
+    setup.write(&changed, &server, ZONE, KEY_NAME, &knot.secret);
+    let new = setup.served_id("a.example.test");
+    assert_ne!(old, new);
+    let out = setup.push(&[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("updated a.example.test: _mta-sts.a.example.test. TXT\n"),
+        "only the TXT changes: {stdout}"
+    );
+    assert!(stdout.contains("1 updated, 1 unchanged"), "{stdout}");
+    let txt = knot.rrset("_mta-sts.a.example.test.", RecordType::TXT);
+    assert_eq!(txt, [(600, format!("v=STSv1; id={new};"))]);
+    assert_served(&knot, &setup.records(&[]), ZONE);
+}
+
+#[test]
+fn dry_run_sends_nothing() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let setup = Setup::new(
+        DOMAINS,
+        &knot.addr.to_string(),
+        ZONE,
+        KEY_NAME,
+        &knot.secret,
+    );
+    let out = setup.push(&["--dry-run", "a.example.test"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("would update a.example.test:"), "{stdout}");
+    assert!(stdout.contains("1 to update"), "{stdout}");
+    assert!(
+        knot.rrset("_mta-sts.a.example.test.", RecordType::TXT)
+            .is_empty()
+    );
+}
+
+#[test]
+fn wrong_secret_is_a_clear_error_and_changes_nothing() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    // A valid key of the right length, just not the server's.
+    let wrong = data_encoding::BASE64.encode(&[0x5a; 32]);
+    assert_ne!(wrong, knot.secret);
+    let setup = Setup::new(DOMAINS, &knot.addr.to_string(), ZONE, KEY_NAME, &wrong);
+    let out = setup.push(&[]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("rejected TSIG key \"mtasts-key\": BADSIG"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("1 failed"), "{stdout}");
+    // The first rejection stops the push: no point repeating it per domain.
+    assert_eq!(stderr.matches("error:").count(), 1, "{stderr}");
+    assert!(
+        knot.rrset("_mta-sts.a.example.test.", RecordType::TXT)
+            .is_empty()
+    );
+}
+
+#[test]
+fn unknown_key_name_is_a_clear_error() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let setup = Setup::new(
+        DOMAINS,
+        &knot.addr.to_string(),
+        ZONE,
+        "nobody-key",
+        &knot.secret,
+    );
+    let out = setup.push(&[]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("rejected TSIG key \"nobody-key\": BADKEY"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn server_down_is_retried_then_reported() {
+    // Nothing listens on a port we just freed (knotd not needed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let secret = data_encoding::BASE64.encode(&[1; 32]);
+    let setup = Setup::new(
+        DOMAINS,
+        &format!("127.0.0.1:{port}"),
+        ZONE,
+        KEY_NAME,
+        &secret,
+    );
+    let started = Instant::now();
+    let out = setup.push(&[]);
+    let elapsed = started.elapsed();
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach DNS server 127.0.0.1:{port} (tried 3 times)"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("retrying in").count(), 2, "{stderr}");
+    // Backoff 200 ms + 400 ms.
+    assert!(elapsed.as_millis() >= 600, "{elapsed:?}");
+}
+
+#[test]
+fn foreign_txt_is_not_replaced_but_stale_sts_is() {
+    let Some(knot) = Knot::start(
+        ZONE,
+        "_mta-sts.a TXT \"google-site-verification=abc\"\n\
+         _mta-sts.b TXT \"v=STSv1; id=old1;\"\n\
+         _mta-sts.b TXT \"v=STSv1; id=old2;\"",
+    ) else {
+        return;
+    };
+    let setup = Setup::new(
+        DOMAINS,
+        &knot.addr.to_string(),
+        ZONE,
+        KEY_NAME,
+        &knot.secret,
+    );
+    let out = setup.push(&[]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("error: a.example.test: _mta-sts.a.example.test. TXT: refusing to replace \"google-site-verification=abc\""),
+        "{stderr}"
+    );
+    assert_eq!(
+        knot.rrset("_mta-sts.a.example.test.", RecordType::TXT),
+        [(300, "google-site-verification=abc".to_owned())]
+    );
+    // b had two old STSv1 records (invalid per RFC 8461 §3.1): now one.
+    assert!(
+        stdout.contains("1 updated, 0 unchanged, 1 failed"),
+        "{stdout}"
+    );
+    assert_eq!(
+        knot.rrset("_mta-sts.b.example.test.", RecordType::TXT),
+        [(
+            600,
+            format!("v=STSv1; id={};", setup.served_id("b.example.test"))
+        )]
+    );
+}
+
+#[test]
+fn delegated_provider_side_is_pushed_to_the_provider_zone() {
+    let zone = "sts.provider.test";
+    let Some(knot) = Knot::start(zone, "") else {
+        return;
+    };
+    let body = r#"
+[defaults]
+mx = ["mx.customer.example"]
+
+[[domain]]
+name = "customer.example"
+
+[[domain]]
+name = "other-customer.example"
+mode = "enforce"
+
+[delegation]
+zone = "sts.provider.test"
+policy_host = "mta-sts.sts.provider.test"
+host_a = ["127.0.0.1"]
+"#;
+    let setup = Setup::new(body, &knot.addr.to_string(), zone, KEY_NAME, &knot.secret);
+    let out = setup.push(&[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("3 updated"), "{stdout}");
+    let provider = setup.records(&["--for", "provider"]);
+    assert_eq!(assert_served(&knot, &provider, zone), 3);
+    // Follow each customer's CNAME target to the served id.
+    for c in setup.records(&["--for", "customer"]) {
+        if c.rtype == "CNAME" && c.name.starts_with("_mta-sts.") {
+            let domain = c.name.trim_start_matches("_mta-sts.").trim_end_matches('.');
+            let txt = knot.rrset(&c.value, RecordType::TXT);
+            assert_eq!(
+                txt.iter().map(|t| t.1.clone()).collect::<Vec<_>>(),
+                [format!("v=STSv1; id={};", setup.served_id(domain))]
+            );
+        }
+    }
+}
