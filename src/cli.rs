@@ -334,11 +334,7 @@ fn dns_push(
         );
     };
     let only = domain_args(names)?;
-    let side = match side {
-        Some(s) => dns::Side::from(s),
-        None if cfg.delegation.is_some() => dns::Side::Provider,
-        None => dns::Side::Full,
-    };
+    let side = side.map_or_else(|| dns::update::default_side(&cfg), dns::Side::from);
     let snapshot = Snapshot::build(&cfg);
     let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
     let mut pusher = Pusher::new(update, dry_run)?;
@@ -443,10 +439,16 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     print_banner(&cfg, &server, &snapshot, https_addr, http_addr);
 
+    // The listeners are bound and the snapshot is in place: its ids may go
+    // to DNS now (connections wait in the backlog until `run` accepts).
+    let auto_push = dns::update::AutoPush::start();
+    auto_push.submit(&cfg, &snapshot)?;
+
     let reloader = tokio::spawn(reload_on_sighup(
         Arc::clone(&server),
         path,
         cfg.server.clone(),
+        auto_push,
     ));
     let result = Arc::clone(&server)
         .run(https, http, shutdown_signal())
@@ -524,6 +526,7 @@ async fn reload_on_sighup(
     server: Arc<Server>,
     path: Option<PathBuf>,
     running: crate::config::ServerConfig,
+    auto_push: dns::update::AutoPush,
 ) {
     #[cfg(unix)]
     {
@@ -538,8 +541,10 @@ async fn reload_on_sighup(
             };
             let server = Arc::clone(&server);
             let running = running.clone();
+            let auto_push = auto_push.clone();
             let outcome =
-                tokio::task::spawn_blocking(move || reload(&server, &path, &running)).await;
+                tokio::task::spawn_blocking(move || reload(&server, &path, &running, &auto_push))
+                    .await;
             match outcome {
                 Ok(Ok(n)) => tracing::info!(domains = n, "reloaded"),
                 Ok(Err(e)) => {
@@ -555,6 +560,7 @@ fn reload(
     server: &Server,
     path: &Path,
     running: &crate::config::ServerConfig,
+    auto_push: &dns::update::AutoPush,
 ) -> anyhow::Result<usize> {
     let cfg = Config::load(path).map_err(anyhow::Error::new)?;
     for w in &cfg.warnings {
@@ -564,5 +570,7 @@ fn reload(
         tracing::warn!("[server] settings changed; they take effect after a restart");
     }
     server.apply(&cfg)?;
+    // Only now, with the new bodies being served, may new ids reach DNS.
+    auto_push.submit(&cfg, &server.snapshot())?;
     Ok(cfg.domains.len())
 }

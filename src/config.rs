@@ -1024,6 +1024,10 @@ pub struct DnsUpdate {
     pub timeout: Duration,
     /// Extra attempts after a network failure or SERVFAIL, with backoff.
     pub retries: u32,
+    /// `serve` pushes after it starts and after every reload, once the new
+    /// snapshot is being served. Off by default: with several replicas,
+    /// only one that reloads last may push (docs/DNS.md).
+    pub auto_push: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1054,6 +1058,7 @@ struct RawDnsUpdate {
     ttl: Option<Spanned<i64>>,
     timeout: Option<Spanned<toml::Value>>,
     retries: Option<Spanned<i64>>,
+    auto_push: Option<bool>,
 }
 
 /// A required key of a section, or an error at the section.
@@ -1316,6 +1321,7 @@ fn dns_update_config(
         ttl,
         timeout,
         retries,
+        auto_push: r.auto_push.unwrap_or(false),
     })
 }
 

@@ -72,7 +72,7 @@ impl Setup {
     /// The id of the body `mtasts policy` prints (what is served).
     fn served_id(&self, domain: &str) -> String {
         let out = mtasts(&["policy", "--config", self.path(), domain]);
-        assert!(out.status.success());
+        assert!(out.status.success(), "{}", text(&out).1);
         Sha256::digest(&out.stdout)[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -95,22 +95,43 @@ fn rtype(s: &str) -> RecordType {
     s.parse().expect("record type")
 }
 
-/// Every record of `recs` inside `zone` is on the server exactly: same
-/// RRsets (no extra records), same TTLs and values.
-fn assert_served(knot: &Knot, recs: &[JsonRecord], zone: &str) -> usize {
+/// The RRsets of `recs` inside `zone`, values sorted.
+type Sets = std::collections::BTreeMap<(String, String), Vec<(u32, String)>>;
+
+fn wanted_sets(recs: &[JsonRecord], zone: &str) -> Sets {
     let suffix = format!(".{zone}.");
-    let mut sets: std::collections::BTreeMap<(String, String), Vec<(u32, String)>> =
-        Default::default();
+    let mut sets = Sets::new();
     for r in recs.iter().filter(|r| r.name.ends_with(&suffix)) {
         sets.entry((r.name.clone(), r.rtype.clone()))
             .or_default()
             .push((r.ttl, r.value.clone()));
     }
-    for ((name, t), want) in &mut sets {
-        want.sort();
-        assert_eq!(&knot.rrset(name, rtype(t)), want, "{name} {t}");
+    sets.values_mut().for_each(|v| v.sort());
+    sets
+}
+
+fn served_sets(knot: &Knot, want: &Sets) -> Sets {
+    want.keys()
+        .map(|(name, t)| ((name.clone(), t.clone()), knot.rrset(name, rtype(t))))
+        .collect()
+}
+
+/// Every record of `recs` inside `zone` is on the server exactly: same
+/// RRsets (no extra records), same TTLs and values. Returns the RRset count.
+fn assert_served(knot: &Knot, recs: &[JsonRecord], zone: &str) -> usize {
+    let want = wanted_sets(recs, zone);
+    assert_eq!(served_sets(knot, &want), want);
+    want.len()
+}
+
+/// Like [`assert_served`], for a push running in the background.
+fn eventually_served(knot: &Knot, recs: &[JsonRecord], zone: &str) {
+    let want = wanted_sets(recs, zone);
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    while Instant::now() < deadline && served_sets(knot, &want) != want {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    sets.len()
+    assert_eq!(served_sets(knot, &want), want);
 }
 
 const DOMAINS: &str = r#"
@@ -387,4 +408,138 @@ host_a = ["127.0.0.1"]
             );
         }
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// GET the policy over the plain listener (behind_proxy = true serves it there).
+fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        s,
+        "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.{domain}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
+    resp.starts_with(b"HTTP/1.1 200")
+        .then(|| resp[split + 4..].to_vec())
+}
+
+fn id_of(body: &[u8]) -> String {
+    Sha256::digest(body)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls knot until `_mta-sts.<domain>` holds exactly `want`.
+fn wait_for_txt(knot: &Knot, domain: &str, want: &str) -> bool {
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let txt = knot.rrset(&format!("_mta-sts.{domain}."), RecordType::TXT);
+        if txt.len() == 1 && txt[0].1 == want {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn serve_pushes_after_start_and_after_reload() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let server = knot.addr.to_string();
+    let (https, http) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let head = format!(
+        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\nstate_dir = \"{}\"\nbehind_proxy = true\n\n[tls]\nmode = \"self-signed\"\n",
+        state.display()
+    );
+    let setup = Setup::new(DOMAINS, &server, ZONE, KEY_NAME, &knot.secret);
+    let with_auto = |domains: &str| {
+        setup.write(
+            &format!("{head}{domains}"),
+            &server,
+            ZONE,
+            KEY_NAME,
+            &knot.secret,
+        );
+        let text = std::fs::read_to_string(&setup.config).expect("read");
+        std::fs::write(
+            &setup.config,
+            text.replace("retries = 2\n", "retries = 2\nauto_push = true\n"),
+        )
+        .expect("write");
+    };
+    with_auto(DOMAINS);
+    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_mtasts"))
+        .args(["serve", "--config", setup.path()])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn serve");
+    let serve = Serve(child);
+    let serve_log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+
+    let first = setup.served_id("a.example.test");
+    assert!(
+        wait_for_txt(&knot, "a.example.test", &format!("v=STSv1; id={first};")),
+        "no push after start:\n{}\n{}",
+        serve_log(),
+        knot.log()
+    );
+    assert_eq!(
+        served_body(http, "a.example.test").map(|b| id_of(&b)),
+        Some(first.clone())
+    );
+    eventually_served(&knot, &setup.records(&[]), ZONE);
+
+    // Change a policy and reload: the new id reaches DNS, and by then the
+    // new body is what the server serves.
+    with_auto(&DOMAINS.replace(
+        "name = \"a.example.test\"",
+        "name = \"a.example.test\"\nmode = \"enforce\"",
+    ));
+    let second = setup.served_id("a.example.test");
+    assert_ne!(first, second);
+    let hup = Command::new("kill")
+        .args(["-HUP", &serve.0.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    assert!(
+        wait_for_txt(&knot, "a.example.test", &format!("v=STSv1; id={second};")),
+        "no push after reload:\n{}",
+        serve_log()
+    );
+    assert_eq!(
+        served_body(http, "a.example.test").map(|b| id_of(&b)),
+        Some(second)
+    );
+    eventually_served(&knot, &setup.records(&[]), ZONE);
+    let log = serve_log();
+    assert!(log.contains("dns push: updated"), "{log}");
 }

@@ -19,8 +19,9 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record as Rr, RecordType, TSigner
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::Record;
-use crate::config::{self, DnsUpdate};
+use super::{Record, RecordsError, Side};
+use crate::config::{self, Config, DnsUpdate};
+use crate::snapshot::Snapshot;
 
 /// TSIG fudge (RFC 8945 §5.2.3): allowed clock difference, in seconds.
 const FUDGE: u16 = 300;
@@ -686,6 +687,120 @@ impl Pusher {
             code => Ok(code),
         }
     }
+}
+
+/// The records `dns push` sends by default: the provider side when the
+/// config delegates, else the full set.
+pub fn default_side(config: &Config) -> Side {
+    if config.delegation.is_some() {
+        Side::Provider
+    } else {
+        Side::Full
+    }
+}
+
+/// What the automatic push sends: one config generation's records.
+#[derive(Debug)]
+struct Job {
+    update: DnsUpdate,
+    records: Vec<Record>,
+}
+
+/// How long the automatic push waits before trying a failed push again
+/// (unless a newer snapshot arrives first).
+const AUTO_RETRY: Duration = Duration::from_secs(60);
+
+/// Automatic push from `serve`: [`AutoPush::submit`] is called after a
+/// snapshot is being served (at start and after each reload), and one
+/// background task pushes the newest submitted snapshot, so a new id never
+/// reaches DNS before this server serves its body. Pushes never overlap;
+/// a snapshot submitted during a push replaces any that waited.
+#[derive(Debug, Clone)]
+pub struct AutoPush {
+    tx: std::sync::Arc<tokio::sync::watch::Sender<Option<std::sync::Arc<Job>>>>,
+}
+
+impl AutoPush {
+    /// Spawns the background task (on the current tokio runtime).
+    pub fn start() -> AutoPush {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(auto_push_worker(rx));
+        AutoPush {
+            tx: std::sync::Arc::new(tx),
+        }
+    }
+
+    /// Queues a push of `snapshot`'s records if `config` enables it.
+    pub fn submit(&self, config: &Config, snapshot: &Snapshot) -> Result<(), RecordsError> {
+        let Some(update) = config.dns_update.as_ref().filter(|u| u.auto_push) else {
+            return Ok(());
+        };
+        let records = super::records(
+            snapshot,
+            &[],
+            default_side(config),
+            config.delegation.as_ref(),
+        )?;
+        self.tx.send_replace(Some(std::sync::Arc::new(Job {
+            update: update.clone(),
+            records,
+        })));
+        Ok(())
+    }
+}
+
+async fn auto_push_worker(mut rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Job>>>) {
+    while rx.changed().await.is_ok() {
+        loop {
+            let Some(job) = rx.borrow_and_update().clone() else {
+                break;
+            };
+            if run_auto_push(&job).await {
+                break;
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(AUTO_RETRY) => {}
+            }
+        }
+    }
+}
+
+/// One automatic push, logged; `true` when nothing failed.
+async fn run_auto_push(job: &Job) -> bool {
+    let mut pusher = match Pusher::new(&job.update, false) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("dns push: {e}");
+            return false;
+        }
+    };
+    let report = pusher.push(&job.records).await;
+    for (domain, outcome) in &report.domains {
+        match outcome {
+            Outcome::Updated(sets) => {
+                tracing::info!(domain = %domain, rrsets = %sets.join(", "), "dns push: updated")
+            }
+            Outcome::Failed(e) => tracing::error!(domain = %domain, "dns push: {e}"),
+            Outcome::Unchanged | Outcome::WouldUpdate(_) => {}
+        }
+    }
+    if let Some(e) = &report.aborted {
+        tracing::error!(
+            "dns push stopped: {e}; retrying in {} s unless the config changes",
+            AUTO_RETRY.as_secs()
+        );
+    }
+    tracing::info!(
+        server = %job.update.server,
+        failed = report.failed(),
+        "dns push finished"
+    );
+    report.failed() == 0
 }
 
 #[cfg(test)]
