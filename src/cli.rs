@@ -70,6 +70,39 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Verify domains live, like a sending MTA: TXT, policy over HTTPS,
+    /// MX coverage, optionally STARTTLS. Exit 1 if any check FAILs.
+    Check {
+        /// Compare the live id and body with this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// DNS resolver (default: first nameserver in /etc/resolv.conf).
+        #[arg(long, value_name = "IP:PORT")]
+        resolver: Option<std::net::SocketAddr>,
+        #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+        format: CheckFormat,
+        /// Also connect to every MX and check STARTTLS and its certificate.
+        #[arg(long)]
+        starttls: bool,
+        /// Is switching to mode = "enforce" safe? (implies --starttls)
+        #[arg(long)]
+        preflight_enforce: bool,
+        /// Trust this PEM bundle instead of the system roots (e.g. the local
+        /// CA at <state_dir>/ca/ca.pem).
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
+        /// Port of the policy host (senders use 443).
+        #[arg(long, default_value_t = 443)]
+        https_port: u16,
+        /// Port of the MX hosts for --starttls (senders use 25).
+        #[arg(long, default_value_t = 25)]
+        smtp_port: u16,
+        /// Per network operation.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(required = true)]
+        domains: Vec<String>,
+    },
     /// Keep records current on a DNS server.
     Dns {
         #[command(subcommand)]
@@ -123,6 +156,12 @@ impl From<RecordFormat> for dns::format::Format {
             RecordFormat::Route53 => Format::Route53,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// The two sides of delegated hosting.
@@ -186,6 +225,32 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => records(&config, format, template.as_deref(), side, &domains),
         Command::Policy { config, domain } => policy(&config, &domain),
         Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::Check {
+            config,
+            resolver,
+            format,
+            starttls,
+            preflight_enforce,
+            ca_file,
+            https_port,
+            smtp_port,
+            timeout,
+            domains,
+        } => {
+            let options = crate::check::Options {
+                resolver: match resolver {
+                    Some(r) => r,
+                    None => crate::check::system_resolver()?,
+                },
+                https_port,
+                smtp_port,
+                ca_file,
+                starttls,
+                preflight_enforce,
+                timeout,
+            };
+            check(config.as_deref(), &options, format, &domains)
+        }
         Command::Dns {
             command:
                 DnsCommand::Push {
@@ -316,6 +381,38 @@ fn records(
     };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn check(
+    path: Option<&Path>,
+    options: &crate::check::Options,
+    format: CheckFormat,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
+    let snapshot = path.map(load).transpose()?.map(|cfg| Snapshot::build(&cfg));
+    let domains = domain_args(names)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let reports = runtime.block_on(crate::check::check(&domains, options, snapshot.as_ref()))?;
+    let text = match format {
+        CheckFormat::Text => crate::check::to_text(&reports),
+        CheckFormat::Json => {
+            let mut s = serde_json::to_string_pretty(&reports)?;
+            s.push('\n');
+            s
+        }
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    let failed = reports
+        .iter()
+        .any(|r| r.verdict == crate::check::Level::Fail);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn dns_push(

@@ -11,8 +11,10 @@
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
 //! - [`store`]: atomic, permission-correct files in `state_dir`.
+//! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`cli`]: the subcommands.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dns;

@@ -339,7 +339,8 @@ impl Transport {
         }
     }
 
-    async fn exchange_once(&mut self, wire: &[u8]) -> std::io::Result<Vec<u8>> {
+    /// One exchange, no retry; reconnects first if the last one failed.
+    pub(crate) async fn exchange_once(&mut self, wire: &[u8]) -> std::io::Result<Vec<u8>> {
         let len = u16::try_from(wire.len()).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "message over 64 KiB")
         })?;
