@@ -543,3 +543,82 @@ fn serve_pushes_after_start_and_after_reload() {
     let log = serve_log();
     assert!(log.contains("dns push: updated"), "{log}");
 }
+
+/// The prerequisites `dns push` sends, checked by knotd itself: an UPDATE
+/// built from a stale read must be refused and change nothing; built from
+/// the current state it applies.
+#[test]
+fn stale_prerequisite_is_refused_by_the_server() {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
+    use hickory_proto::rr::{Name, RData, Record, TSigner};
+    use mtasts::dns::update::{Change, rrsets, update_message};
+
+    let Some(knot) = Knot::start(ZONE, "_mta-sts.a TXT \"v=STSv1; id=current;\"") else {
+        return;
+    };
+    let zone = Name::from_ascii("example.test.").expect("zone");
+    let want = mtasts::dns::Record {
+        domain: "a.example.test".into(),
+        name: "_mta-sts.a.example.test.".into(),
+        rtype: "TXT",
+        ttl: 300,
+        value: "v=STSv1; id=new;".into(),
+        zone: "example.test.".into(),
+    };
+    let (sets, _) = rrsets(&[want], &zone, None).expect("rrsets");
+    let secret = data_encoding::BASE64
+        .decode(knot.secret.as_bytes())
+        .expect("base64");
+    let signer = TSigner::new(
+        secret,
+        TsigAlgorithm::HmacSha256,
+        Name::from_ascii(KEY_NAME).expect("key"),
+        300,
+    )
+    .expect("signer");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let txt = |id: &str| {
+        Record::from_rdata(
+            sets[0].name.clone(),
+            300,
+            RData::TXT(hickory_proto::rr::rdata::TXT::new(vec![format!(
+                "v=STSv1; id={id};"
+            )])),
+        )
+    };
+    let send = |current: Vec<Record>| {
+        let mut msg = update_message(
+            &zone,
+            &[Change {
+                want: &sets[0],
+                current,
+            }],
+        );
+        let mut verifier = msg.finalize(&signer, now).expect("sign").expect("verifier");
+        let resp = knot
+            .exchange(&msg.to_vec().expect("wire"))
+            .expect("knot answers");
+        verifier.verify(&resp).expect("knot signs its answer");
+        Message::from_vec(&resp).expect("answer").response_code
+    };
+
+    // Someone changed the record after our read of "id=stale".
+    assert_eq!(send(vec![txt("stale")]), ResponseCode::NXRRSet);
+    // We believed the RRset absent, but it exists.
+    assert_eq!(send(vec![]), ResponseCode::YXRRSet);
+    assert_eq!(
+        knot.rrset("_mta-sts.a.example.test.", RecordType::TXT),
+        [(300, "v=STSv1; id=current;".to_owned())],
+        "a refused update changes nothing"
+    );
+    // The read matches the server: applied.
+    assert_eq!(send(vec![txt("current")]), ResponseCode::NoError);
+    assert_eq!(
+        knot.rrset("_mta-sts.a.example.test.", RecordType::TXT),
+        [(300, "v=STSv1; id=new;".to_owned())]
+    );
+}

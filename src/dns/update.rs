@@ -76,7 +76,9 @@ pub enum PushError {
         "{domain}: the records changed on the server during the update {attempts} times in a row"
     )]
     Contended { domain: String, attempts: u32 },
-    #[error("{name} {rtype}: the server accepted the update but still serves {found:?}")]
+    #[error(
+        "{name} {rtype}: the server accepted the update but still serves {found:?} (servers silently skip e.g. a CNAME where other records exist at the name)"
+    )]
     NotApplied {
         name: String,
         rtype: String,

@@ -151,17 +151,22 @@ impl Knot {
     pub fn query(&self, name: &str, rtype: RecordType) -> Option<Message> {
         let mut msg = Message::query();
         msg.add_query(Query::query(Name::from_ascii(name).ok()?, rtype));
-        let wire = msg.to_vec().ok()?;
+        let resp = self.exchange(&msg.to_vec().ok()?)?;
+        Message::from_vec(&resp).ok()
+    }
+
+    /// Sends one DNS message over TCP and returns the answer's bytes.
+    pub fn exchange(&self, wire: &[u8]) -> Option<Vec<u8>> {
         let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut framed = (wire.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&wire);
+        let mut framed = u16::try_from(wire.len()).ok()?.to_be_bytes().to_vec();
+        framed.extend_from_slice(wire);
         s.write_all(&framed).ok()?;
         let mut len = [0u8; 2];
         s.read_exact(&mut len).ok()?;
         let mut resp = vec![0u8; usize::from(u16::from_be_bytes(len))];
         s.read_exact(&mut resp).ok()?;
-        Message::from_vec(&resp).ok()
+        Some(resp)
     }
 
     /// The records at `name` of type `rtype` as `(ttl, value)`; TXT strings
