@@ -511,6 +511,14 @@ fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let setup = cfg.clone();
+    let server = tokio::task::spawn_blocking(move || Server::new(&setup))
+        .await
+        .context("certificate setup panicked")??;
+    let server = Arc::new(server);
+    // Bound only now, so that a client that can connect finds every
+    // certificate in place.
     let https = tokio::net::TcpListener::bind(cfg.server.https)
         .await
         .with_context(|| format!("cannot listen on https address {}", cfg.server.https))?;
@@ -519,13 +527,6 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on http address {}", cfg.server.http))?;
     let https_addr = https.local_addr()?;
     let http_addr = http.local_addr()?;
-
-    let started = std::time::Instant::now();
-    let setup = cfg.clone();
-    let server = tokio::task::spawn_blocking(move || Server::new(&setup))
-        .await
-        .context("certificate setup panicked")??;
-    let server = Arc::new(server);
     let snapshot = server.snapshot();
     tracing::info!(
         domains = snapshot.len(),
