@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::knot::Knot;
 use rcgen::{
@@ -51,15 +50,8 @@ name = "badcert.example.test"
 mx = ["mx.badcert.example.test"]
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
 fn mtasts(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mtasts"))
+    Command::new(common::bin())
         .args(args)
         .output()
         .expect("run mtasts")
@@ -77,15 +69,6 @@ fn served_id(config: &Path, domain: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A test CA that signs the certificates of the fake servers.
@@ -186,7 +169,7 @@ struct World {
     knot: Knot,
     https_port: u16,
     ca_bundle: PathBuf,
-    _serve: Child,
+    serve: common::ServeProc,
     runtime: tokio::runtime::Runtime,
     test_ca: TestCa,
 }
@@ -197,14 +180,13 @@ impl World {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("mtasts.toml");
-        let https_port = free_port();
-        let http_port = free_port();
+        let (https, http) = (common::loopback(), common::loopback());
         let state = dir.path().join("state");
         std::fs::write(
             &config,
             format!(
-                "[server]\nhttps = \"127.0.0.1:{https_port}\"\nhttp = \"127.0.0.1:{http_port}\"\nstate_dir = \"{}\"\n\n[tls]\nmode = \"self-signed\"\n{CONFIG}",
-                state.display()
+                "{}\n[tls]\nmode = \"self-signed\"\n{CONFIG}",
+                common::server_section(https, http, &state)
             ),
         )
         .expect("write config");
@@ -236,20 +218,7 @@ impl World {
         );
         let knot = Knot::start(ZONE, &zone)?;
 
-        let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-        let serve = Child(
-            Command::new(env!("CARGO_BIN_EXE_mtasts"))
-                .args(["serve", "--config", config.to_str().expect("utf-8")])
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn serve"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", https_port)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let serve = common::ServeProc::start(&config, https, http);
         let test_ca = TestCa::new();
         let server_ca = std::fs::read_to_string(state.join("ca/ca.pem")).expect("local CA");
         let ca_bundle = dir.path().join("roots.pem");
@@ -259,9 +228,9 @@ impl World {
             dir,
             config,
             knot,
-            https_port,
+            https_port: https.port(),
             ca_bundle,
-            _serve: serve,
+            serve,
             test_ca,
         })
     }
@@ -328,7 +297,7 @@ impl World {
     }
 
     fn serve_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+        self.serve.log()
     }
 }
 
@@ -487,7 +456,7 @@ fn check_finds_each_broken_part() {
     );
     assert!(r.has("FAIL", "preflight", "do not switch"), "{r:#?}");
     // Without an MX listening at all.
-    let closed = free_port().to_string();
+    let closed = common::free_port().to_string();
     let (ok, r) = w.check(
         &["--preflight-enforce", "--smtp-port", &closed],
         "good.example.test",

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 const ZONE: &str = "example.test";
 
 fn mtasts(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mtasts"))
+    Command::new(common::bin())
         .args(args)
         .output()
         .expect("run mtasts")
@@ -298,10 +298,7 @@ fn unknown_key_name_is_a_clear_error() {
 #[test]
 fn server_down_is_retried_then_reported() {
     // Nothing listens on a port we just freed (knotd not needed).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+    let port = common::free_port();
     let secret = data_encoding::BASE64.encode(&[1; 32]);
     let setup = Setup::new(
         DOMAINS,
@@ -410,13 +407,6 @@ host_a = ["127.0.0.1"]
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
 /// GET the policy over the plain listener (behind_proxy = true serves it there).
 fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
     use std::io::{Read, Write};
@@ -442,15 +432,6 @@ fn id_of(body: &[u8]) -> String {
         .collect()
 }
 
-struct Serve(std::process::Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Polls knot until `_mta-sts.<domain>` holds exactly `want`.
 fn wait_for_txt(knot: &Knot, domain: &str, want: &str) -> bool {
     let deadline = Instant::now() + std::time::Duration::from_secs(15);
@@ -470,12 +451,11 @@ fn serve_pushes_after_start_and_after_reload() {
         return;
     };
     let server = knot.addr.to_string();
-    let (https, http) = (free_port(), free_port());
+    let (https, http) = (common::loopback(), common::loopback());
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
     let head = format!(
-        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\nstate_dir = \"{}\"\nbehind_proxy = true\n\n[tls]\nmode = \"self-signed\"\n",
-        state.display()
+        "{}behind_proxy = true\n\n[tls]\nmode = \"self-signed\"\n",
+        common::server_section(https, http, &dir.path().join("state"))
     );
     let setup = Setup::new(DOMAINS, &server, ZONE, KEY_NAME, &knot.secret);
     let with_auto = |domains: &str| {
@@ -494,15 +474,8 @@ fn serve_pushes_after_start_and_after_reload() {
         .expect("write");
     };
     with_auto(DOMAINS);
-    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_mtasts"))
-        .args(["serve", "--config", setup.path()])
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn serve");
-    let serve = Serve(child);
-    let serve_log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+    let serve = common::ServeProc::start(&setup.config, https, http);
+    let serve_log = || serve.log();
 
     let first = setup.served_id("a.example.test");
     assert!(
@@ -512,7 +485,7 @@ fn serve_pushes_after_start_and_after_reload() {
         knot.log()
     );
     assert_eq!(
-        served_body(http, "a.example.test").map(|b| id_of(&b)),
+        served_body(http.port(), "a.example.test").map(|b| id_of(&b)),
         Some(first.clone())
     );
     eventually_served(&knot, &setup.records(&[]), ZONE);
@@ -525,18 +498,14 @@ fn serve_pushes_after_start_and_after_reload() {
     ));
     let second = setup.served_id("a.example.test");
     assert_ne!(first, second);
-    let hup = Command::new("kill")
-        .args(["-HUP", &serve.0.id().to_string()])
-        .status()
-        .expect("kill -HUP");
-    assert!(hup.success());
+    serve.signal("HUP");
     assert!(
         wait_for_txt(&knot, "a.example.test", &format!("v=STSv1; id={second};")),
         "no push after reload:\n{}",
         serve_log()
     );
     assert_eq!(
-        served_body(http, "a.example.test").map(|b| id_of(&b)),
+        served_body(http.port(), "a.example.test").map(|b| id_of(&b)),
         Some(second)
     );
     eventually_served(&knot, &setup.records(&[]), ZONE);

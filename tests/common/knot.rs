@@ -7,7 +7,7 @@
 //! install it (scripts/test.sh does).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,13 +54,6 @@ pub fn knotd() -> Option<PathBuf> {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn random_secret() -> String {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -91,7 +84,7 @@ impl Knot {
             .tempdir_in("/tmp")
             .map_err(|e| e.to_string())?;
         let d = dir.path().display().to_string();
-        let port = free_port();
+        let port = super::free_port();
         let secret = random_secret();
         std::fs::create_dir_all(dir.path().join("db")).map_err(|e| e.to_string())?;
         let zone_file = format!(
