@@ -743,6 +743,13 @@ async fn check_domain(
     }
 
     if options.preflight_enforce {
+        if report.policy.as_ref().is_some_and(|p| p.mx.is_empty()) {
+            report.add(
+                Level::Fail,
+                "preflight",
+                "the served policy lists no mx patterns; enforce needs every MX listed",
+            );
+        }
         let safe =
             report.verdict != Level::Fail && report.policy.is_some() && !report.mx.is_empty();
         report.safe_to_enforce = Some(safe);

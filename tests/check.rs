@@ -48,6 +48,11 @@ name = "twotxt.example.test"
 [[domain]]
 name = "badcert.example.test"
 mx = ["mx.badcert.example.test"]
+
+[[domain]]
+name = "none.example.test"
+mode = "none"
+mx = []
 "#;
 
 fn mtasts(args: &[&str]) -> Output {
@@ -198,6 +203,7 @@ impl World {
             "testing",
             "twotxt",
             "badcert",
+            "none",
             "redirect",
             "ctype",
         ] {
@@ -455,6 +461,16 @@ fn check_finds_each_broken_part() {
         "{r:#?}"
     );
     assert!(r.has("FAIL", "preflight", "do not switch"), "{r:#?}");
+    // mode none lists no mx: not ready for enforce, although nothing else fails.
+    let (ok, r) = w.check(
+        &["--preflight-enforce", "--smtp-port", &smtp],
+        "none.example.test",
+    );
+    assert!(!ok);
+    assert_eq!(r.safe_to_enforce, Some(false));
+    assert!(r.has("FAIL", "preflight", "lists no mx patterns"), "{r:#?}");
+    let (ok, r) = w.check(&[], "none.example.test");
+    assert!(ok, "mode none itself is fine: {r:#?}");
     // Without an MX listening at all.
     let closed = common::free_port().to_string();
     let (ok, r) = w.check(
