@@ -183,7 +183,13 @@ fn push_publishes_records_and_is_idempotent() {
         assert_eq!(txt.len(), 1);
         assert_eq!(txt[0].1, format!("v=STSv1; id={};", setup.served_id(d)));
     }
-    assert!(knot.log().contains("DDNS, finished"), "{}", knot.log());
+    // Both domains went in one batched UPDATE: one commit on the server.
+    assert_eq!(
+        knot.log().matches("DDNS, finished").count(),
+        1,
+        "{}",
+        knot.log()
+    );
 
     // Nothing changed: nothing is sent.
     let out = setup.push(&[]);
@@ -193,7 +199,7 @@ fn push_publishes_records_and_is_idempotent() {
         stdout.contains("0 updated, 2 unchanged, 0 failed"),
         "{stdout}"
     );
-    assert_eq!(knot.log().matches("DDNS, finished").count(), 2);
+    assert_eq!(knot.log().matches("DDNS, finished").count(), 1);
 }
 
 #[test]
@@ -590,4 +596,25 @@ fn stale_prerequisite_is_refused_by_the_server() {
         knot.rrset("_mta-sts.a.example.test.", RecordType::TXT),
         [(300, "v=STSv1; id=new;".to_owned())]
     );
+}
+
+#[test]
+fn oversized_batch_goes_domain_by_domain() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    // Three TLS-RPT records of ~25 KB each: together over one 64 KiB
+    // message, so each domain gets its own UPDATE.
+    let long = format!("https://reports.example.test/{}", "r".repeat(25_000));
+    let body = format!(
+        "[defaults]\nmode = \"none\"\nttl = 60\ntlsrpt_rua = \"{long}\"\n\n[[domain]]\nname = \"a.example.test\"\n[[domain]]\nname = \"b.example.test\"\n[[domain]]\nname = \"c.example.test\"\n"
+    );
+    let setup = Setup::new(&body, &knot.addr.to_string(), ZONE, KEY_NAME, &knot.secret);
+    let out = setup.push(&[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("3 updated"), "{stdout}");
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert_eq!(knot.log().matches("DDNS, finished").count(), 3);
+    assert_served(&knot, &setup.records(&[]), ZONE);
 }

@@ -2,7 +2,7 @@
 //! `templates/`, embedded in the binary; `--template FILE` renders the
 //! user's own with the same context (documented in docs/DNS.md).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
@@ -143,7 +143,10 @@ fn template_record(r: &Record) -> TemplateRecord<'_> {
 fn context(records: &[Record]) -> Context<'_> {
     // Zones and RRsets in first-seen order, so output follows the records.
     let mut zones: Vec<TemplateZone<'_>> = Vec::new();
-    let mut zone_index: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut zone_index: HashMap<&str, usize> = HashMap::new();
+    // Indexes instead of linear searches: a provider zone holds one RRset
+    // per customer, and 100k customers must not cost 10^10 comparisons.
+    let mut set_index: HashMap<(usize, &str, &str), usize> = HashMap::new();
     for r in records {
         let zi = *zone_index.entry(r.zone.as_str()).or_insert_with(|| {
             zones.push(TemplateZone {
@@ -158,36 +161,43 @@ fn context(records: &[Record]) -> Context<'_> {
             continue;
         };
         zone.records.push(template_record(r));
-        match zone
-            .rrsets
-            .iter_mut()
-            .find(|s| s.name == r.name && s.rtype == r.rtype)
-        {
+        let key = (zi, r.name.as_str(), r.rtype);
+        match set_index.get(&key).and_then(|&i| zone.rrsets.get_mut(i)) {
             Some(set) => {
                 set.values.push(&r.value);
                 set.zone_values.push(r.zone_value());
                 // One TTL per RRset (RFC 2181 §5.2): the smallest wins.
                 set.ttl = set.ttl.min(r.ttl);
             }
-            None => zone.rrsets.push(TemplateRrset {
-                name: &r.name,
-                relative_name: r.relative_name(),
-                rtype: r.rtype,
-                ttl: r.ttl,
-                values: vec![&r.value],
-                zone_values: vec![r.zone_value()],
-            }),
+            None => {
+                set_index.insert(key, zone.rrsets.len());
+                zone.rrsets.push(TemplateRrset {
+                    name: &r.name,
+                    relative_name: r.relative_name(),
+                    rtype: r.rtype,
+                    ttl: r.ttl,
+                    values: vec![&r.value],
+                    zone_values: vec![r.zone_value()],
+                });
+            }
         }
     }
     for zone in &mut zones {
+        let mut owner_index: HashMap<&str, usize> = HashMap::new();
         for set in &zone.rrsets {
-            match zone.owners.iter_mut().find(|o| o.name == set.name) {
+            match owner_index
+                .get(set.name)
+                .and_then(|&i| zone.owners.get_mut(i))
+            {
                 Some(owner) => owner.rrsets.push(set.clone()),
-                None => zone.owners.push(TemplateOwner {
-                    name: set.name,
-                    relative_name: set.relative_name,
-                    rrsets: vec![set.clone()],
-                }),
+                None => {
+                    owner_index.insert(set.name, zone.owners.len());
+                    zone.owners.push(TemplateOwner {
+                        name: set.name,
+                        relative_name: set.relative_name,
+                        rrsets: vec![set.clone()],
+                    });
+                }
             }
         }
     }

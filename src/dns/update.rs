@@ -2,13 +2,14 @@
 //! of [`super::records`] current on a primary DNS server.
 //!
 //! Per domain: read each RRset we own, skip it if it already matches, else
-//! send one UPDATE whose prerequisites say "the RRset is still exactly what
-//! we just read" (RFC 2136 §2.4.2, or §2.4.3 "does not exist"), so a
-//! concurrent edit makes the server refuse instead of being overwritten; we
-//! then re-read and try again. A TXT that is not the kind we publish (not
+//! send an UPDATE (shared by up to 64 domains) whose prerequisites say "the
+//! RRset is still exactly what we just read" (RFC 2136 §2.4.2, or §2.4.3
+//! "does not exist"), so a concurrent edit makes the server refuse instead
+//! of being overwritten; we then re-read and retry domain by domain. A TXT that is not the kind we publish (not
 //! `v=STSv1` at `_mta-sts`, not `v=TLSRPTv1` at `_smtp._tls`) is never
 //! replaced. Message building is pure; [`Transport`] does the I/O.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +30,12 @@ const FUDGE: u16 = 300;
 /// How often one domain is re-read and re-sent when its prerequisites fail
 /// because someone else changed the records in between.
 const PREREQ_ATTEMPTS: u32 = 3;
+
+/// Domains whose changes share one UPDATE message.
+const BATCH_DOMAINS: usize = 64;
+
+/// Largest batched UPDATE before TSIG; bigger batches go domain by domain.
+const MAX_BATCH_BYTES: usize = 60 * 1024;
 
 /// First retry delay after a network failure; doubles each attempt.
 const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -192,6 +199,9 @@ pub fn rrsets(
     ttl: Option<u32>,
 ) -> Result<(Vec<Rrset>, Vec<String>), PushError> {
     let mut sets: Vec<Rrset> = Vec::new();
+    // (lowercase owner, type) → index in `sets`: linear search would be
+    // quadratic at 100k domains.
+    let mut index: HashMap<(String, RecordType), usize> = HashMap::new();
     let mut outside = Vec::new();
     for r in records {
         let name = Name::from_ascii(&r.name).map_err(|e| record_error(r, e))?;
@@ -201,20 +211,24 @@ pub fn rrsets(
         }
         let (rtype, data) = rdata(r)?;
         let ttl = ttl.unwrap_or(r.ttl);
-        match sets.iter_mut().find(|s| s.name == name && s.rtype == rtype) {
+        let key = (r.name.to_ascii_lowercase(), rtype);
+        match index.get(&key).and_then(|&i| sets.get_mut(i)) {
             Some(set) => {
                 if !set.data.contains(&data) {
                     set.data.push(data);
                 }
                 set.ttl = set.ttl.min(ttl);
             }
-            None => sets.push(Rrset {
-                domain: r.domain.clone(),
-                name,
-                rtype,
-                ttl,
-                data: vec![data],
-            }),
+            None => {
+                index.insert(key, sets.len());
+                sets.push(Rrset {
+                    domain: r.domain.clone(),
+                    name,
+                    rtype,
+                    ttl,
+                    data: vec![data],
+                });
+            }
         }
     }
     Ok((sets, outside))
@@ -269,6 +283,28 @@ pub fn update_message(zone: &Name, changes: &[Change<'_>]) -> Message {
         }
     }
     msg
+}
+
+/// Consecutive RRsets of the same domain, with the domain.
+fn by_domain(sets: &[Rrset]) -> Vec<(&str, &[Rrset])> {
+    let mut out: Vec<(&str, &[Rrset])> = Vec::new();
+    let mut start = 0;
+    for (i, set) in sets.iter().enumerate() {
+        let next_differs = sets.get(i + 1).is_none_or(|n| n.domain != set.domain);
+        if next_differs {
+            out.push((set.domain.as_str(), sets.get(start..=i).unwrap_or_default()));
+            start = i + 1;
+        }
+    }
+    out
+}
+
+/// `name TYPE` of each changed RRset, for reports.
+fn change_names(changes: &[Change<'_>]) -> Vec<String> {
+    changes
+        .iter()
+        .map(|c| format!("{} {}", c.want.name.to_ascii(), c.want.rtype))
+        .collect()
 }
 
 /// TXT data as one string (RFC 8461 §3.1: the strings are concatenated).
@@ -465,8 +501,11 @@ impl Pusher {
         })
     }
 
-    /// Pushes every record inside the zone, one UPDATE per domain that
-    /// needs one. Stops early on errors that would repeat for every domain.
+    /// Pushes every record inside the zone. Domains go in batches of
+    /// [`BATCH_DOMAINS`]: their changes share one UPDATE (so a first push of
+    /// many domains does not cost one server commit each); if that UPDATE's
+    /// prerequisites fail, each domain of the batch is retried on its own.
+    /// Stops early on errors that would repeat for every domain.
     pub async fn push(&mut self, records: &[Record]) -> PushReport {
         let mut report = PushReport::default();
         let (sets, outside) = match rrsets(records, &self.zone, self.cfg.ttl) {
@@ -477,65 +516,124 @@ impl Pusher {
             }
         };
         report.outside_zone = outside;
-        let mut i = 0;
-        while i < sets.len() {
-            let domain = sets[i].domain.clone();
-            let end = sets[i..]
-                .iter()
-                .position(|s| s.domain != domain)
-                .map_or(sets.len(), |n| i + n);
-            let group = sets.get(i..end).unwrap_or_default();
-            i = end;
-            match self.push_domain(&domain, group).await {
-                Ok(outcome) => report.domains.push((domain, outcome)),
-                Err(e) if e.is_fatal() => {
+        let groups = by_domain(&sets);
+        for batch in groups.chunks(BATCH_DOMAINS) {
+            match self.push_batch(batch).await {
+                Ok(outcomes) => report.domains.extend(outcomes),
+                Err((done, e)) => {
+                    report.domains.extend(done);
                     report.aborted = Some(e);
                     break;
                 }
-                Err(e) => report.domains.push((domain, Outcome::Failed(e))),
             }
         }
         report
     }
 
-    async fn push_domain(&mut self, domain: &str, sets: &[Rrset]) -> Result<Outcome, PushError> {
-        for _ in 0..PREREQ_ATTEMPTS {
-            let mut changes = Vec::new();
-            for want in sets {
-                let current = self.read(want).await?;
-                check_owned(want, &current)?;
-                if !matches(want, &current) {
-                    changes.push(Change { want, current });
+    /// Reads what the server holds for `sets`; the RRsets that differ.
+    async fn plan<'s>(&mut self, sets: &'s [Rrset]) -> Result<Vec<Change<'s>>, PushError> {
+        let mut changes = Vec::new();
+        for want in sets {
+            let current = self.read(want).await?;
+            check_owned(want, &current)?;
+            if !matches(want, &current) {
+                changes.push(Change { want, current });
+            }
+        }
+        Ok(changes)
+    }
+
+    /// After NOERROR, reads the changed RRsets back: a server may accept an
+    /// update and skip parts of it (e.g. a CNAME where other data exists,
+    /// RFC 2136 §3.4.2.2).
+    async fn confirm(&mut self, changes: &[Change<'_>]) -> Result<Outcome, PushError> {
+        for c in changes {
+            let now = self.read(c.want).await?;
+            if !matches(c.want, &now) {
+                return Err(PushError::NotApplied {
+                    name: c.want.name.to_ascii(),
+                    rtype: c.want.rtype.to_string(),
+                    found: now.iter().map(|r| show(&r.data)).collect(),
+                });
+            }
+        }
+        Ok(Outcome::Updated(change_names(changes)))
+    }
+
+    /// One batch of domains. `Err` carries the outcomes so far and the
+    /// fatal error that stopped it.
+    async fn push_batch(
+        &mut self,
+        batch: &[(&str, &[Rrset])],
+    ) -> Result<Vec<(String, Outcome)>, (Vec<(String, Outcome)>, PushError)> {
+        let mut done: Vec<(String, Outcome)> = Vec::new();
+        let mut pending: Vec<(&str, &[Rrset], Vec<Change<'_>>)> = Vec::new();
+        for &(domain, sets) in batch {
+            match self.plan(sets).await {
+                Ok(changes) if changes.is_empty() => {
+                    done.push((domain.to_owned(), Outcome::Unchanged))
+                }
+                Ok(changes) if self.dry_run => done.push((
+                    domain.to_owned(),
+                    Outcome::WouldUpdate(change_names(&changes)),
+                )),
+                Ok(changes) => pending.push((domain, sets, changes)),
+                Err(e) if e.is_fatal() => return Err((done, e)),
+                Err(e) => done.push((domain.to_owned(), Outcome::Failed(e))),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(done);
+        }
+        let all: Vec<Change<'_>> = pending
+            .iter()
+            .flat_map(|(_, _, c)| c.iter().cloned())
+            .collect();
+        // Leave room for the TSIG record in a TCP message (64 KiB).
+        let fits = update_message(&self.zone, &all)
+            .to_vec()
+            .is_ok_and(|w| w.len() <= MAX_BATCH_BYTES);
+        let batched = if fits && pending.len() > 1 {
+            match self.send_update(&all).await {
+                Ok(code) => Some(code),
+                Err(e) if e.is_fatal() => return Err((done, e)),
+                Err(e) => {
+                    tracing::info!("batched update failed ({e}); trying each domain");
+                    None
                 }
             }
+        } else {
+            None
+        };
+        for (domain, sets, changes) in pending {
+            let outcome = match batched {
+                Some(ResponseCode::NoError) => self.confirm(&changes).await,
+                // Not sent together, or a prerequisite failed (someone
+                // changed something meanwhile): each domain on its own.
+                _ => self.push_domain(domain, sets).await,
+            };
+            match outcome {
+                Ok(o) => done.push((domain.to_owned(), o)),
+                Err(e) if e.is_fatal() => return Err((done, e)),
+                Err(e) => done.push((domain.to_owned(), Outcome::Failed(e))),
+            }
+        }
+        Ok(done)
+    }
+
+    /// One domain, one UPDATE, re-read and retried while its prerequisites
+    /// fail because the records changed between read and update.
+    async fn push_domain(&mut self, domain: &str, sets: &[Rrset]) -> Result<Outcome, PushError> {
+        for _ in 0..PREREQ_ATTEMPTS {
+            let changes = self.plan(sets).await?;
             if changes.is_empty() {
                 return Ok(Outcome::Unchanged);
             }
-            let names: Vec<String> = changes
-                .iter()
-                .map(|c| format!("{} {}", c.want.name.to_ascii(), c.want.rtype))
-                .collect();
             if self.dry_run {
-                return Ok(Outcome::WouldUpdate(names));
+                return Ok(Outcome::WouldUpdate(change_names(&changes)));
             }
             match self.send_update(&changes).await? {
-                ResponseCode::NoError => {
-                    // Verify: a server may accept an update and ignore parts
-                    // of it (e.g. a CNAME where other data exists, §3.4.2.2).
-                    for c in &changes {
-                        let now = self.read(c.want).await?;
-                        if !matches(c.want, &now) {
-                            return Err(PushError::NotApplied {
-                                name: c.want.name.to_ascii(),
-                                rtype: c.want.rtype.to_string(),
-                                found: now.iter().map(|r| show(&r.data)).collect(),
-                            });
-                        }
-                    }
-                    return Ok(Outcome::Updated(names));
-                }
-                // Prerequisites failed: someone changed the records between
-                // our read and our update. Read again.
+                ResponseCode::NoError => return self.confirm(&changes).await,
                 ResponseCode::YXRRSet
                 | ResponseCode::NXRRSet
                 | ResponseCode::YXDomain
@@ -838,6 +936,22 @@ mod tests {
         assert_eq!(sets[1].data.len(), 2);
         assert!(sets.iter().all(|s| s.ttl == 60));
         assert_eq!(outside, ["_mta-sts.other.example."]);
+    }
+
+    #[test]
+    fn rrsets_are_grouped_by_domain_in_order() {
+        let mut b = rec("_mta-sts.b.example.test.", "TXT", "v=STSv1; id=1;");
+        b.domain = "b.example.test".into();
+        let recs = [
+            rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=1;"),
+            rec("mta-sts.a.example.test.", "A", "192.0.2.1"),
+            b,
+        ];
+        let (sets, _) = rrsets(&recs, &zone(), None).expect("valid");
+        let groups = by_domain(&sets);
+        let summary: Vec<(&str, usize)> = groups.iter().map(|(d, s)| (*d, s.len())).collect();
+        assert_eq!(summary, [("a.example.test", 2), ("b.example.test", 1)]);
+        assert!(by_domain(&[]).is_empty());
     }
 
     #[test]
