@@ -6,11 +6,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::admin;
 use crate::config::{Config, ConfigErrors};
+use crate::control::{self, Control};
 use crate::dns;
 use crate::policy::DomainName;
 use crate::server::Server;
@@ -363,16 +366,22 @@ fn records(
         }
     }
     let snapshot = Snapshot::build(&cfg);
-    for site in snapshot.sites() {
-        if side == dns::Side::Full
-            && (only.is_empty() || only.contains(&site.domain.name))
-            && site.domain.host == crate::config::HostRecord::Unset
-        {
-            eprintln!(
-                "note: no host record for {} (set host_a/host_aaaa or host_cname); point it at this server",
-                site.host
-            );
-        }
+    let hostless: Vec<&str> = snapshot
+        .sites()
+        .iter()
+        .filter(|_| side == dns::Side::Full)
+        .filter(|s| only.is_empty() || only.contains(&s.domain.name))
+        .filter(|s| s.domain.host == crate::config::HostRecord::Unset)
+        .map(|s| &*s.host)
+        .collect();
+    if let Some(first) = hostless.first() {
+        let more = match hostless.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        eprintln!(
+            "note: no host record for {first}{more} (set host_a/host_aaaa or host_cname); point it at this server"
+        );
     }
     let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
     let text = match &template {
@@ -538,18 +547,38 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     print_banner(&cfg, &server, &snapshot, https_addr, http_addr);
 
     // The listeners are bound and the snapshot is in place: its ids may go
-    // to DNS now (connections wait in the backlog until `run` accepts).
+    // to DNS now (connections wait in the backlog until `run` accepts), and
+    // after every reload once the new snapshot is applied.
     let auto_push = dns::update::AutoPush::start();
     auto_push.submit(&cfg, &snapshot)?;
-
-    let reloader = tokio::spawn(reload_on_sighup(
-        Arc::clone(&server),
-        path,
-        cfg.server.clone(),
-        auto_push,
-    ));
+    let control = Arc::new(
+        Control::new(Arc::clone(&server), path.clone(), cfg.clone()).with_auto_push(auto_push),
+    );
+    let reloader = tokio::spawn(control::reload_on_sighup(Arc::clone(&control)));
+    // Keep the watcher alive while serving.
+    let _watcher = match &path {
+        Some(_) => match control::watch(Arc::clone(&control), Duration::from_millis(300)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch the config files ({e}); reload with SIGHUP");
+                None
+            }
+        },
+        None => None,
+    };
+    let admin = match &cfg.admin {
+        Some(a) => {
+            let token = admin::read_token(&a.token_file)?;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot listen on admin address {}", a.listen))?;
+            tracing::info!(admin = %listener.local_addr()?, "admin API listening");
+            Some((listener, admin::router(Arc::clone(&control), token)))
+        }
+        None => None,
+    };
     let result = Arc::clone(&server)
-        .run(https, http, shutdown_signal())
+        .run(https, http, admin, shutdown_signal())
         .await;
     reloader.abort();
     result.context("server failed")?;
@@ -616,59 +645,4 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// SIGHUP re-reads the config; a bad config is logged and the running
-/// snapshot keeps serving.
-async fn reload_on_sighup(
-    server: Arc<Server>,
-    path: Option<PathBuf>,
-    running: crate::config::ServerConfig,
-    auto_push: dns::update::AutoPush,
-) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let Some(path) = path.clone() else {
-                tracing::info!("SIGHUP: the embedded config does not change; nothing to reload");
-                continue;
-            };
-            let server = Arc::clone(&server);
-            let running = running.clone();
-            let auto_push = auto_push.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || reload(&server, &path, &running, &auto_push))
-                    .await;
-            match outcome {
-                Ok(Ok(n)) => tracing::info!(domains = n, "reloaded"),
-                Ok(Err(e)) => {
-                    tracing::error!("reload rejected, previous config keeps serving: {e:#}")
-                }
-                Err(e) => tracing::error!("reload panicked: {e}"),
-            }
-        }
-    }
-}
-
-fn reload(
-    server: &Server,
-    path: &Path,
-    running: &crate::config::ServerConfig,
-    auto_push: &dns::update::AutoPush,
-) -> anyhow::Result<usize> {
-    let cfg = Config::load(path).map_err(anyhow::Error::new)?;
-    for w in &cfg.warnings {
-        tracing::warn!("{w}");
-    }
-    if cfg.server != *running {
-        tracing::warn!("[server] settings changed; they take effect after a restart");
-    }
-    server.apply(&cfg)?;
-    // Only now, with the new bodies being served, may new ids reach DNS.
-    auto_push.submit(&cfg, &server.snapshot())?;
-    Ok(cfg.domains.len())
 }

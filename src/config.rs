@@ -72,6 +72,10 @@ pub struct Config {
     pub path: PathBuf,
     pub server: ServerConfig,
     pub tls: TlsConfig,
+    /// `domains_dir`, resolved; the admin API writes its domains here.
+    pub domains_dir: Option<PathBuf>,
+    /// The admin API listener; `None` (the default) keeps it off.
+    pub admin: Option<AdminConfig>,
     /// Sorted by domain name; names are unique.
     pub domains: Vec<DomainConfig>,
     /// Non-fatal findings (e.g. a short `max_age`, skipped certificate names).
@@ -118,6 +122,14 @@ impl Default for Limits {
             shutdown_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// `[admin]`: the token-protected admin API and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token (read at start, never logged).
+    pub token_file: PathBuf,
 }
 
 /// How the HTTPS listener gets its certificates.
@@ -180,6 +192,7 @@ struct RawMain {
     domains_dir: Option<Spanned<String>>,
     server: Option<RawServer>,
     tls: Option<RawTls>,
+    admin: Option<Spanned<RawAdmin>>,
     defaults: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     domain: Vec<Spanned<RawPolicy>>,
@@ -207,6 +220,13 @@ struct RawServer {
     idle_timeout: Option<Spanned<toml::Value>>,
     max_header_bytes: Option<Spanned<i64>>,
     shutdown_timeout: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,11 +261,12 @@ struct Source {
     /// Relative paths inside the file are resolved against this directory.
     base: PathBuf,
     text: String,
+    line_starts: Vec<usize>,
 }
 
 impl Source {
     fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
-        let (line, col) = line_col(&self.text, span.start);
+        let (line, col) = line_col(&self.text, &self.line_starts, span.start);
         Diagnostic {
             file: self.path.clone(),
             line,
@@ -264,13 +285,21 @@ impl Source {
     }
 }
 
+/// Byte offsets at which lines start, so positions are found by binary
+/// search: a 100,000-domain file needs 100,000 positions, and scanning from
+/// the start for each would be quadratic.
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
 /// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, starts: &[usize], offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    let line = starts.partition_point(|&s| s <= offset).max(1);
+    let start = starts.get(line - 1).copied().unwrap_or(0);
+    let col = text.get(start..offset).map_or(0, |s| s.chars().count()) + 1;
     (line, col)
 }
 
@@ -310,6 +339,7 @@ impl Config {
             } else {
                 base.to_owned()
             },
+            line_starts: line_starts(&text),
             text,
         };
         let mut report = Report::default();
@@ -335,6 +365,7 @@ impl Config {
             .as_ref()
             .and_then(|d| d.update.as_ref())
             .and_then(|u| dns_update_config(&main, u, &mut report));
+        let admin = admin_config(&main, raw.admin, &mut report);
 
         let defaults = match raw.defaults {
             Some(d) => {
@@ -412,6 +443,8 @@ impl Config {
                 path: main.path,
                 server,
                 tls,
+                domains_dir,
+                admin,
                 domains,
                 warnings: report.warnings,
                 delegation,
@@ -478,6 +511,7 @@ fn load_domain_file(path: &Path) -> Result<(Source, Vec<Spanned<RawPolicy>>), Di
             .parent()
             .map(Path::to_owned)
             .unwrap_or_else(|| PathBuf::from(".")),
+        line_starts: line_starts(&text),
         text,
     };
     match toml::from_str::<RawDomainFile>(&source.text) {
@@ -627,6 +661,47 @@ fn tls_config(source: &Source, raw: Option<RawTls>, report: &mut Report) -> TlsC
         }
     }
     cfg
+}
+
+fn admin_config(
+    source: &Source,
+    raw: Option<Spanned<RawAdmin>>,
+    report: &mut Report,
+) -> Option<AdminConfig> {
+    let raw = raw?;
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let Some(listen) = raw.listen else {
+        report.errors.push(source.at(
+            span,
+            "[admin] needs `listen` (e.g. \"127.0.0.1:8081\"); remove the section to keep the admin API off",
+        ));
+        return None;
+    };
+    let addr = match listen.get_ref().parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            report.errors.push(source.at(
+                listen.span(),
+                format!(
+                    "admin.listen: {:?} is not an address:port",
+                    listen.get_ref()
+                ),
+            ));
+            return None;
+        }
+    };
+    let Some(token_file) = raw.token_file else {
+        report.errors.push(source.at(
+            span,
+            "[admin] needs `token_file`: the admin API is never open without a token",
+        ));
+        return None;
+    };
+    Some(AdminConfig {
+        listen: addr,
+        token_file: source.resolve(token_file.get_ref()),
+    })
 }
 
 /// A duration given as seconds (integer) or humane text ("7d", "1w", "90s").
@@ -1584,8 +1659,11 @@ name = "a.example"
 
     #[test]
     fn line_col_counts_chars() {
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
-        assert_eq!(line_col("ä\nx", 3), (2, 1));
-        assert_eq!(line_col("äb", 2), (1, 2));
+        let lc = |t: &str, o| line_col(t, &line_starts(t), o);
+        assert_eq!(lc("ab\ncd", 4), (2, 2));
+        assert_eq!(lc("ä\nx", 3), (2, 1));
+        assert_eq!(lc("äb", 2), (1, 2));
+        assert_eq!(lc("ab\n", 3), (2, 1));
+        assert_eq!(lc("", 0), (1, 1));
     }
 }

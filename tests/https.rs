@@ -62,7 +62,7 @@ async fn start(body: &str) -> Running {
     let https = https_l.local_addr().expect("addr");
     let http = http_l.local_addr().expect("addr");
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(Arc::clone(&server).run(https_l, http_l, async {
+    let task = tokio::spawn(Arc::clone(&server).run(https_l, http_l, None, async {
         let _ = rx.await;
     }));
     let client = TlsClient::trusting_pem_file(server.ca_path());

@@ -158,3 +158,32 @@ pub fn parse_response(raw: &[u8], head: bool) -> Response {
         body,
     }
 }
+
+/// A plain HTTP request with extra headers and an optional JSON body.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<Response> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    tcp.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await?;
+    Ok(parse_response(&raw, method == "HEAD"))
+}
