@@ -53,6 +53,9 @@ mx = ["mx.badcert.example.test"]
 name = "none.example.test"
 mode = "none"
 mx = []
+
+[[domain]]
+name = "deleg.example.test"
 "#;
 
 fn mtasts(args: &[&str]) -> Output {
@@ -222,6 +225,16 @@ impl World {
         zone.push_str(
             "_mta-sts.wrongid TXT \"v=STSv1; id=0123456789abcdef;\"\nmta-sts.wrongid A 127.0.0.1\nwrongid MX 10 mx.good\n",
         );
+        // Delegated hosting: both customer names are CNAMEs into the
+        // provider's names (here in the same zone), as `records --for
+        // customer` prints them.
+        zone.push_str(&format!(
+            "_mta-sts.deleg CNAME deleg.example.test.sts\n\
+             deleg.example.test.sts TXT \"v=STSv1; id={};\"\n\
+             mta-sts.deleg CNAME policy-host\npolicy-host A 127.0.0.1\n\
+             deleg MX 10 mx.good\n",
+            id("deleg.example.test")
+        ));
         let knot = Knot::start(ZONE, &zone)?;
 
         let serve = common::ServeProc::start(&config, https, http);
@@ -356,6 +369,17 @@ fn check_finds_each_broken_part() {
         r.has("OK", "mx", "mx.good.example.test is covered"),
         "{r:#?}"
     );
+
+    // Delegated: the TXT and the policy host are reached through CNAMEs;
+    // the fetch still uses the customer's name for SNI and Host.
+    let (ok, r) = w.check(&[], "deleg.example.test");
+    assert!(ok, "{r:#?}");
+    assert_eq!(r.verdict, "OK", "{r:#?}");
+    assert_eq!(
+        r.id.as_deref(),
+        Some(served_id(&w.config, "deleg.example.test").as_str())
+    );
+    assert!(r.has("OK", "config", "served body matches"), "{r:#?}");
 
     // The DNS id is not the served policy's id.
     let (ok, r) = w.check(&[], "wrongid.example.test");
