@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::config::{Config, ConfigErrors, ServerConfig};
+use crate::dns::update::AutoPush;
 use crate::metrics::Trigger;
 use crate::server::{ServeError, Server};
 
@@ -43,6 +44,8 @@ pub struct Control {
     /// `[server]` as the listeners were started with (changes need a restart).
     running: ServerConfig,
     lock: Mutex<()>,
+    /// `[dns.update] auto_push`: told about every applied snapshot.
+    auto_push: Option<AutoPush>,
 }
 
 /// Proof that the caller holds the reload lock (for read-modify-reload
@@ -57,7 +60,15 @@ impl Control {
             running: config.server.clone(),
             config: ArcSwap::from_pointee(config),
             lock: Mutex::new(()),
+            auto_push: None,
         }
+    }
+
+    /// After each applied reload, hands the new snapshot to `auto_push`
+    /// (which pushes it only if the new config enables it).
+    pub fn with_auto_push(mut self, auto_push: AutoPush) -> Control {
+        self.auto_push = Some(auto_push);
+        self
     }
 
     pub fn server(&self) -> &Arc<Server> {
@@ -117,6 +128,12 @@ impl Control {
         }
         if cfg.server != self.running {
             tracing::warn!("[server] settings changed; they take effect after a restart");
+        }
+        // The new snapshot is being served: only now may its ids reach DNS.
+        if let Some(push) = &self.auto_push
+            && let Err(e) = push.submit(&cfg, &self.server.snapshot())
+        {
+            tracing::error!("dns push not queued: {e}");
         }
         let domains = cfg.domains.len();
         self.config.store(Arc::new(cfg));

@@ -12,11 +12,13 @@
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
 //! - [`store`]: atomic, permission-correct files in `state_dir`.
+//! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
 //! - [`admin`]: the token-protected admin API and `/metrics`.
 //! - [`cli`]: the subcommands.
 
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
