@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -76,8 +77,9 @@ pub struct Config {
     pub domains_dir: Option<PathBuf>,
     /// The admin API listener; `None` (the default) keeps it off.
     pub admin: Option<AdminConfig>,
-    /// Sorted by domain name; names are unique.
-    pub domains: Vec<DomainConfig>,
+    /// Sorted by domain name; names are unique. Shared with the snapshot
+    /// (no copy of 100,000 domain configs per reload).
+    pub domains: Vec<Arc<DomainConfig>>,
     /// Non-fatal findings (e.g. a short `max_age`, skipped certificate names).
     pub warnings: Vec<Diagnostic>,
     /// `[delegation]`: customers CNAME to the provider (docs/DNS.md).
@@ -404,7 +406,7 @@ impl Config {
 
         let now = time::OffsetDateTime::now_utc();
         let mut cert_cache = HashMap::new();
-        let mut domains: Vec<DomainConfig> = Vec::new();
+        let mut domains: Vec<Arc<DomainConfig>> = Vec::new();
         let mut seen: HashMap<DomainName, Diagnostic> = HashMap::new();
         let all = std::iter::once((&main, main_domains.as_slice()))
             .chain(sources.iter().map(|(s, d)| (s, d.as_slice())));
@@ -435,7 +437,7 @@ impl Config {
                     now,
                     &mut report,
                 ) {
-                    domains.push(domain);
+                    domains.push(Arc::new(domain));
                 }
             }
         }
@@ -476,6 +478,7 @@ impl Config {
             .binary_search_by(|d| d.name.cmp(name))
             .ok()
             .and_then(|i| self.domains.get(i))
+            .map(|d| &**d)
     }
 }
 
