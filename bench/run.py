@@ -214,6 +214,11 @@ class Nginx:
         self.mt = mt
         status, body = fetch(mt.https, host(0), mt.ca)
         assert status == 200, "mtasts must serve before nginx is set up"
+        # mtasts issues its self-signed certificates on first use; one
+        # handshake per domain leaves every certificate on disk for nginx.
+        subprocess.run([LOADGEN, "--addr", f"127.0.0.1:{mt.https}", "--tls", "--ca", mt.ca,
+                        "--domains", str(n), "--connections", "32", "--once"],
+                       check=True, capture_output=True, timeout=3600)
         with open(os.path.join(self.dir, "mta-sts.txt"), "wb") as f:
             f.write(body)
         d = self.dir

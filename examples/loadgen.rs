@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! loadgen --addr 127.0.0.1:8443 --tls --ca ca.pem --domains 10000 \
-//!         --connections 32 --seconds 5 [--new-conn] [--prefix d]
+//!         --connections 32 --seconds 5 [--new-conn | --once] [--prefix d]
 //! ```
 //! Prints one line: `requests=… seconds=… rps=… p50_us=… p99_us=… errors=…`.
 
@@ -30,6 +30,8 @@ struct Args {
     connections: usize,
     seconds: f64,
     new_conn: bool,
+    /// Visit every domain exactly once (new connection each), then stop.
+    once: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,6 +44,7 @@ fn parse_args() -> Result<Args, String> {
     let mut connections = 32;
     let mut seconds = 5.0;
     let mut new_conn = false;
+    let mut once = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or(format!("{a} needs a value"));
@@ -57,6 +60,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seconds" => seconds = val()?.parse().map_err(|e| format!("--seconds: {e}"))?,
             "--new-conn" => new_conn = true,
+            "--once" => {
+                once = true;
+                new_conn = true;
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -92,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
         connections: connections.max(1),
         seconds,
         new_conn,
+        once,
     })
 }
 
@@ -170,6 +178,9 @@ async fn worker(args: Arc<Args>, id: usize, stop: Arc<AtomicBool>) -> Tally {
     let host_for = |n: usize| format!("mta-sts.{}{}{}", args.prefix, n % args.domains, args.suffix);
     let mut conn: Option<Box<dyn Io>> = None;
     while !stop.load(Ordering::Relaxed) {
+        if args.once && n >= args.domains {
+            break;
+        }
         let host = host_for(n);
         n += args.connections;
         let start = Instant::now();
@@ -232,8 +243,10 @@ fn main() {
         let handles: Vec<_> = (0..args.connections)
             .map(|i| tokio::spawn(worker(Arc::clone(&args), i, Arc::clone(&stop))))
             .collect();
-        tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
-        stop.store(true, Ordering::Relaxed);
+        if !args.once {
+            tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+            stop.store(true, Ordering::Relaxed);
+        }
         let mut all = Vec::new();
         let mut errors = 0;
         for h in handles {

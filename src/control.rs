@@ -160,13 +160,17 @@ pub async fn reload_on_sighup(control: Arc<Control>) {
 }
 
 /// Watches the config file and `domains_dir`; a burst of changes (an editor
-/// save, a deploy tool writing many files) becomes one reload after the
-/// files have been quiet for `debounce`. The returned watcher must be kept.
+/// save, a deploy tool writing many files) becomes one reload once the files
+/// have been quiet for `debounce`. The returned watcher must be kept.
+///
+/// Only changes count: inotify also reports every open and read of the
+/// files, and the reload itself reads them, so counting those would reload
+/// forever.
 pub fn watch(
     control: Arc<Control>,
     debounce: Duration,
-) -> Result<notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>, notify::Error> {
-    use notify::RecursiveMode;
+) -> Result<notify::RecommendedWatcher, notify::Error> {
+    use notify::{EventKind, RecursiveMode, Watcher};
     let cfg = control.config();
     let config_path = control.path.clone();
     let domains_dir = cfg.domains_dir.clone();
@@ -182,16 +186,17 @@ pub fn watch(
                 })
         }
     };
-    let mut debouncer = notify_debouncer_mini::new_debouncer(
-        debounce,
-        move |res: notify_debouncer_mini::DebounceEventResult| {
-            if let Ok(events) = res
-                && events.iter().any(|e| relevant(&e.path))
-            {
-                let _ = tx.send(());
-            }
-        },
-    )?;
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res
+            && matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            )
+            && event.paths.iter().any(|p| relevant(p))
+        {
+            let _ = tx.send(());
+        }
+    })?;
     if let Some(dir) = config_path.as_deref().and_then(Path::parent).map(|p| {
         if p.as_os_str().is_empty() {
             Path::new(".")
@@ -199,22 +204,28 @@ pub fn watch(
             p
         }
     }) {
-        debouncer
-            .watcher()
-            .watch(dir, RecursiveMode::NonRecursive)?;
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
     if let Some(dir) = &domains_dir {
-        debouncer
-            .watcher()
-            .watch(dir, RecursiveMode::NonRecursive)?;
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
-            while rx.try_recv().is_ok() {}
+            // Debounce: wait until no change arrived for `debounce`.
+            loop {
+                tokio::time::sleep(debounce).await;
+                let mut more = false;
+                while rx.try_recv().is_ok() {
+                    more = true;
+                }
+                if !more {
+                    break;
+                }
+            }
             let _ = control.reload(Trigger::Watch).await;
         }
     });
-    Ok(debouncer)
+    Ok(watcher)
 }
 
 /// Path equality that tolerates `./x` versus `/abs/x`.

@@ -371,6 +371,21 @@ async fn domains_dir_changes_reload_without_signal() {
             .is_ok_and(|r| r.status == 200)
     })
     .await;
+    // Regression: the reload reads the watched files, and reads must not
+    // count as changes (that reloaded forever, once per second).
+    let watch_reloads = || async {
+        let resp = api(s.admin, "GET", "/metrics", None).await;
+        metric(
+            &String::from_utf8_lossy(&resp.body),
+            "mtasts_reloads_total{trigger=\"watch\",result=\"ok\"}",
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let settled = watch_reloads().await;
+    assert!(settled >= 1.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(watch_reloads().await, settled, "reloads without any change");
+
     // A broken file is rejected; the rest keeps serving.
     common::write(
         &s.dir.path().join("domains.d"),
