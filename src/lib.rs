@@ -10,9 +10,12 @@
 //! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
-//! - [`store`]: atomic, permission-correct files in `state_dir`.
+//! - [`acme`]: certificates for every policy host through ACME (orders,
+//!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
+//!   files in `state_dir` behind the `CertStore` trait.
 //! - [`cli`]: the subcommands.
 
+pub mod acme;
 pub mod cli;
 pub mod config;
 pub mod dns;

@@ -83,6 +83,25 @@ impl CertIndex {
     pub fn replace(&self, map: HashMap<Box<str>, Arc<CertifiedKey>>) {
         self.map.store(Arc::new(map));
     }
+
+    /// Adds or replaces one host's certificate (ACME: a certificate landed).
+    /// Copies the map: fine at the rate certificates arrive.
+    pub fn insert(&self, host: &str, key: Arc<CertifiedKey>) {
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(host.into(), Arc::clone(&key));
+            map
+        });
+    }
+
+    /// Stops serving `host`.
+    pub fn remove(&self, host: &str) {
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.remove(host);
+            map
+        });
+    }
 }
 
 impl ResolvesServerCert for CertIndex {

@@ -1,0 +1,728 @@
+//! Certificates through ACME (RFC 8555) for every `mta-sts.<domain>` of the
+//! current snapshot: one order per host, challenges answered by our own
+//! listeners ([`challenge`]), certificates kept in a [`CertStore`] and put
+//! into the SNI index the moment they land.
+//!
+//! The [`Manager`] is one task: it keeps a due time per host (missing
+//! certificate: now; valid: its renewal time; failed: now + backoff) and
+//! runs due hosts with bounded concurrency and a per-hour pacing window.
+//! Everything it learns goes to the store (`CertState`), so a restart resumes
+//! where it stopped and `mtasts certs` shows it.
+
+pub mod challenge;
+pub mod order;
+pub mod schedule;
+pub mod status;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, CertificateIdentifier, ExternalAccountKey, NewAccount,
+};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{AcmeConfig, ChallengeKind, HostRecord};
+use crate::snapshot::Snapshot;
+use crate::store::{CertState, CertStore};
+use crate::tls::CertIndex;
+use challenge::Challenges;
+use order::{CertInfo, Issued};
+use schedule::{Pacer, unix};
+
+/// What went wrong in one attempt, and whose move it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// `mta-sts.<domain>` does not point here (precheck): fix DNS.
+    Dns,
+    /// The CA was unreachable or refused a request.
+    Ca,
+    /// The CA could not validate the challenge.
+    Validation,
+    /// Key generation, the store, or other local trouble.
+    Local,
+}
+
+/// A failed attempt, with a message for logs and `mtasts certs`.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    /// The CA no longer knows our account (e.g. a test CA restarted).
+    account_gone: bool,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: String) -> Failure {
+        Failure {
+            kind,
+            message,
+            account_gone: false,
+        }
+    }
+
+    /// A CA error during step `what`, with its whole cause chain.
+    pub fn ca(what: &str, e: &instant_acme::Error) -> Failure {
+        let mut message = format!("{what}: {e}");
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        let account_gone = matches!(e, instant_acme::Error::Api(p)
+            if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"));
+        Failure {
+            kind: FailureKind::Ca,
+            message,
+            account_gone,
+        }
+    }
+}
+
+/// A host the snapshot wants a certificate for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    host: Box<str>,
+    /// Addresses the DNS precheck accepts (host_a/host_aaaa + server_addresses).
+    expected: Vec<IpAddr>,
+    /// host_cname: the name must resolve like this target does.
+    cname: Option<String>,
+}
+
+/// Counters for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Hosts in the current snapshot.
+    pub configured: usize,
+    /// Hosts with a usable certificate in the SNI index.
+    pub valid: usize,
+    /// Hosts without a certificate that wait for their turn or retry.
+    pub pending: usize,
+    /// Hosts whose last attempt failed.
+    pub failing: usize,
+    pub in_flight: usize,
+    /// Most orders ever in flight at once (bounded by max_concurrent_orders).
+    pub peak_in_flight: usize,
+    /// Certificates issued since start.
+    pub issued: u64,
+}
+
+/// What a finished attempt reports back to the scheduler.
+struct Attempted {
+    host: Box<str>,
+    /// An order reached the CA (counts for pacing).
+    ordered: bool,
+    kind: ChallengeKind,
+    result: Result<Issued, Failure>,
+}
+
+struct Entry {
+    target: Target,
+    cert: Option<CertInfo>,
+    /// The DER leaf, for ARI.
+    leaf: Option<Vec<u8>>,
+    state: CertState,
+    due: SystemTime,
+    in_flight: bool,
+}
+
+/// The certificate manager of `tls.mode = "acme"`.
+pub struct Manager<S: CertStore> {
+    cfg: AcmeConfig,
+    store: Arc<S>,
+    index: Arc<CertIndex>,
+    challenges: Arc<Challenges>,
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// Create a new account instead of loading the stored one.
+    account_gone: std::sync::atomic::AtomicBool,
+    /// The CA has no ARI (RFC 9773): renew on our own schedule only.
+    ari_unsupported: std::sync::atomic::AtomicBool,
+    pacer: Mutex<Pacer>,
+    progress: Mutex<Progress>,
+}
+
+/// Messages of failed validations start with this (the challenge fallback
+/// keys on it, also after a restart).
+const VALIDATION_PREFIX: &str = "validation";
+
+/// Logs progress this often while work is queued.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+/// Longest sleep of the scheduler (so it notices clock jumps).
+const MAX_SLEEP: Duration = Duration::from_secs(300);
+
+impl<S: CertStore> Manager<S> {
+    pub fn new(
+        cfg: AcmeConfig,
+        store: Arc<S>,
+        index: Arc<CertIndex>,
+        challenges: Arc<Challenges>,
+    ) -> Manager<S> {
+        Manager {
+            pacer: Mutex::new(Pacer::new(cfg.orders_per_hour)),
+            cfg,
+            store,
+            index,
+            challenges,
+            account: tokio::sync::Mutex::new(None),
+            account_gone: false.into(),
+            ari_unsupported: false.into(),
+            progress: Mutex::new(Progress::default()),
+        }
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn targets(&self, snapshot: &Snapshot) -> Vec<Target> {
+        snapshot
+            .sites()
+            .iter()
+            .map(|site| {
+                let mut expected = self.cfg.server_addresses.clone();
+                let mut cname = None;
+                match &site.domain.host {
+                    HostRecord::Addresses { v4, v6 } => {
+                        expected.extend(v4.iter().copied().map(IpAddr::V4));
+                        expected.extend(v6.iter().copied().map(IpAddr::V6));
+                    }
+                    HostRecord::Cname(target) => cname = Some(target.as_str().to_owned()),
+                    HostRecord::Unset => {}
+                }
+                Target {
+                    host: site.host.clone(),
+                    expected,
+                    cname,
+                }
+            })
+            .collect()
+    }
+
+    /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
+    /// new wanted set) and keeps every wanted host's certificate current.
+    pub async fn run(
+        self: Arc<Self>,
+        mut sites: watch::Receiver<Arc<Snapshot>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut entries: HashMap<Box<str>, Entry> = HashMap::new();
+        let mut tasks: JoinSet<Attempted> = JoinSet::new();
+        let first = Arc::clone(&sites.borrow_and_update());
+        self.reconcile(&mut entries, &first).await;
+        let seed: Vec<i64> = entries
+            .values()
+            .filter_map(|e| e.state.last_order_at)
+            .collect();
+        self.pacer_lock().seed(seed, unix(SystemTime::now()));
+        let mut last_log = tokio::time::Instant::now();
+        loop {
+            let now = SystemTime::now();
+            let mut due: Vec<(&Box<str>, SystemTime)> = entries
+                .iter()
+                .filter(|(_, e)| !e.in_flight && e.due <= now)
+                .map(|(h, e)| (h, e.due))
+                .collect();
+            due.sort_by_key(|(h, t)| (*t, (*h).clone()));
+            let launch: Vec<Box<str>> = due
+                .into_iter()
+                .take(self.cfg.max_concurrent_orders.saturating_sub(tasks.len()))
+                .map(|(h, _)| h.clone())
+                .collect();
+            for host in launch {
+                if let Some(entry) = entries.get_mut(&host) {
+                    entry.in_flight = true;
+                    let me = Arc::clone(&self);
+                    let target = entry.target.clone();
+                    let kind = self.challenge_for(&entry.state);
+                    let leaf = entry.leaf.clone();
+                    tasks.spawn(async move {
+                        let (ordered, result) = me.attempt(&target, kind, leaf).await;
+                        Attempted {
+                            host: target.host,
+                            ordered,
+                            kind,
+                            result,
+                        }
+                    });
+                }
+            }
+            self.update_progress(&entries, tasks.len());
+            if last_log.elapsed() >= PROGRESS_EVERY {
+                last_log = tokio::time::Instant::now();
+                self.log_progress();
+            }
+            let next_due = entries
+                .values()
+                .filter(|e| !e.in_flight)
+                .map(|e| e.due)
+                .min()
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or(MAX_SLEEP);
+            let capacity_full = tasks.len() >= self.cfg.max_concurrent_orders;
+            let sleep = if capacity_full { MAX_SLEEP } else { next_due }
+                .min(MAX_SLEEP)
+                .min(PROGRESS_EVERY);
+            tokio::select! {
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                changed = sites.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snapshot = Arc::clone(&sites.borrow_and_update());
+                    self.reconcile(&mut entries, &snapshot).await;
+                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    match done {
+                        Ok(done) => self.finish(&mut entries, done).await,
+                        Err(e) => tracing::error!(error = %e, "certificate task failed"),
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+        tasks.abort_all();
+    }
+
+    fn pacer_lock(&self) -> std::sync::MutexGuard<'_, Pacer> {
+        self.pacer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Preferred challenge, switching to the other one after a failed
+    /// validation so that one blocked port does not stall a domain.
+    fn challenge_for(&self, state: &CertState) -> ChallengeKind {
+        let preferred = self.cfg.challenge;
+        let last_failed_validation = state.failures > 0
+            && state
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(VALIDATION_PREFIX));
+        match state.last_challenge.as_deref() {
+            Some(last) if last_failed_validation && last == preferred.as_str() => preferred.other(),
+            _ => preferred,
+        }
+    }
+
+    /// Brings `entries` in line with the snapshot: loads newly wanted hosts
+    /// from the store, forgets removed ones (their files stay).
+    async fn reconcile(&self, entries: &mut HashMap<Box<str>, Entry>, snapshot: &Snapshot) {
+        let targets = self.targets(snapshot);
+        let wanted: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.host).collect();
+        let removed: Vec<Box<str>> = entries
+            .keys()
+            .filter(|h| !wanted.contains(&***h))
+            .cloned()
+            .collect();
+        for host in removed {
+            entries.remove(&host);
+            self.index.remove(&host);
+            tracing::info!(host = %host, "no longer configured: not renewing; stored files kept");
+        }
+        let now = SystemTime::now();
+        for target in targets {
+            if let Some(entry) = entries.get_mut(&target.host) {
+                entry.target = target;
+                continue;
+            }
+            let entry = self.load(target, now).await;
+            entries.insert(entry.target.host.clone(), entry);
+        }
+    }
+
+    /// A host's entry from the store: a usable stored certificate goes into
+    /// the SNI index at once; a broken one is reported and replaced.
+    async fn load(&self, target: Target, now: SystemTime) -> Entry {
+        let host = &*target.host;
+        let mut state = match self.store.load_state(host).await {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(host, error = %e, "ignoring unreadable certificate state");
+                CertState::default()
+            }
+        };
+        let mut cert = None;
+        let mut leaf = None;
+        match self.store.load_cert(host).await {
+            Ok(None) => {}
+            Ok(Some(bundle)) => match order::inspect(host, &bundle) {
+                Ok((key, info)) if info.not_after > unix(now) => {
+                    leaf = key.cert.first().map(|c| c.to_vec());
+                    self.index.insert(host, Arc::new(key));
+                    cert = Some(info);
+                }
+                Ok((_, info)) => {
+                    let msg = format!(
+                        "stored certificate expired at {}; ordering a new one",
+                        status::fmt_time(info.not_after)
+                    );
+                    tracing::warn!(host, "{msg}");
+                    state.last_error = Some(msg);
+                }
+                Err(reason) => {
+                    let msg = format!(
+                        "stored certificate is unusable ({reason}); not serving it, ordering a new one"
+                    );
+                    tracing::error!(host, "{msg}");
+                    state.last_error = Some(msg);
+                    state.last_error_at = Some(unix(now));
+                }
+            },
+            Err(e) => {
+                let msg = format!("cannot read stored certificate: {e}");
+                tracing::error!(host, "{msg}");
+                state.last_error = Some(msg);
+                state.last_error_at = Some(unix(now));
+            }
+        }
+        let retry_at = state
+            .next_attempt
+            .filter(|_| state.failures > 0)
+            .map(schedule::from_unix);
+        let due = match &cert {
+            Some(info) => {
+                let renew = schedule::from_unix(schedule::renew_at(
+                    info.not_before,
+                    info.not_after,
+                    self.cfg.renew_before,
+                ));
+                retry_at.map_or(renew, |r| r.max(renew))
+            }
+            // Restart mid-batch: hosts that failed keep their backoff.
+            None => retry_at.unwrap_or(now),
+        };
+        Entry {
+            target,
+            cert,
+            leaf,
+            state,
+            due,
+            in_flight: false,
+        }
+    }
+
+    /// One attempt for one host; says whether an order reached the CA.
+    async fn attempt(
+        &self,
+        target: &Target,
+        kind: ChallengeKind,
+        leaf: Option<Vec<u8>>,
+    ) -> (bool, Result<Issued, Failure>) {
+        if self.cfg.precheck_dns
+            && let Err(message) = self.precheck(target).await
+        {
+            return (false, Err(Failure::new(FailureKind::Dns, message)));
+        }
+        // Pacing: wait for a slot in the hourly window (this holds one of
+        // the concurrency slots, which is what bounds the queue anyway).
+        loop {
+            let wait = self.pacer_lock().take(unix(SystemTime::now()));
+            match wait {
+                Ok(()) => break,
+                Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+            }
+        }
+        let account = match self.account().await {
+            Ok(a) => a,
+            Err(f) => return (false, Err(f)),
+        };
+        let replaces = match leaf {
+            Some(der) => self.ari_replaces(&account, &der).await,
+            None => None,
+        };
+        let result = order::issue(
+            &account,
+            &target.host,
+            kind,
+            self.cfg.key_type,
+            &self.challenges,
+            replaces,
+        )
+        .await;
+        if let Err(f) = &result
+            && f.account_gone
+        {
+            tracing::warn!("the CA does not know our account any more; creating a new one");
+            self.account_gone
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            *self.account.lock().await = None;
+        }
+        (true, result)
+    }
+
+    /// ARI (RFC 9773): the identifier of the certificate being renewed, sent
+    /// as `replaces` so the CA can exempt the renewal from rate limits. A CA
+    /// without ARI (pebble 2.4) gives `Unsupported`, remembered.
+    async fn ari_replaces(
+        &self,
+        account: &Account,
+        leaf_der: &[u8],
+    ) -> Option<CertificateIdentifier<'static>> {
+        use std::sync::atomic::Ordering;
+        if self.ari_unsupported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let der = rustls_pki_types::CertificateDer::from(leaf_der);
+        let id = CertificateIdentifier::try_from(&der).ok()?.into_owned();
+        match account.renewal_info(&id).await {
+            Ok(_) => Some(id),
+            Err(instant_acme::Error::Unsupported(_)) => {
+                tracing::info!(
+                    "the CA has no ACME renewal information (ARI); renewing at 2/3 of the lifetime"
+                );
+                self.ari_unsupported.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "ARI lookup failed; renewing without `replaces`");
+                None
+            }
+        }
+    }
+
+    async fn precheck(&self, target: &Target) -> Result<(), String> {
+        let resolved = resolve(&target.host).await?;
+        let mut expected = target.expected.clone();
+        if let Some(cname) = &target.cname {
+            expected.extend(resolve(cname).await.unwrap_or_default());
+        }
+        schedule::precheck(&target.host, &resolved, &expected)
+    }
+
+    /// The ACME account: cached, else loaded from the store, else created.
+    async fn account(&self) -> Result<Account, Failure> {
+        use std::sync::atomic::Ordering;
+        let mut slot = self.account.lock().await;
+        if let Some(account) = &*slot {
+            return Ok(account.clone());
+        }
+        let builder = || {
+            match &self.cfg.ca_roots {
+                Some(path) => Account::builder_with_root(path),
+                None => Account::builder(),
+            }
+            .map_err(|e| Failure::ca("ACME client", &e))
+        };
+        let directory = &self.cfg.directory;
+        let stored = if self.account_gone.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.store
+                .load_account(directory)
+                .await
+                .map_err(|e| Failure::new(FailureKind::Local, e.to_string()))?
+        };
+        let account = match stored {
+            Some(bytes) => {
+                let creds: AccountCredentials = serde_json::from_slice(&bytes).map_err(|e| {
+                    Failure::new(
+                        FailureKind::Local,
+                        format!("stored ACME account for {directory} is unreadable ({e}); remove it to register anew"),
+                    )
+                })?;
+                builder()?
+                    .from_credentials(creds)
+                    .await
+                    .map_err(|e| Failure::ca("account", &e))?
+            }
+            None => {
+                let contact: Vec<&str> = self.cfg.contact.iter().map(String::as_str).collect();
+                let eab = self
+                    .cfg
+                    .eab
+                    .as_ref()
+                    .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key));
+                let new = NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                let (account, creds) = builder()?
+                    .create(&new, directory.clone(), eab.as_ref())
+                    .await
+                    .map_err(|e| Failure::ca("account registration", &e))?;
+                let json = serde_json::to_vec(&creds)
+                    .map_err(|e| Failure::new(FailureKind::Local, e.to_string()))?;
+                self.store
+                    .save_account(directory, json)
+                    .await
+                    .map_err(|e| Failure::new(FailureKind::Local, e.to_string()))?;
+                self.account_gone.store(false, Ordering::Relaxed);
+                tracing::info!(directory = %directory, account = account.id(), "registered ACME account");
+                account
+            }
+        };
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    /// Records the outcome of an attempt: a new certificate is stored first,
+    /// then served; a failure schedules a retry with backoff.
+    async fn finish(&self, entries: &mut HashMap<Box<str>, Entry>, done: Attempted) {
+        let Attempted {
+            host,
+            ordered,
+            kind,
+            result,
+        } = done;
+        let now = SystemTime::now();
+        let mut state = match entries.get(&host) {
+            Some(e) => e.state.clone(),
+            None => self
+                .store
+                .load_state(&host)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        };
+        if ordered {
+            state.last_order_at = Some(unix(now));
+            state.last_challenge = Some(kind.as_str().to_owned());
+        }
+        let result = match result {
+            Ok(issued) => match self.store.save_cert(&host, issued.bundle.clone()).await {
+                Ok(()) => Ok(issued),
+                Err(e) => Err(Failure::new(
+                    FailureKind::Local,
+                    format!("cannot store the new certificate: {e}"),
+                )),
+            },
+            Err(f) => Err(f),
+        };
+        let entry = entries.get_mut(&host);
+        let due = match result {
+            Ok(issued) => {
+                let info = issued.info.clone();
+                state.failures = 0;
+                state.last_error = None;
+                state.last_error_at = None;
+                state.waiting_dns = false;
+                state.next_attempt = None;
+                state.issued_at = Some(unix(now));
+                if let Some(used) = issued.challenge {
+                    state.last_challenge = Some(used.as_str().to_owned());
+                }
+                let mut renew =
+                    schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before);
+                if renew <= unix(now) {
+                    tracing::warn!(host = %host, "renew_before is longer than the certificate lifetime; renewing after retry_initial");
+                    renew = unix(now + self.cfg.retry_initial);
+                }
+                tracing::info!(
+                    host = %host,
+                    issuer = %info.issuer,
+                    serial = %info.serial,
+                    not_after = %status::fmt_time(info.not_after),
+                    renew_at = %status::fmt_time(renew),
+                    "certificate issued"
+                );
+                if let Some(entry) = entry {
+                    // Only a host still configured is served.
+                    entry.leaf = issued.key.cert.first().map(|c| c.to_vec());
+                    self.index.insert(&host, Arc::new(issued.key));
+                    entry.cert = Some(info);
+                    self.progress_lock().issued += 1;
+                }
+                schedule::from_unix(renew)
+            }
+            Err(f) => {
+                state.failures = state.failures.saturating_add(1);
+                state.waiting_dns = f.kind == FailureKind::Dns;
+                state.last_error = Some(f.message.clone());
+                state.last_error_at = Some(unix(now));
+                let delay = schedule::backoff(
+                    state.failures,
+                    self.cfg.retry_initial,
+                    self.cfg.retry_max,
+                    fastrand::f64(),
+                );
+                let retry = now + delay;
+                state.next_attempt = Some(unix(retry));
+                let serving = entry.as_ref().is_some_and(|e| e.cert.is_some());
+                tracing::warn!(
+                    host = %host,
+                    failures = state.failures,
+                    retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+                    serving_current = serving,
+                    "certificate attempt failed: {}",
+                    f.message
+                );
+                retry
+            }
+        };
+        if let Err(e) = self.store.save_state(&host, &state).await {
+            tracing::error!(host = %host, error = %e, "cannot store certificate state");
+        }
+        if let Some(entry) = entries.get_mut(&host) {
+            entry.state = state;
+            entry.due = due;
+            entry.in_flight = false;
+        }
+    }
+
+    fn progress_lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update_progress(&self, entries: &HashMap<Box<str>, Entry>, in_flight: usize) {
+        let mut p = self.progress_lock();
+        p.configured = entries.len();
+        p.valid = entries.values().filter(|e| e.cert.is_some()).count();
+        p.pending = entries.values().filter(|e| e.cert.is_none()).count();
+        p.failing = entries.values().filter(|e| e.state.failures > 0).count();
+        p.in_flight = in_flight;
+        p.peak_in_flight = p.peak_in_flight.max(in_flight);
+    }
+
+    fn log_progress(&self) {
+        let p = self.progress();
+        if p.pending == 0 && p.in_flight == 0 {
+            return;
+        }
+        let eta = self.pacer_lock().eta(p.pending);
+        tracing::info!(
+            valid = p.valid,
+            configured = p.configured,
+            pending = p.pending,
+            in_flight = p.in_flight,
+            failing = p.failing,
+            eta = %humantime::format_duration(Duration::from_secs(eta.as_secs())),
+            "certificates: {}/{} valid, {} waiting (ETA ~{} at {} orders/hour)",
+            p.valid,
+            p.configured,
+            p.pending,
+            humantime::format_duration(Duration::from_secs(eta.as_secs())),
+            self.cfg.orders_per_hour
+        );
+    }
+}
+
+/// A/AAAA of `host` through the system resolver (10 s budget).
+async fn resolve(host: &str) -> Result<Vec<IpAddr>, String> {
+    let lookup = tokio::net::lookup_host((host, 443));
+    match tokio::time::timeout(Duration::from_secs(10), lookup).await {
+        Ok(Ok(addrs)) => {
+            let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+            ips.sort();
+            ips.dedup();
+            Ok(ips)
+        }
+        Ok(Err(e)) => Err(format!(
+            "{host} does not resolve ({e}); point it at this server"
+        )),
+        Err(_) => Err(format!("resolving {host} timed out")),
+    }
+}
