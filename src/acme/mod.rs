@@ -653,7 +653,9 @@ impl<S: CertStore> Manager<S> {
                 tracing::warn!(
                     host = %host,
                     failures = state.failures,
-                    retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+                    retry_in = %humantime::format_duration(Duration::from_millis(
+                        u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    )),
                     serving_current = serving,
                     "certificate attempt failed: {}",
                     f.message

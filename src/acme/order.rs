@@ -185,6 +185,16 @@ fn csr(host: &str, key_type: KeyType) -> Result<(String, Vec<u8>), String> {
 /// Parses a stored or received bundle (key + chain PEM) and checks that the
 /// key matches the leaf and the leaf names `host`. Expiry is the caller's call.
 pub fn inspect(host: &str, bundle: &[u8]) -> Result<(CertifiedKey, CertInfo), String> {
+    use rustls_pki_types::pem::{self, PemObject};
+    // Name the usual damage (a cut-off file) plainly before the detailed parse.
+    for item in rustls_pki_types::CertificateDer::pem_slice_iter(bundle) {
+        if let Err(pem::Error::MissingSectionEnd { end_marker }) = item {
+            return Err(format!(
+                "truncated PEM: no -----END {}----- line (half-written file?)",
+                String::from_utf8_lossy(&end_marker)
+            ));
+        }
+    }
     let key = crate::tls::certified_key(host, bundle, bundle)?;
     let leaf = key.cert.first().ok_or("no certificate")?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
@@ -244,8 +254,9 @@ mod tests {
         assert!(err.contains("does not name mta-sts.a.example"), "{err}");
         let (_, info) = inspect("mta-sts.other.example", bundle.as_bytes()).expect("ok");
         assert!(info.not_after > info.not_before);
-        let half = &bundle.as_bytes()[..bundle.len() / 2];
-        assert!(inspect("mta-sts.other.example", half).is_err());
+        let half = &bundle.as_bytes()[..bundle.len() - 100];
+        let err = inspect("mta-sts.other.example", half).expect_err("truncated");
+        assert!(err.starts_with("truncated PEM"), "{err}");
         assert!(inspect("mta-sts.other.example", b"").is_err());
     }
 }

@@ -1,0 +1,588 @@
+//! ACME mode against a real ACME server: pebble validates HTTP-01 and
+//! TLS-ALPN-01 by connecting to our real listeners, and a rustls client
+//! that trusts only pebble's root fetches the policy. No validation is
+//! skipped (never PEBBLE_VA_ALWAYS_VALID).
+
+#[path = "common/pebble.rs"]
+mod pebble;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mtasts::config::Config;
+use mtasts::server::Server;
+use pebble::{Pebble, https_get, serial};
+use tokio::net::TcpListener;
+
+const POLICY: &str = "/.well-known/mta-sts.txt";
+
+fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "mtasts=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Our two listeners, bound first so pebble can be pointed at their ports.
+struct Listeners {
+    https: TcpListener,
+    http: TcpListener,
+}
+
+impl Listeners {
+    async fn bind() -> Listeners {
+        Listeners {
+            https: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            http: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        }
+    }
+
+    fn ports(&self) -> (u16, u16) {
+        let port = |l: &TcpListener| l.local_addr().expect("addr").port();
+        (port(&self.http), port(&self.https))
+    }
+}
+
+/// Writes an ACME-mode config for `domains` and loads it.
+fn config(
+    dir: &Path,
+    pebble_dir: &str,
+    ca_roots: &Path,
+    tls_extra: &str,
+    domains: &[String],
+) -> (PathBuf, Config) {
+    let mut text = format!(
+        r#"[server]
+https = "127.0.0.1:1"
+http = "127.0.0.1:2"
+state_dir = "{state}"
+
+[tls]
+mode = "acme"
+directory = "{pebble_dir}"
+ca_roots = "{roots}"
+contact = "hostmaster@example.com"
+precheck_dns = false
+retry_initial = "1s"
+retry_max = "3s"
+{tls_extra}
+
+[defaults]
+mode = "testing"
+mx = ["mx.example.net"]
+"#,
+        state = dir.join("state").display(),
+        roots = ca_roots.display(),
+    );
+    for d in domains {
+        text.push_str(&format!("\n[[domain]]\nname = \"{d}\"\n"));
+    }
+    let path = dir.join("mtasts.toml");
+    std::fs::write(&path, text).expect("write config");
+    let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    (path, cfg)
+}
+
+/// A server running in this process until `stop`.
+struct Running {
+    server: Arc<Server>,
+    https: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(cfg: &Config, listeners: Listeners) -> Running {
+        let server = Arc::new(Server::new(cfg).expect("server"));
+        let https = listeners.https.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(
+            Arc::clone(&server)
+                .run(listeners.https, listeners.http, async {
+                    let _ = rx.await;
+                })
+                .map_ok(),
+        );
+        Running {
+            server,
+            https,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until every host has a certificate in the SNI index.
+    async fn wait_issued(&self, hosts: &[String], within: Duration, pebble: &Pebble) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if hosts.iter().all(|h| self.server.certs().contains(h)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let missing: Vec<&String> = hosts
+            .iter()
+            .filter(|h| !self.server.certs().contains(h))
+            .collect();
+        panic!(
+            "no certificate within {within:?} for {missing:?}; progress {:?}\npebble log tail:\n{}",
+            self.server.acme_progress(),
+            tail(&pebble.log(), 40)
+        );
+    }
+
+    async fn policy(&self, host: &str, root: &[u8]) -> pebble::Response {
+        https_get(self.https, host, POLICY, root, &[b"http/1.1"])
+            .await
+            .unwrap_or_else(|e| panic!("GET https://{host}{POLICY}: {e}"))
+    }
+}
+
+trait MapOk {
+    fn map_ok(self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl<F: std::future::Future<Output = std::io::Result<()>> + Send> MapOk for F {
+    async fn map_ok(self) {
+        if let Err(e) = self.await {
+            panic!("server failed: {e}");
+        }
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn policy_hosts(domains: &[String]) -> Vec<String> {
+    domains.iter().map(|d| format!("mta-sts.{d}")).collect()
+}
+
+fn state_json(dir: &Path, host: &str) -> serde_json::Value {
+    let path = dir.join(format!("state/acme/state/{host}.json"));
+    serde_json::from_slice(&std::fs::read(&path).expect("state file")).expect("state json")
+}
+
+fn cert_file(dir: &Path, host: &str) -> PathBuf {
+    dir.join(format!("state/acme/certs/{host}.pem"))
+}
+
+/// Runs `mtasts certs --format json` (the real binary).
+fn certs_json(config: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtasts"))
+        .args(["certs", "--format", "json", "--config"])
+        .arg(config)
+        .output()
+        .expect("run mtasts certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("certs json")
+}
+
+async fn issue_and_fetch(challenge: &str) {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["a.example.com".to_owned(), "b.example.org".to_owned()];
+    let (path, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        &format!("challenge = \"{challenge}\""),
+        &domains,
+    );
+    let started = Instant::now();
+    let running = Running::start(&cfg, listeners);
+    let hosts = policy_hosts(&domains);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    eprintln!(
+        "{challenge}: {} certificates in {:?}",
+        hosts.len(),
+        started.elapsed()
+    );
+
+    let root = pebble.root().await;
+    for host in &hosts {
+        let resp = running.policy(host, &root).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        assert!(resp.body.starts_with("version: STSv1\r\n"), "{}", resp.body);
+        let state = state_json(dir.path(), host);
+        assert_eq!(state["last_challenge"], challenge, "{state}");
+        assert_eq!(state["failures"], 0, "{state}");
+    }
+    // Only pebble's root verifies it: our listener shows the ACME chain.
+    assert_eq!(pebble.orders(), hosts.len(), "one order per domain");
+
+    let report = certs_json(&path);
+    assert_eq!(report["valid"], 2, "{report}");
+    for row in report["hosts"].as_array().expect("hosts") {
+        assert_eq!(row["state"], "valid", "{row}");
+        assert!(
+            row["issuer"].as_str().is_some_and(|i| i.contains("Pebble")),
+            "{row}"
+        );
+        assert!(row["next_renewal"].is_string(), "{row}");
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_issuance_then_policy_over_https() {
+    issue_and_fetch("http-01").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_issuance_then_policy_over_https() {
+    issue_and_fetch("tls-alpn-01").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["a.example.com".to_owned()];
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &domains,
+    );
+    let hosts = policy_hosts(&domains);
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root = pebble.root().await;
+    let first = running.policy(&hosts[0], &root).await;
+    let file_before = std::fs::read(cert_file(dir.path(), &hosts[0])).expect("cert file");
+    let state_before = state_json(dir.path(), &hosts[0]);
+    running.stop().await;
+    let orders_before = pebble.orders();
+
+    // Restart on the same ports (pebble validates there).
+    let listeners = Listeners {
+        https: TcpListener::bind(("127.0.0.1", tls_port))
+            .await
+            .expect("rebind https"),
+        http: TcpListener::bind(("127.0.0.1", http_port))
+            .await
+            .expect("rebind http"),
+    };
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(5), &pebble)
+        .await;
+    let again = running.policy(&hosts[0], &root).await;
+    assert_eq!(
+        serial(&again.chain[0]),
+        serial(&first.chain[0]),
+        "same certificate after restart"
+    );
+
+    // A new domain: no certificate yet → the handshake fails cleanly
+    // (unrecognized_name, never another domain's certificate)...
+    let mut more = domains.clone();
+    more.push("new.example.net".to_owned());
+    let more_hosts = policy_hosts(&more);
+    let (_, cfg2) = config(dir.path(), &pebble.directory, &pebble.ca_roots, "", &more);
+    running.server.apply(&cfg2).expect("apply");
+    let early = https_get(running.https, &more_hosts[1], POLICY, &root, &[]).await;
+    let err = early.expect_err("no certificate yet");
+    assert!(err.contains("handshake"), "{err}");
+    // ...and it is served as soon as its certificate lands, without a restart.
+    running
+        .wait_issued(&more_hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let resp = running.policy(&more_hosts[1], &root).await;
+    assert_eq!(resp.status, 200);
+
+    assert_eq!(
+        pebble.orders(),
+        orders_before + 1,
+        "only the new domain was ordered"
+    );
+    assert_eq!(
+        std::fs::read(cert_file(dir.path(), &hosts[0])).expect("cert"),
+        file_before
+    );
+    assert_eq!(
+        state_json(dir.path(), &hosts[0])["last_order_at"],
+        state_before["last_order_at"]
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_renewal_window_renews_and_serves_new_certificate() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    // One-hour certificates renewed with 3594 s left: six seconds after issue.
+    let Some(pebble) = Pebble::start(http_port, tls_port, 3600) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["renew.example.com".to_owned()];
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "renew_before = \"3594s\"",
+        &domains,
+    );
+    let hosts = policy_hosts(&domains);
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root = pebble.root().await;
+    let first = serial(&running.policy(&hosts[0], &root).await.chain[0]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = serial(&running.policy(&hosts[0], &root).await.chain[0]);
+        if now != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not renewed within 40 s");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(pebble.orders() >= 2);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_down_backs_off_keeps_serving_and_recovers() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(mut pebble) = Pebble::start(http_port, tls_port, 3600) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["down.example.com".to_owned()];
+    let (path, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "renew_before = \"3594s\"",
+        &domains,
+    );
+    let hosts = policy_hosts(&domains);
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root1 = pebble.root().await;
+    let first = serial(&running.policy(&hosts[0], &root1).await.chain[0]);
+
+    pebble.pause();
+    // Renewal is due after ~6 s; wait for two failed attempts (backoff 1-3 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let state = state_json(dir.path(), &hosts[0]);
+        if state["failures"].as_u64().unwrap_or(0) >= 2 {
+            assert!(state["next_attempt"].is_i64(), "{state}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed renewal recorded: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The current certificate keeps being served, and the failure is visible.
+    let still = running.policy(&hosts[0], &root1).await;
+    assert_eq!(serial(&still.chain[0]), first);
+    let report = certs_json(&path);
+    let row = &report["hosts"][0];
+    assert_eq!(row["state"], "renewal-failing", "{row}");
+    assert!(
+        row["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{row}"
+    );
+
+    // pebble returns (new root, no memory of our account): we re-register
+    // and renew.
+    pebble.resume();
+    let root2 = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok(resp) = https_get(running.https, &hosts[0], POLICY, &root2, &[]).await {
+            assert_eq!(resp.status, 200);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no renewal after pebble came back; state {}\n{}",
+            state_json(dir.path(), &hosts[0]),
+            tail(&pebble.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(state_json(dir.path(), &hosts[0])["failures"], 0);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_domains_with_bounded_concurrency() {
+    init();
+    const N: usize = 100;
+    const MAX: usize = 4;
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains: Vec<String> = (0..N).map(|i| format!("d{i:03}.example.com")).collect();
+    let (path, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        &format!("max_concurrent_orders = {MAX}\norders_per_hour = 10000\nchallenge = \"http-01\""),
+        &domains,
+    );
+    let hosts = policy_hosts(&domains);
+    let started = Instant::now();
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(240), &pebble)
+        .await;
+    eprintln!("{N} certificates in {:?}", started.elapsed());
+    let progress = running.server.acme_progress().expect("acme");
+    assert!(progress.peak_in_flight <= MAX, "{progress:?}");
+    assert!(
+        progress.peak_in_flight >= 2,
+        "orders ran one by one: {progress:?}"
+    );
+    assert_eq!(progress.issued, N as u64);
+    assert_eq!(pebble.orders(), N);
+    let root = pebble.root().await;
+    for host in [&hosts[0], &hosts[N / 2], &hosts[N - 1]] {
+        assert_eq!(running.policy(host, &root).await.status, 200);
+    }
+    assert_eq!(certs_json(&path)["valid"], N);
+    running.stop().await;
+}
+
+/// Broken store files: a truncated bundle, a certificate for another name,
+/// garbage. None is served, each is reported with its path and reason, and
+/// a good stored certificate is still served (no CA needed for that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_store_files_are_reported_and_never_served() {
+    init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains: Vec<String> = ["good", "half", "wrong", "junk"]
+        .iter()
+        .map(|d| format!("{d}.example.com"))
+        .collect();
+    let hosts = policy_hosts(&domains);
+    // Our own little CA stands in for the ACME CA.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let bundle = |name: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("cert");
+        format!("{}{}", key.serialize_pem(), cert.pem())
+    };
+    let certs = dir.path().join("state/acme/certs");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let good = bundle(&hosts[0]);
+    std::fs::write(certs.join(format!("{}.pem", hosts[0])), &good).expect("write");
+    let half = bundle(&hosts[1]);
+    std::fs::write(
+        certs.join(format!("{}.pem", hosts[1])),
+        &half[..half.len() - 200],
+    )
+    .expect("write");
+    std::fs::write(
+        certs.join(format!("{}.pem", hosts[2])),
+        bundle("mta-sts.other.example"),
+    )
+    .expect("write");
+    std::fs::write(certs.join(format!("{}.pem", hosts[3])), b"not a PEM file").expect("write");
+    // A crash mid-write leaves a temp file: ignored and cleaned up.
+    std::fs::write(certs.join(format!(".{}.pem.tmp999", hosts[0])), "half").expect("write");
+
+    let roots = dir.path().join("unused-roots.pem");
+    std::fs::write(&roots, ca_cert.pem()).expect("write");
+    // Nothing listens on port 9: orders fail fast.
+    let (path, cfg) = config(dir.path(), "https://127.0.0.1:9/dir", &roots, "", &domains);
+    let running = Running::start(&cfg, Listeners::bind().await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(running.server.certs().contains(&hosts[0]));
+    for host in &hosts[1..] {
+        assert!(
+            !running.server.certs().contains(host),
+            "{host} must not be served"
+        );
+        let err = https_get(running.https, host, POLICY, ca_cert.pem().as_bytes(), &[])
+            .await
+            .expect_err("no certificate");
+        assert!(err.contains("handshake"), "{host}: {err}");
+    }
+    let ok = running.policy(&hosts[0], ca_cert.pem().as_bytes()).await;
+    assert_eq!(ok.status, 200);
+    assert!(!certs.join(format!(".{}.pem.tmp999", hosts[0])).exists());
+
+    // `mtasts certs` names each broken file and why it is not served.
+    let report = certs_json(&path);
+    let row = |host: &str| {
+        report["hosts"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["host"] == host))
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {host}: {report}"))
+    };
+    assert_eq!(row(&hosts[0])["state"], "valid");
+    let reasons = [
+        (&hosts[1], "truncated PEM"),
+        (&hosts[2], "does not name mta-sts.wrong.example.com"),
+        (&hosts[3], "no certificate"),
+    ];
+    for (host, reason) in reasons {
+        let r = row(host);
+        assert_ne!(r["state"], "valid", "{r}");
+        let err = r["last_error"].as_str().unwrap_or_default();
+        assert!(err.contains("unusable, not served"), "{r}");
+        assert!(err.contains(&format!("certs/{host}.pem")), "{r}");
+        assert!(err.contains(reason), "{reason}: {r}");
+    }
+    running.stop().await;
+}
