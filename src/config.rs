@@ -214,6 +214,9 @@ pub struct AcmeConfig {
     pub retry_max: Duration,
     /// Check that `mta-sts.<domain>` resolves to this server before ordering.
     pub precheck_dns: bool,
+    /// DNS server (ip:port) the precheck asks, e.g. a public resolver when
+    /// the local one sees internal addresses; `None` = the system resolver.
+    pub precheck_resolver: Option<SocketAddr>,
     /// This server's public addresses, accepted by the DNS precheck in
     /// addition to a domain's `host_a`/`host_aaaa` (or its `host_cname` target).
     pub server_addresses: Vec<std::net::IpAddr>,
@@ -234,6 +237,7 @@ impl Default for AcmeConfig {
             retry_initial: Duration::from_secs(300),
             retry_max: Duration::from_secs(86_400),
             precheck_dns: true,
+            precheck_resolver: None,
             server_addresses: Vec::new(),
         }
     }
@@ -329,6 +333,7 @@ struct RawTls {
     retry_initial: Option<Spanned<toml::Value>>,
     retry_max: Option<Spanned<toml::Value>>,
     precheck_dns: Option<bool>,
+    precheck_resolver: Option<Spanned<String>>,
     server_addresses: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
@@ -900,6 +905,20 @@ fn acme_config(source: &Source, raw: RawTls, report: &mut Report) -> AcmeConfig 
         ));
     }
     cfg.precheck_dns = raw.precheck_dns.unwrap_or(true);
+    if let Some(r) = &raw.precheck_resolver {
+        let text = r.get_ref().trim();
+        let parsed = text.parse::<SocketAddr>().or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Ok(a) => cfg.precheck_resolver = Some(a),
+            Err(_) => report.errors.push(source.at(
+                r.span(),
+                format!("tls.precheck_resolver {text:?} is not an ip or ip:port"),
+            )),
+        }
+    }
     for item in raw.server_addresses.iter().flat_map(|l| l.get_ref()) {
         match item.get_ref().parse::<std::net::IpAddr>() {
             Ok(a) => cfg.server_addresses.push(a),
@@ -1443,6 +1462,7 @@ orders_per_hour = 50
 retry_initial = "1s"
 retry_max = "1m"
 precheck_dns = false
+precheck_resolver = "192.0.2.53"
 server_addresses = ["192.0.2.1", "2001:db8::1"]
 "#
             .to_owned(),
@@ -1459,6 +1479,7 @@ server_addresses = ["192.0.2.1", "2001:db8::1"]
         assert_eq!(acme.max_concurrent_orders, 2);
         assert_eq!(acme.orders_per_hour, 50);
         assert!(!acme.precheck_dns);
+        assert_eq!(acme.precheck_resolver, Some(([192, 0, 2, 53], 53).into()));
         assert_eq!(acme.server_addresses.len(), 2);
 
         let defaults = Config::example().expect("example").tls.acme;

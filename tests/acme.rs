@@ -68,7 +68,6 @@ mode = "acme"
 directory = "{pebble_dir}"
 ca_roots = "{roots}"
 contact = "hostmaster@example.com"
-precheck_dns = false
 retry_initial = "1s"
 retry_max = "3s"
 {tls_extra}
@@ -80,6 +79,10 @@ mx = ["mx.example.net"]
         state = dir.join("state").display(),
         roots = ca_roots.display(),
     );
+    if !tls_extra.contains("precheck_dns") {
+        // Test names do not resolve through the system resolver.
+        text = text.replacen("[defaults]", "precheck_dns = false\n\n[defaults]", 1);
+    }
     for d in domains {
         text.push_str(&format!("\n[[domain]]\nname = \"{d}\"\n"));
     }
@@ -491,6 +494,80 @@ async fn many_domains_with_bounded_concurrency() {
         assert_eq!(running.policy(host, &root).await.status, 200);
     }
     assert_eq!(certs_json(&path)["valid"], N);
+    running.stop().await;
+}
+
+/// The DNS precheck asks pebble's DNS (challtestsrv: every name is
+/// 127.0.0.1): a domain whose host_a says 127.0.0.1 is ordered, one that
+/// expects another address waits with the reason and is never ordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_precheck_holds_back_domains_pointing_elsewhere() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec![
+        "elsewhere.example.com".to_owned(),
+        "here.example.com".to_owned(),
+    ];
+    let (path, _) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        &format!(
+            "precheck_dns = true\nprecheck_resolver = \"{}\"",
+            pebble.dns
+        ),
+        &domains,
+    );
+    // host_a per domain (what `mtasts records` publishes).
+    let text = std::fs::read_to_string(&path).expect("config");
+    let text = text
+        .replace(
+            "name = \"elsewhere.example.com\"",
+            "name = \"elsewhere.example.com\"\nhost_a = [\"192.0.2.1\"]",
+        )
+        .replace(
+            "name = \"here.example.com\"",
+            "name = \"here.example.com\"\nhost_a = [\"127.0.0.1\"]",
+        );
+    std::fs::write(&path, text).expect("config");
+    let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let hosts = policy_hosts(&domains);
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts[1..], Duration::from_secs(60), &pebble)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        if let Ok(bytes) = std::fs::read(
+            dir.path()
+                .join(format!("state/acme/state/{}.json", hosts[0])),
+        ) {
+            break serde_json::from_slice::<serde_json::Value>(&bytes).expect("json");
+        }
+        assert!(Instant::now() < deadline, "no precheck result");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state["waiting_dns"], true, "{state}");
+    assert!(!running.server.certs().contains(&hosts[0]));
+    assert_eq!(
+        pebble.orders(),
+        1,
+        "nothing ordered for the name pointing elsewhere"
+    );
+    let report = certs_json(&path);
+    let row = &report["hosts"][0];
+    assert_eq!(row["host"], hosts[0].as_str());
+    assert_eq!(row["state"], "waiting-dns", "{row}");
+    let reason = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("192.0.2.1"),
+        "{reason}"
+    );
     running.stop().await;
 }
 

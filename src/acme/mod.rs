@@ -11,6 +11,7 @@
 
 pub mod challenge;
 pub mod order;
+pub mod resolve;
 pub mod schedule;
 pub mod status;
 
@@ -491,10 +492,11 @@ impl<S: CertStore> Manager<S> {
     }
 
     async fn precheck(&self, target: &Target) -> Result<(), String> {
-        let resolved = resolve(&target.host).await?;
+        let server = self.cfg.precheck_resolver;
+        let resolved = resolve::addresses(&target.host, server).await?;
         let mut expected = target.expected.clone();
         if let Some(cname) = &target.cname {
-            expected.extend(resolve(cname).await.unwrap_or_default());
+            expected.extend(resolve::addresses(cname, server).await.unwrap_or_default());
         }
         schedule::precheck(&target.host, &resolved, &expected)
     }
@@ -709,22 +711,5 @@ impl<S: CertStore> Manager<S> {
             humantime::format_duration(Duration::from_secs(eta.as_secs())),
             self.cfg.orders_per_hour
         );
-    }
-}
-
-/// A/AAAA of `host` through the system resolver (10 s budget).
-async fn resolve(host: &str) -> Result<Vec<IpAddr>, String> {
-    let lookup = tokio::net::lookup_host((host, 443));
-    match tokio::time::timeout(Duration::from_secs(10), lookup).await {
-        Ok(Ok(addrs)) => {
-            let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-            ips.sort();
-            ips.dedup();
-            Ok(ips)
-        }
-        Ok(Err(e)) => Err(format!(
-            "{host} does not resolve ({e}); point it at this server"
-        )),
-        Err(_) => Err(format!("resolving {host} timed out")),
     }
 }

@@ -28,6 +28,8 @@ pub struct Pebble {
     /// The test CA that signed pebble's own HTTPS certificate (`tls.ca_roots`).
     pub ca_roots: PathBuf,
     pub mgmt: SocketAddr,
+    /// challtestsrv's DNS (UDP): every name → 127.0.0.1.
+    pub dns: SocketAddr,
     listen: SocketAddr,
     dns_port: u16,
     cts_mgmt: u16,
@@ -121,6 +123,7 @@ impl Pebble {
             directory: format!("https://{listen}/dir"),
             ca_roots,
             mgmt,
+            dns: SocketAddr::from(([127, 0, 0, 1], dns_port)),
             listen,
             dns_port,
             cts_mgmt,
