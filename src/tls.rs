@@ -94,11 +94,17 @@ impl CertIndex {
         });
     }
 
-    /// Stops serving `host`.
-    pub fn remove(&self, host: &str) {
+    /// Adds (or replaces) and removes many hosts in one map copy.
+    pub fn update(&self, insert: Vec<(Box<str>, Arc<CertifiedKey>)>, remove: &[Box<str>]) {
+        if insert.is_empty() && remove.is_empty() {
+            return;
+        }
         self.map.rcu(|map| {
             let mut map = HashMap::clone(map);
-            map.remove(host);
+            for host in remove {
+                map.remove(host);
+            }
+            map.extend(insert.iter().map(|(h, k)| (h.clone(), Arc::clone(k))));
             map
         });
     }

@@ -497,6 +497,43 @@ async fn many_domains_with_bounded_concurrency() {
     running.stop().await;
 }
 
+/// Port 80 blocked: pebble's HTTP-01 validation goes to a closed port and
+/// fails; the next attempt falls back to TLS-ALPN-01 on the https listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_http01_falls_back_to_tls_alpn01() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (_, tls_port) = listeners.ports();
+    let closed = pebble::free_port();
+    let Some(pebble) = Pebble::start(closed, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["fallback.example.com".to_owned()];
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "challenge = \"http-01\"",
+        &domains,
+    );
+    let hosts = policy_hosts(&domains);
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let state = state_json(dir.path(), &hosts[0]);
+    assert_eq!(state["last_challenge"], "tls-alpn-01", "{state}");
+    assert_eq!(
+        pebble.orders(),
+        2,
+        "one failed http-01 order, one tls-alpn-01 order"
+    );
+    let root = pebble.root().await;
+    assert_eq!(running.policy(&hosts[0], &root).await.status, 200);
+    running.stop().await;
+}
+
 /// The DNS precheck asks pebble's DNS (challtestsrv: every name is
 /// 127.0.0.1): a domain whose host_a says 127.0.0.1 is ordered, one that
 /// expects another address waits with the reason and is never ordered.

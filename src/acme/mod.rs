@@ -15,7 +15,7 @@ pub mod resolve;
 pub mod schedule;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 use instant_acme::{
     Account, AccountCredentials, CertificateIdentifier, ExternalAccountKey, NewAccount,
 };
+use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -127,7 +128,6 @@ struct Entry {
     leaf: Option<Vec<u8>>,
     state: CertState,
     due: SystemTime,
-    in_flight: bool,
 }
 
 /// The certificate manager of `tls.mode = "acme"`.
@@ -145,9 +145,8 @@ pub struct Manager<S: CertStore> {
     progress: Mutex<Progress>,
 }
 
-/// Messages of failed validations start with this (the challenge fallback
-/// keys on it, also after a restart).
-const VALIDATION_PREFIX: &str = "validation";
+/// Stored certificates put into the SNI index per map copy at start.
+const LOAD_BATCH: usize = 1024;
 
 /// Logs progress this often while work is queued.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -214,6 +213,9 @@ impl<S: CertStore> Manager<S> {
     ) {
         let mut entries: HashMap<Box<str>, Entry> = HashMap::new();
         let mut tasks: JoinSet<Attempted> = JoinSet::new();
+        // Hosts with an attempt running (also ones removed meanwhile, so a
+        // removed-and-re-added host never gets two orders at once).
+        let mut busy: HashSet<Box<str>> = HashSet::new();
         let first = Arc::clone(&sites.borrow_and_update());
         self.reconcile(&mut entries, &first).await;
         let seed: Vec<i64> = entries
@@ -226,7 +228,7 @@ impl<S: CertStore> Manager<S> {
             let now = SystemTime::now();
             let mut due: Vec<(&Box<str>, SystemTime)> = entries
                 .iter()
-                .filter(|(_, e)| !e.in_flight && e.due <= now)
+                .filter(|(h, e)| !busy.contains(*h) && e.due <= now)
                 .map(|(h, e)| (h, e.due))
                 .collect();
             due.sort_by_key(|(h, t)| (*t, (*h).clone()));
@@ -236,11 +238,11 @@ impl<S: CertStore> Manager<S> {
                 .map(|(h, _)| h.clone())
                 .collect();
             for host in launch {
-                if let Some(entry) = entries.get_mut(&host) {
-                    entry.in_flight = true;
+                if let Some(entry) = entries.get(&host) {
+                    busy.insert(host.clone());
                     let me = Arc::clone(&self);
                     let target = entry.target.clone();
-                    let kind = self.challenge_for(&entry.state);
+                    let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
                     let leaf = entry.leaf.clone();
                     tasks.spawn(async move {
                         let (ordered, result) = me.attempt(&target, kind, leaf).await;
@@ -259,9 +261,9 @@ impl<S: CertStore> Manager<S> {
                 self.log_progress();
             }
             let next_due = entries
-                .values()
-                .filter(|e| !e.in_flight)
-                .map(|e| e.due)
+                .iter()
+                .filter(|(h, _)| !busy.contains(*h))
+                .map(|(_, e)| e.due)
                 .min()
                 .and_then(|t| t.duration_since(now).ok())
                 .unwrap_or(MAX_SLEEP);
@@ -284,7 +286,10 @@ impl<S: CertStore> Manager<S> {
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     match done {
-                        Ok(done) => self.finish(&mut entries, done).await,
+                        Ok(done) => {
+                            busy.remove(&done.host);
+                            self.finish(&mut entries, done).await;
+                        }
                         Err(e) => tracing::error!(error = %e, "certificate task failed"),
                     }
                 }
@@ -300,21 +305,6 @@ impl<S: CertStore> Manager<S> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Preferred challenge, switching to the other one after a failed
-    /// validation so that one blocked port does not stall a domain.
-    fn challenge_for(&self, state: &CertState) -> ChallengeKind {
-        let preferred = self.cfg.challenge;
-        let last_failed_validation = state.failures > 0
-            && state
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.starts_with(VALIDATION_PREFIX));
-        match state.last_challenge.as_deref() {
-            Some(last) if last_failed_validation && last == preferred.as_str() => preferred.other(),
-            _ => preferred,
-        }
-    }
-
     /// Brings `entries` in line with the snapshot: loads newly wanted hosts
     /// from the store, forgets removed ones (their files stay).
     async fn reconcile(&self, entries: &mut HashMap<Box<str>, Entry>, snapshot: &Snapshot) {
@@ -325,25 +315,35 @@ impl<S: CertStore> Manager<S> {
             .filter(|h| !wanted.contains(&***h))
             .cloned()
             .collect();
-        for host in removed {
-            entries.remove(&host);
-            self.index.remove(&host);
+        for host in &removed {
+            entries.remove(host);
             tracing::info!(host = %host, "no longer configured: not renewing; stored files kept");
         }
+        self.index.update(Vec::new(), &removed);
         let now = SystemTime::now();
+        // Loaded certificates go into the index in batches: one map copy per
+        // batch, and the first hosts are served before the last are read.
+        let mut batch = Vec::new();
         for target in targets {
             if let Some(entry) = entries.get_mut(&target.host) {
                 entry.target = target;
                 continue;
             }
-            let entry = self.load(target, now).await;
+            let (entry, key) = self.load(target, now).await;
+            if let Some(key) = key {
+                batch.push((entry.target.host.clone(), key));
+            }
             entries.insert(entry.target.host.clone(), entry);
+            if batch.len() >= LOAD_BATCH {
+                self.index.update(std::mem::take(&mut batch), &[]);
+            }
         }
+        self.index.update(batch, &[]);
     }
 
     /// A host's entry from the store: a usable stored certificate goes into
     /// the SNI index at once; a broken one is reported and replaced.
-    async fn load(&self, target: Target, now: SystemTime) -> Entry {
+    async fn load(&self, target: Target, now: SystemTime) -> (Entry, Option<Arc<CertifiedKey>>) {
         let host = &*target.host;
         let mut state = match self.store.load_state(host).await {
             Ok(s) => s.unwrap_or_default(),
@@ -354,12 +354,13 @@ impl<S: CertStore> Manager<S> {
         };
         let mut cert = None;
         let mut leaf = None;
+        let mut serve = None;
         match self.store.load_cert(host).await {
             Ok(None) => {}
             Ok(Some(bundle)) => match order::inspect(host, &bundle) {
                 Ok((key, info)) if info.not_after > unix(now) => {
                     leaf = key.cert.first().map(|c| c.to_vec());
-                    self.index.insert(host, Arc::new(key));
+                    serve = Some(Arc::new(key));
                     cert = Some(info);
                 }
                 Ok((_, info)) => {
@@ -402,14 +403,14 @@ impl<S: CertStore> Manager<S> {
             // Restart mid-batch: hosts that failed keep their backoff.
             None => retry_at.unwrap_or(now),
         };
-        Entry {
+        let entry = Entry {
             target,
             cert,
             leaf,
             state,
             due,
-            in_flight: false,
-        }
+        };
+        (entry, serve)
     }
 
     /// One attempt for one host; says whether an order reached the CA.
@@ -671,7 +672,6 @@ impl<S: CertStore> Manager<S> {
         if let Some(entry) = entries.get_mut(&host) {
             entry.state = state;
             entry.due = due;
-            entry.in_flight = false;
         }
     }
 

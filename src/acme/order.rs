@@ -13,6 +13,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::sign::CertifiedKey;
 
 use super::challenge::{Challenges, alpn_cert};
+use super::schedule::VALIDATION_PREFIX;
 use super::{Failure, FailureKind};
 use crate::config::{ChallengeKind, KeyType};
 
@@ -81,7 +82,7 @@ pub async fn issue(
                 other => {
                     return Err(Failure::new(
                         FailureKind::Validation,
-                        format!("validation: authorization for {host} is {other:?}"),
+                        format!("{VALIDATION_PREFIX}: authorization for {host} is {other:?}"),
                     ));
                 }
             }
@@ -122,7 +123,7 @@ pub async fn issue(
     let retry = RetryPolicy::new().timeout(POLL_TIMEOUT);
     let status = order.poll_ready(&retry).await.map_err(|e| {
         // The CA puts the validation error into the order (RFC 8555 §7.1.3).
-        let mut f = Failure::ca("validation", &e);
+        let mut f = Failure::ca(VALIDATION_PREFIX, &e);
         if matches!(e, instant_acme::Error::Api(_)) {
             f.kind = FailureKind::Validation;
         }
@@ -137,7 +138,7 @@ pub async fn issue(
             .map_or_else(|| format!("{status:?}"), ToString::to_string);
         return Err(Failure::new(
             FailureKind::Validation,
-            format!("validation: order for {host} not ready: {detail}"),
+            format!("{VALIDATION_PREFIX}: order for {host} not ready: {detail}"),
         ));
     }
 

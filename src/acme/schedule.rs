@@ -7,6 +7,9 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::config::ChallengeKind;
+use crate::store::CertState;
+
 /// Unix seconds of `t` (0 before 1970).
 pub fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -125,9 +128,47 @@ pub fn precheck(host: &str, resolved: &[IpAddr], expected: &[IpAddr]) -> Result<
     ))
 }
 
+/// Messages of failed validations start with this ([`challenge_for`] keys
+/// on it, also after a restart, since it is stored in `CertState`).
+pub const VALIDATION_PREFIX: &str = "validation";
+
+/// The challenge of the next attempt: the preferred one, but the other one
+/// right after the preferred one failed validation, so one blocked port
+/// (80 or 443) does not stall a domain. Alternates while both fail.
+pub fn challenge_for(preferred: ChallengeKind, state: &CertState) -> ChallengeKind {
+    let failed_validation = state.failures > 0
+        && state
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(VALIDATION_PREFIX));
+    match state.last_challenge.as_deref() {
+        Some(last) if failed_validation && last == preferred.as_str() => preferred.other(),
+        _ => preferred,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn challenge_falls_back_after_failed_validation_only() {
+        let http = ChallengeKind::Http01;
+        let mut state = CertState::default();
+        assert_eq!(challenge_for(http, &state), http);
+        state.failures = 1;
+        state.last_challenge = Some("http-01".into());
+        state.last_error = Some("new order: connection refused".into());
+        assert_eq!(
+            challenge_for(http, &state),
+            http,
+            "CA trouble: keep the preference"
+        );
+        state.last_error = Some(format!("{VALIDATION_PREFIX}: 404"));
+        assert_eq!(challenge_for(http, &state), ChallengeKind::TlsAlpn01);
+        state.last_challenge = Some("tls-alpn-01".into());
+        assert_eq!(challenge_for(http, &state), http, "alternates");
+    }
 
     #[test]
     fn renewal_at_two_thirds_or_window() {
