@@ -310,6 +310,7 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         Arc::clone(&server),
         path,
         cfg.server.clone(),
+        cfg.tls.clone(),
     ));
     let result = Arc::clone(&server)
         .run(https, http, shutdown_signal())
@@ -399,6 +400,7 @@ async fn reload_on_sighup(
     server: Arc<Server>,
     path: Option<PathBuf>,
     running: crate::config::ServerConfig,
+    running_tls: crate::config::TlsConfig,
 ) {
     #[cfg(unix)]
     {
@@ -413,8 +415,10 @@ async fn reload_on_sighup(
             };
             let server = Arc::clone(&server);
             let running = running.clone();
+            let running_tls = running_tls.clone();
             let outcome =
-                tokio::task::spawn_blocking(move || reload(&server, &path, &running)).await;
+                tokio::task::spawn_blocking(move || reload(&server, &path, &running, &running_tls))
+                    .await;
             match outcome {
                 Ok(Ok(n)) => tracing::info!(domains = n, "reloaded"),
                 Ok(Err(e)) => {
@@ -430,6 +434,7 @@ fn reload(
     server: &Server,
     path: &Path,
     running: &crate::config::ServerConfig,
+    running_tls: &crate::config::TlsConfig,
 ) -> anyhow::Result<usize> {
     let cfg = Config::load(path).map_err(anyhow::Error::new)?;
     for w in &cfg.warnings {
@@ -437,6 +442,9 @@ fn reload(
     }
     if cfg.server != *running {
         tracing::warn!("[server] settings changed; they take effect after a restart");
+    }
+    if cfg.tls != *running_tls {
+        tracing::warn!("[tls] settings changed; they take effect after a restart");
     }
     server.apply(&cfg)?;
     Ok(cfg.domains.len())
