@@ -497,6 +497,69 @@ async fn many_domains_with_bounded_concurrency() {
     running.stop().await;
 }
 
+/// The real binary: `mtasts serve` in ACME mode on the ports from its
+/// config brings up a certificate pebble validated, and `mtasts certs`
+/// reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_in_acme_mode() {
+    init();
+    let (http_port, tls_port) = (pebble::free_port(), pebble::free_port());
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["bin.example.com".to_owned()];
+    let (path, _) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &domains,
+    );
+    let text = std::fs::read_to_string(&path)
+        .expect("config")
+        .replace(
+            "https = \"127.0.0.1:1\"",
+            &format!("https = \"127.0.0.1:{tls_port}\""),
+        )
+        .replace(
+            "http = \"127.0.0.1:2\"",
+            &format!("http = \"127.0.0.1:{http_port}\""),
+        );
+    std::fs::write(&path, text).expect("config");
+    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mtasts"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start mtasts serve");
+    let root = pebble.root().await;
+    let https: SocketAddr = ([127, 0, 0, 1], tls_port).into();
+    let host = format!("mta-sts.{}", domains[0]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let resp = loop {
+        match https_get(https, &host, POLICY, &root, &[]).await {
+            Ok(resp) => break resp,
+            Err(e) if Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!(
+                    "no certificate from `mtasts serve`: {e}\n{}",
+                    std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default()
+                );
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(resp.status, 200);
+    assert!(resp.body.starts_with("version: STSv1\r\n"));
+    let report = certs_json(&path);
+    assert_eq!(report["hosts"][0]["state"], "valid", "{report}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Port 80 blocked: pebble's HTTP-01 validation goes to a closed port and
 /// fails; the next attempt falls back to TLS-ALPN-01 on the https listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
