@@ -184,9 +184,17 @@ impl Server {
         let graceful = Arc::new(GracefulShutdown::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        let manager = self.acme.as_ref().map(|acme| {
-            tokio::spawn(Arc::clone(&acme.manager).run(acme.sites.subscribe(), stop_rx.clone()))
-        });
+        let manager = match &self.acme {
+            Some(acme) => {
+                // Stored certificates are in the index before the first accept.
+                let mut sites = acme.sites.subscribe();
+                let first = Arc::clone(&sites.borrow_and_update());
+                let prepared = acme.manager.prepare(&first).await;
+                let manager = Arc::clone(&acme.manager);
+                Some(tokio::spawn(manager.run(prepared, sites, stop_rx.clone())))
+            }
+            None => None,
+        };
         let mut loops = tokio::task::JoinSet::new();
         for (listener, kind) in [(https, Listener::Https), (http, Listener::Http)] {
             let ctx = Arc::new(ConnCtx::new(&self, kind));

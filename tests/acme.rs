@@ -301,9 +301,7 @@ async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
             .expect("rebind http"),
     };
     let running = Running::start(&cfg, listeners);
-    running
-        .wait_issued(&hosts, Duration::from_secs(5), &pebble)
-        .await;
+    // The very first connection gets the stored certificate.
     let again = running.policy(&hosts[0], &root).await;
     assert_eq!(
         serial(&again.chain[0]),
@@ -721,8 +719,9 @@ async fn corrupt_store_files_are_reported_and_never_served() {
     // Nothing listens on port 9: orders fail fast.
     let (path, cfg) = config(dir.path(), "https://127.0.0.1:9/dir", &roots, "", &domains);
     let running = Running::start(&cfg, Listeners::bind().await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
+    // Stored certificates are loaded before the first connection is served.
+    let ok = running.policy(&hosts[0], ca_cert.pem().as_bytes()).await;
+    assert_eq!(ok.status, 200);
     assert!(running.server.certs().contains(&hosts[0]));
     for host in &hosts[1..] {
         assert!(

@@ -130,6 +130,9 @@ struct Entry {
     due: SystemTime,
 }
 
+/// The hosts loaded by [`Manager::prepare`], handed to [`Manager::run`].
+pub struct Prepared(HashMap<Box<str>, Entry>);
+
 /// The certificate manager of `tls.mode = "acme"`.
 pub struct Manager<S: CertStore> {
     cfg: AcmeConfig,
@@ -204,25 +207,33 @@ impl<S: CertStore> Manager<S> {
             .collect()
     }
 
-    /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
-    /// new wanted set) and keeps every wanted host's certificate current.
-    pub async fn run(
-        self: Arc<Self>,
-        mut sites: watch::Receiver<Arc<Snapshot>>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        let mut entries: HashMap<Box<str>, Entry> = HashMap::new();
-        let mut tasks: JoinSet<Attempted> = JoinSet::new();
-        // Hosts with an attempt running (also ones removed meanwhile, so a
-        // removed-and-re-added host never gets two orders at once).
-        let mut busy: HashSet<Box<str>> = HashSet::new();
-        let first = Arc::clone(&sites.borrow_and_update());
-        self.reconcile(&mut entries, &first).await;
+    /// Loads what the store holds for the hosts of `snapshot`: stored
+    /// certificates go into the SNI index before this returns, so a
+    /// restarted server serves them from its first connection.
+    pub async fn prepare(&self, snapshot: &Snapshot) -> Prepared {
+        let mut entries = HashMap::new();
+        self.reconcile(&mut entries, snapshot).await;
         let seed: Vec<i64> = entries
             .values()
             .filter_map(|e| e.state.last_order_at)
             .collect();
         self.pacer_lock().seed(seed, unix(SystemTime::now()));
+        Prepared(entries)
+    }
+
+    /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
+    /// new wanted set) and keeps every wanted host's certificate current.
+    pub async fn run(
+        self: Arc<Self>,
+        prepared: Prepared,
+        mut sites: watch::Receiver<Arc<Snapshot>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let Prepared(mut entries) = prepared;
+        let mut tasks: JoinSet<Attempted> = JoinSet::new();
+        // Hosts with an attempt running (also ones removed meanwhile, so a
+        // removed-and-re-added host never gets two orders at once).
+        let mut busy: HashSet<Box<str>> = HashSet::new();
         let mut last_log = tokio::time::Instant::now();
         loop {
             let now = SystemTime::now();
