@@ -115,6 +115,9 @@ pub struct CertState {
     pub last_challenge: Option<String>,
     /// Unix seconds of the last successful issuance.
     pub issued_at: Option<i64>,
+    /// ACME directory that issued the stored certificate (a certificate
+    /// from another directory, e.g. staging, is replaced).
+    pub directory: Option<String>,
 }
 
 /// Storage of ACME account credentials, certificates (private key + chain in

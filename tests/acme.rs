@@ -558,6 +558,66 @@ async fn serve_binary_in_acme_mode() {
     let _ = child.wait();
 }
 
+/// Switching `directory` (staging → production) re-orders stored
+/// certificates; the old one is served until its replacement lands.
+/// pebble answers on `localhost` too, which is another directory URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_directory_replaces_certificates() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["switch.example.com".to_owned()];
+    let hosts = policy_hosts(&domains);
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &domains,
+    );
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root = pebble.root().await;
+    let first = serial(&running.policy(&hosts[0], &root).await.chain[0]);
+    running.stop().await;
+
+    let other = pebble.directory.replace("127.0.0.1", "localhost");
+    let (_, cfg) = config(dir.path(), &other, &pebble.ca_roots, "", &domains);
+    let listeners = Listeners {
+        https: TcpListener::bind(("127.0.0.1", tls_port))
+            .await
+            .expect("rebind https"),
+        http: TcpListener::bind(("127.0.0.1", http_port))
+            .await
+            .expect("rebind http"),
+    };
+    let running = Running::start(&cfg, listeners);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = serial(&running.policy(&hosts[0], &root).await.chain[0]);
+        if now != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not replaced after the directory changed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        state_json(dir.path(), &hosts[0])["directory"],
+        other.as_str()
+    );
+    assert_eq!(pebble.orders(), 2);
+    running.stop().await;
+}
+
 /// Port 80 blocked: pebble's HTTP-01 validation goes to a closed port and
 /// fails; the next attempt falls back to TLS-ALPN-01 on the https listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

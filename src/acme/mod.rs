@@ -402,7 +402,18 @@ impl<S: CertStore> Manager<S> {
             .next_attempt
             .filter(|_| state.failures > 0)
             .map(schedule::from_unix);
+        let foreign = state
+            .directory
+            .as_ref()
+            .is_some_and(|d| *d != self.cfg.directory);
         let due = match &cert {
+            Some(_) if foreign => {
+                tracing::info!(
+                    host,
+                    "stored certificate comes from another ACME directory; serving it until a new one is issued"
+                );
+                retry_at.unwrap_or(now)
+            }
             Some(info) => {
                 let renew = schedule::from_unix(schedule::renew_at(
                     info.not_before,
@@ -624,6 +635,7 @@ impl<S: CertStore> Manager<S> {
                 state.waiting_dns = false;
                 state.next_attempt = None;
                 state.issued_at = Some(unix(now));
+                state.directory = Some(self.cfg.directory.clone());
                 if let Some(used) = issued.challenge {
                     state.last_challenge = Some(used.as_str().to_owned());
                 }
