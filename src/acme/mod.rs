@@ -626,6 +626,7 @@ impl<S: CertStore> Manager<S> {
             Err(f) => Err(f),
         };
         let entry = entries.get_mut(&host);
+        let mut serve = None;
         let due = match result {
             Ok(issued) => {
                 let info = issued.info.clone();
@@ -654,9 +655,10 @@ impl<S: CertStore> Manager<S> {
                     "certificate issued"
                 );
                 if let Some(entry) = entry {
-                    // Only a host still configured is served.
+                    // Only a host still configured is served (below, once
+                    // its state is recorded).
                     entry.leaf = issued.key.cert.first().map(|c| c.to_vec());
-                    self.index.insert(&host, Arc::new(issued.key));
+                    serve = Some(Arc::new(issued.key));
                     entry.cert = Some(info);
                     self.progress_lock().issued += 1;
                 }
@@ -691,6 +693,11 @@ impl<S: CertStore> Manager<S> {
         };
         if let Err(e) = self.store.save_state(&host, &state).await {
             tracing::error!(host = %host, error = %e, "cannot store certificate state");
+        }
+        // Served last: whoever sees the new certificate also finds its
+        // state (and `mtasts certs` never shows a stale error for it).
+        if let Some(key) = serve {
+            self.index.insert(&host, key);
         }
         if let Some(entry) = entries.get_mut(&host) {
             entry.state = state;
