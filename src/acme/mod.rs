@@ -33,7 +33,7 @@ use crate::store::{CertState, CertStore};
 use crate::tls::CertIndex;
 use challenge::Challenges;
 use order::{CertInfo, Issued};
-use schedule::{Pacer, unix};
+use schedule::{AriDecision, Pacer, unix};
 
 /// What went wrong in one attempt, and whose move it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,14 @@ struct Attempted {
     /// An order reached the CA (counts for pacing).
     ordered: bool,
     kind: ChallengeKind,
-    result: Result<Issued, Failure>,
+    result: Result<Outcome, Failure>,
+}
+
+/// A successful attempt: a new certificate, or "not yet" (ARI check).
+enum Outcome {
+    Issued(Box<Issued>),
+    /// Nothing to renew yet; look again then.
+    Later(SystemTime),
 }
 
 struct Entry {
@@ -126,6 +133,8 @@ struct Entry {
     cert: Option<CertInfo>,
     /// The DER leaf, for ARI.
     leaf: Option<Vec<u8>>,
+    /// Our own renewal time of the stored certificate (unix seconds).
+    renew_at: Option<i64>,
     state: CertState,
     due: SystemTime,
 }
@@ -147,6 +156,10 @@ pub struct Manager<S: CertStore> {
     pacer: Mutex<Pacer>,
     progress: Mutex<Progress>,
 }
+
+/// How often a CA with ARI is asked whether a certificate should be renewed
+/// early (Let's Encrypt suggests about every 6 hours).
+const ARI_POLL: Duration = Duration::from_secs(6 * 3600);
 
 /// Stored certificates put into the SNI index per map copy at start.
 const LOAD_BATCH: usize = 1024;
@@ -254,7 +267,7 @@ impl<S: CertStore> Manager<S> {
                     let me = Arc::clone(&self);
                     let target = entry.target.clone();
                     let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
-                    let leaf = entry.leaf.clone();
+                    let leaf = entry.leaf.clone().zip(entry.renew_at);
                     tasks.spawn(async move {
                         let (ordered, result) = me.attempt(&target, kind, leaf).await;
                         Attempted {
@@ -406,6 +419,13 @@ impl<S: CertStore> Manager<S> {
             .directory
             .as_ref()
             .is_some_and(|d| *d != self.cfg.directory);
+        let renew_at = cert.as_ref().map(|info| {
+            if foreign {
+                unix(now)
+            } else {
+                schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before)
+            }
+        });
         let due = match &cert {
             Some(_) if foreign => {
                 tracing::info!(
@@ -414,12 +434,8 @@ impl<S: CertStore> Manager<S> {
                 );
                 retry_at.unwrap_or(now)
             }
-            Some(info) => {
-                let renew = schedule::from_unix(schedule::renew_at(
-                    info.not_before,
-                    info.not_after,
-                    self.cfg.renew_before,
-                ));
+            Some(_) => {
+                let renew = self.first_check(renew_at.unwrap_or(0), now, fastrand::f64());
                 retry_at.map_or(renew, |r| r.max(renew))
             }
             // Restart mid-batch: hosts that failed keep their backoff.
@@ -429,19 +445,46 @@ impl<S: CertStore> Manager<S> {
             target,
             cert,
             leaf,
+            renew_at,
             state,
             due,
         };
         (entry, serve)
     }
 
+    /// When to look at a stored certificate first: its renewal time, or
+    /// (CA with ARI, or not known yet) an ARI check spread over the next
+    /// [`ARI_POLL`] so that many certificates do not all ask at once.
+    fn first_check(&self, renew_at: i64, now: SystemTime, unit: f64) -> SystemTime {
+        let renew = schedule::from_unix(renew_at);
+        if self
+            .ari_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return renew;
+        }
+        renew.min(now + ARI_POLL.mul_f64(unit.clamp(0.0, 1.0)))
+    }
+
     /// One attempt for one host; says whether an order reached the CA.
+    /// `current` is the served certificate (DER leaf, our renewal time).
     async fn attempt(
         &self,
         target: &Target,
         kind: ChallengeKind,
-        leaf: Option<Vec<u8>>,
-    ) -> (bool, Result<Issued, Failure>) {
+        current: Option<(Vec<u8>, i64)>,
+    ) -> (bool, Result<Outcome, Failure>) {
+        let now = SystemTime::now();
+        let mut replaces = None;
+        if let Some((leaf, renew_at)) = current {
+            let due = renew_at <= unix(now);
+            match self.ari(&leaf, renew_at, due).await {
+                Ok(Some(id)) => replaces = Some(id),
+                Ok(None) => {}
+                Err(later) if !due => return (false, Ok(Outcome::Later(later))),
+                Err(_) => {}
+            }
+        }
         if self.cfg.precheck_dns
             && let Err(message) = self.precheck(target).await
         {
@@ -460,10 +503,6 @@ impl<S: CertStore> Manager<S> {
             Ok(a) => a,
             Err(f) => return (false, Err(f)),
         };
-        let replaces = match leaf {
-            Some(der) => self.ari_replaces(&account, &der).await,
-            None => None,
-        };
         let result = order::issue(
             &account,
             &target.host,
@@ -481,35 +520,68 @@ impl<S: CertStore> Manager<S> {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             *self.account.lock().await = None;
         }
-        (true, result)
+        (true, result.map(|i| Outcome::Issued(Box::new(i))))
     }
 
-    /// ARI (RFC 9773): the identifier of the certificate being renewed, sent
-    /// as `replaces` so the CA can exempt the renewal from rate limits. A CA
-    /// without ARI (pebble 2.4) gives `Unsupported`, remembered.
-    async fn ari_replaces(
+    /// ARI (RFC 9773) for the served certificate: `Ok(Some(id))` renew now,
+    /// replacing `id` (exempt from Let's Encrypt's order limits); `Ok(None)`
+    /// renew without ARI; `Err(t)` not yet, look again at `t`. A CA without
+    /// ARI (pebble 2.4) answers `Unsupported` once and is not asked again.
+    async fn ari(
         &self,
-        account: &Account,
         leaf_der: &[u8],
-    ) -> Option<CertificateIdentifier<'static>> {
+        renew_at: i64,
+        due: bool,
+    ) -> Result<Option<CertificateIdentifier<'static>>, SystemTime> {
         use std::sync::atomic::Ordering;
+        let now = SystemTime::now();
+        let own_time = schedule::from_unix(renew_at);
         if self.ari_unsupported.load(Ordering::Relaxed) {
-            return None;
+            return if due { Ok(None) } else { Err(own_time) };
         }
         let der = rustls_pki_types::CertificateDer::from(leaf_der);
-        let id = CertificateIdentifier::try_from(&der).ok()?.into_owned();
+        let Ok(id) = CertificateIdentifier::try_from(&der) else {
+            return if due { Ok(None) } else { Err(own_time) };
+        };
+        let id = id.into_owned();
+        // A CA that cannot be asked now is asked again later; our own
+        // renewal time still holds.
+        let retry = own_time.min(now + ARI_POLL);
+        let account = match self.account().await {
+            Ok(a) => a,
+            Err(f) => {
+                tracing::debug!(error = %f.message, "no account for an ARI check");
+                return if due { Ok(None) } else { Err(retry) };
+            }
+        };
         match account.renewal_info(&id).await {
-            Ok(_) => Some(id),
+            Ok((info, retry_after)) => {
+                let window = (
+                    info.suggested_window.start.unix_timestamp(),
+                    info.suggested_window.end.unix_timestamp(),
+                );
+                match schedule::ari_decision(
+                    unix(now),
+                    window,
+                    renew_at,
+                    retry_after,
+                    fastrand::f64(),
+                ) {
+                    AriDecision::RenewNow => Ok(Some(id)),
+                    AriDecision::CheckAt(_) if due => Ok(Some(id)),
+                    AriDecision::CheckAt(t) => Err(schedule::from_unix(t)),
+                }
+            }
             Err(instant_acme::Error::Unsupported(_)) => {
                 tracing::info!(
                     "the CA has no ACME renewal information (ARI); renewing at 2/3 of the lifetime"
                 );
                 self.ari_unsupported.store(true, Ordering::Relaxed);
-                None
+                if due { Ok(None) } else { Err(own_time) }
             }
             Err(e) => {
-                tracing::debug!(error = %e, "ARI lookup failed; renewing without `replaces`");
-                None
+                tracing::debug!(error = %e, "ARI lookup failed");
+                if due { Ok(None) } else { Err(retry) }
             }
         }
     }
@@ -615,7 +687,17 @@ impl<S: CertStore> Manager<S> {
             state.last_order_at = Some(unix(now));
             state.last_challenge = Some(kind.as_str().to_owned());
         }
-        let result = match result {
+        let issued = match result {
+            Ok(Outcome::Later(at)) => {
+                if let Some(entry) = entries.get_mut(&host) {
+                    entry.due = at;
+                }
+                return;
+            }
+            Ok(Outcome::Issued(issued)) => Ok(issued),
+            Err(f) => Err(f),
+        };
+        let result = match issued {
             Ok(issued) => match self.store.save_cert(&host, issued.bundle.clone()).await {
                 Ok(()) => Ok(issued),
                 Err(e) => Err(Failure::new(
@@ -658,11 +740,12 @@ impl<S: CertStore> Manager<S> {
                     // Only a host still configured is served (below, once
                     // its state is recorded).
                     entry.leaf = issued.key.cert.first().map(|c| c.to_vec());
+                    entry.renew_at = Some(renew);
                     serve = Some(Arc::new(issued.key));
                     entry.cert = Some(info);
                     self.progress_lock().issued += 1;
                 }
-                schedule::from_unix(renew)
+                self.first_check(renew, now, 1.0)
             }
             Err(f) => {
                 state.failures = state.failures.saturating_add(1);

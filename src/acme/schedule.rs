@@ -128,6 +128,38 @@ pub fn precheck(host: &str, resolved: &[IpAddr], expected: &[IpAddr]) -> Result<
     ))
 }
 
+/// What the CA's renewal information (ARI, RFC 9773) means for a
+/// certificate whose own renewal time is `renew_at` (unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AriDecision {
+    /// Renew now (the window has opened, or our own time has come).
+    RenewNow,
+    /// Look again at this time (a point in the window, our own renewal
+    /// time, or when the CA's Retry-After says, whichever is first).
+    CheckAt(i64),
+}
+
+/// RFC 9773 §4.2: renew at a uniformly random point of the suggested window
+/// (`unit` in [0, 1)); check again after Retry-After (clamped to 1 h..1 d).
+/// Never later than our own `renew_at`: an ARI window far in the future
+/// does not postpone the 2/3 rule.
+pub fn ari_decision(
+    now: i64,
+    window: (i64, i64),
+    renew_at: i64,
+    retry_after: Duration,
+    unit: f64,
+) -> AriDecision {
+    let (start, end) = window;
+    if start <= now || renew_at <= now {
+        return AriDecision::RenewNow;
+    }
+    let span = end.saturating_sub(start).max(0) as f64;
+    let pick = start.saturating_add((span * unit.clamp(0.0, 1.0)) as i64);
+    let retry = i64::try_from(retry_after.as_secs().clamp(3600, 86_400)).unwrap_or(86_400);
+    AriDecision::CheckAt(pick.min(renew_at).min(now.saturating_add(retry)))
+}
+
 /// Messages of failed validations start with this ([`challenge_for`] keys
 /// on it, also after a restart, since it is stored in `CertState`).
 pub const VALIDATION_PREFIX: &str = "validation";
@@ -150,6 +182,47 @@ pub fn challenge_for(preferred: ChallengeKind, state: &CertState) -> ChallengeKi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ari_window_rules() {
+        let hour = Duration::from_secs(3600);
+        // Window open: renew.
+        assert_eq!(
+            ari_decision(100, (50, 200), 1000, hour, 0.5),
+            AriDecision::RenewNow
+        );
+        // Our own time has come, whatever the window says.
+        assert_eq!(
+            ari_decision(1000, (5000, 6000), 900, hour, 0.5),
+            AriDecision::RenewNow
+        );
+        // Window ahead: a point inside it, unless Retry-After or our own time is sooner.
+        assert_eq!(
+            ari_decision(
+                0,
+                (10_000, 20_000),
+                1_000_000,
+                Duration::from_secs(86_400),
+                0.5
+            ),
+            AriDecision::CheckAt(15_000)
+        );
+        assert_eq!(
+            ari_decision(0, (10_000, 20_000), 1_000_000, Duration::from_secs(10), 0.5),
+            AriDecision::CheckAt(3600),
+            "Retry-After is clamped to at least an hour"
+        );
+        assert_eq!(
+            ari_decision(
+                0,
+                (100_000, 200_000),
+                50_000,
+                Duration::from_secs(86_400),
+                0.5
+            ),
+            AriDecision::CheckAt(50_000)
+        );
+    }
 
     #[test]
     fn challenge_falls_back_after_failed_validation_only() {
