@@ -783,6 +783,18 @@ async fn corrupt_store_files_are_reported_and_never_served() {
     let ok = running.policy(&hosts[0], ca_cert.pem().as_bytes()).await;
     assert_eq!(ok.status, 200);
     assert!(running.server.certs().contains(&hosts[0]));
+    // A TLS-ALPN-01 handshake for a name with no challenge armed gets
+    // unrecognized_name, not the served certificate.
+    let probe = https_get(
+        running.https,
+        &hosts[0],
+        POLICY,
+        ca_cert.pem().as_bytes(),
+        &[b"acme-tls/1"],
+    )
+    .await
+    .expect_err("no challenge armed");
+    assert!(probe.contains("UnrecognisedName"), "{probe}");
     for host in &hosts[1..] {
         assert!(
             !running.server.certs().contains(host),
