@@ -43,6 +43,18 @@ impl Listeners {
         }
     }
 
+    /// The same ports again, after a stopped server released them.
+    async fn rebind(http_port: u16, tls_port: u16) -> Listeners {
+        Listeners {
+            https: TcpListener::bind(("127.0.0.1", tls_port))
+                .await
+                .expect("rebind https"),
+            http: TcpListener::bind(("127.0.0.1", http_port))
+                .await
+                .expect("rebind http"),
+        }
+    }
+
     fn ports(&self) -> (u16, u16) {
         let port = |l: &TcpListener| l.local_addr().expect("addr").port();
         (port(&self.http), port(&self.https))
@@ -292,14 +304,7 @@ async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
     let orders_before = pebble.orders();
 
     // Restart on the same ports (pebble validates there).
-    let listeners = Listeners {
-        https: TcpListener::bind(("127.0.0.1", tls_port))
-            .await
-            .expect("rebind https"),
-        http: TcpListener::bind(("127.0.0.1", http_port))
-            .await
-            .expect("rebind http"),
-    };
+    let listeners = Listeners::rebind(http_port, tls_port).await;
     let running = Running::start(&cfg, listeners);
     // The very first connection gets the stored certificate.
     let again = running.policy(&hosts[0], &root).await;
@@ -511,7 +516,7 @@ async fn serve_binary_in_acme_mode() {
         dir.path(),
         &pebble.directory,
         &pebble.ca_roots,
-        "",
+        "key_type = \"rsa2048\"",
         &domains,
     );
     let text = std::fs::read_to_string(&path)
@@ -552,6 +557,12 @@ async fn serve_binary_in_acme_mode() {
     };
     assert_eq!(resp.status, 200);
     assert!(resp.body.starts_with("version: STSv1\r\n"));
+    let (_, leaf) = x509_parser::parse_x509_certificate(&resp.chain[0]).expect("leaf");
+    assert_eq!(
+        leaf.public_key().algorithm.algorithm,
+        x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION,
+        "key_type = rsa2048"
+    );
     let report = certs_json(&path);
     assert_eq!(report["hosts"][0]["state"], "valid", "{report}");
     let _ = child.kill();
@@ -589,14 +600,7 @@ async fn switching_directory_replaces_certificates() {
 
     let other = pebble.directory.replace("127.0.0.1", "localhost");
     let (_, cfg) = config(dir.path(), &other, &pebble.ca_roots, "", &domains);
-    let listeners = Listeners {
-        https: TcpListener::bind(("127.0.0.1", tls_port))
-            .await
-            .expect("rebind https"),
-        http: TcpListener::bind(("127.0.0.1", http_port))
-            .await
-            .expect("rebind http"),
-    };
+    let listeners = Listeners::rebind(http_port, tls_port).await;
     let running = Running::start(&cfg, listeners);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -615,6 +619,74 @@ async fn switching_directory_replaces_certificates() {
         other.as_str()
     );
     assert_eq!(pebble.orders(), 2);
+    running.stop().await;
+}
+
+/// A restart in the middle of a batch keeps what was issued and orders
+/// only the rest; `orders_per_hour` holds the batch back, and `mtasts
+/// certs` shows the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_batch_resumes_after_restart() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains: Vec<String> = (0..8).map(|i| format!("b{i}.example.com")).collect();
+    let hosts = policy_hosts(&domains);
+    let paced = "orders_per_hour = 3\nmax_concurrent_orders = 2";
+    let (path, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        paced,
+        &domains,
+    );
+    let running = Running::start(&cfg, listeners);
+    // Three orders per hour: three certificates, then the queue waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.server.acme_progress().map_or(0, |p| p.valid) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            running.server.acme_progress()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pebble.orders(), 3, "the pacing window allows three orders");
+    let report = certs_json(&path);
+    assert_eq!(report["valid"], 3, "{report}");
+    assert_eq!(report["pending"], 5, "{report}");
+    assert_eq!(
+        report["eta_seconds"], 6000,
+        "5 orders at 3 per hour: {report}"
+    );
+    running.stop().await;
+
+    // A restart does not reset the hourly window (order times are stored).
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pebble.orders(), 3, "no new order within the same hour");
+    assert_eq!(running.server.acme_progress().map(|p| p.valid), Some(3));
+    running.stop().await;
+
+    // Restart with a budget for the rest: only the five missing are ordered
+    // (the stored order times still count against the hour, so raise it).
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "orders_per_hour = 8\nmax_concurrent_orders = 2",
+        &domains,
+    );
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    assert_eq!(pebble.orders(), 8, "each domain ordered exactly once");
     running.stop().await;
 }
 
