@@ -690,6 +690,62 @@ async fn paced_batch_resumes_after_restart() {
     running.stop().await;
 }
 
+/// A CA that requires external account binding: without `eab_*` the
+/// registration fails visibly; with them the certificate is issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_binding() {
+    init();
+    const KID: &str = "kid-mtasts";
+    const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start_eab(http_port, tls_port, KID, KEY) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec!["eab.example.com".to_owned()];
+    let hosts = policy_hosts(&domains);
+    let (path, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &domains,
+    );
+    let running = Running::start(&cfg, listeners);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = certs_json(&path);
+        let err = report["hosts"][0]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if !err.is_empty() {
+            assert!(err.contains("externalAccountRequired"), "{err}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no registration error: {report}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.stop().await;
+
+    let eab = format!("eab_kid = \"{KID}\"\neab_hmac_key = \"{KEY}\"");
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        &eab,
+        &domains,
+    );
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root = pebble.root().await;
+    assert_eq!(running.policy(&hosts[0], &root).await.status, 200);
+    running.stop().await;
+}
+
 /// Port 80 blocked: pebble's HTTP-01 validation goes to a closed port and
 /// fails; the next attempt falls back to TLS-ALPN-01 on the https listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

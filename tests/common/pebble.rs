@@ -76,6 +76,21 @@ impl Pebble {
     /// for `validity` seconds (0 = pebble's default of 5 years).
     /// `None` when pebble is not installed and we are not in CI.
     pub fn start(http_port: u16, tls_port: u16, validity: u64) -> Option<Pebble> {
+        Self::launch(http_port, tls_port, validity, None)
+    }
+
+    /// Like [`Pebble::start`], but pebble requires external account binding
+    /// with this key id and base64url HMAC key.
+    pub fn start_eab(http_port: u16, tls_port: u16, kid: &str, hmac_b64: &str) -> Option<Pebble> {
+        Self::launch(http_port, tls_port, 0, Some((kid, hmac_b64)))
+    }
+
+    fn launch(
+        http_port: u16,
+        tls_port: u16,
+        validity: u64,
+        eab: Option<(&str, &str)>,
+    ) -> Option<Pebble> {
         let (Some(pebble_bin), Some(cts_bin)) = (find("pebble"), find("pebble-challtestsrv"))
         else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -103,7 +118,10 @@ impl Pebble {
             "httpPort": http_port,
             "tlsPort": tls_port,
             "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
+            "externalAccountBindingRequired": eab.is_some(),
+            "externalAccountMACKeys": eab
+                .map(|(kid, key)| serde_json::json!({ kid: key }))
+                .unwrap_or_else(|| serde_json::json!({})),
             "certificateValidityPeriod": validity,
         }});
         std::fs::write(&config, json.to_string()).expect("pebble config");
