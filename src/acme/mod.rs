@@ -247,6 +247,8 @@ impl<S: CertStore> Manager<S> {
         // Hosts with an attempt running (also ones removed meanwhile, so a
         // removed-and-re-added host never gets two orders at once).
         let mut busy: HashSet<Box<str>> = HashSet::new();
+        // Which host a task works on, to recover if it panics.
+        let mut task_hosts: HashMap<tokio::task::Id, Box<str>> = HashMap::new();
         let mut last_log = tokio::time::Instant::now();
         loop {
             let now = SystemTime::now();
@@ -268,7 +270,7 @@ impl<S: CertStore> Manager<S> {
                     let target = entry.target.clone();
                     let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
                     let leaf = entry.leaf.clone().zip(entry.renew_at);
-                    tasks.spawn(async move {
+                    let handle = tasks.spawn(async move {
                         let (ordered, result) = me.attempt(&target, kind, leaf).await;
                         Attempted {
                             host: target.host,
@@ -277,6 +279,7 @@ impl<S: CertStore> Manager<S> {
                             result,
                         }
                     });
+                    task_hosts.insert(handle.id(), host.clone());
                 }
             }
             self.update_progress(&entries, tasks.len());
@@ -308,13 +311,30 @@ impl<S: CertStore> Manager<S> {
                     let snapshot = Arc::clone(&sites.borrow_and_update());
                     self.reconcile(&mut entries, &snapshot).await;
                 }
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match done {
-                        Ok(done) => {
+                        Ok((id, done)) => {
+                            task_hosts.remove(&id);
                             busy.remove(&done.host);
                             self.finish(&mut entries, done).await;
                         }
-                        Err(e) => tracing::error!(error = %e, "certificate task failed"),
+                        Err(e) => {
+                            // A bug, not the CA: retry this host with backoff.
+                            tracing::error!(error = %e, "certificate task failed");
+                            if let Some(host) = task_hosts.remove(&e.id()) {
+                                busy.remove(&host);
+                                let done = Attempted {
+                                    host,
+                                    ordered: false,
+                                    kind: self.cfg.challenge,
+                                    result: Err(Failure::new(
+                                        FailureKind::Local,
+                                        format!("internal error: {e}"),
+                                    )),
+                                };
+                                self.finish(&mut entries, done).await;
+                            }
+                        }
                     }
                 }
                 _ = tokio::time::sleep(sleep) => {}
