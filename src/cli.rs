@@ -6,11 +6,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::admin;
 use crate::config::{Config, ConfigErrors};
+use crate::control::{self, Control};
 use crate::dns;
 use crate::policy::DomainName;
 use crate::server::Server;
@@ -281,6 +284,14 @@ fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let setup = cfg.clone();
+    let server = tokio::task::spawn_blocking(move || Server::new(&setup))
+        .await
+        .context("certificate setup panicked")??;
+    let server = Arc::new(server);
+    // Bound only now, so that a client that can connect finds every
+    // certificate in place.
     let https = tokio::net::TcpListener::bind(cfg.server.https)
         .await
         .with_context(|| format!("cannot listen on https address {}", cfg.server.https))?;
@@ -289,13 +300,6 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on http address {}", cfg.server.http))?;
     let https_addr = https.local_addr()?;
     let http_addr = http.local_addr()?;
-
-    let started = std::time::Instant::now();
-    let setup = cfg.clone();
-    let server = tokio::task::spawn_blocking(move || Server::new(&setup))
-        .await
-        .context("certificate setup panicked")??;
-    let server = Arc::new(server);
     let snapshot = server.snapshot();
     tracing::info!(
         domains = snapshot.len(),
@@ -306,14 +310,32 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     print_banner(&cfg, &server, &snapshot, https_addr, http_addr);
 
-    let reloader = tokio::spawn(reload_on_sighup(
-        Arc::clone(&server),
-        path,
-        cfg.server.clone(),
-        cfg.tls.clone(),
-    ));
+    let control = Arc::new(Control::new(Arc::clone(&server), path.clone(), cfg.clone()));
+    let reloader = tokio::spawn(control::reload_on_sighup(Arc::clone(&control)));
+    // Keep the watcher alive while serving.
+    let _watcher = match &path {
+        Some(_) => match control::watch(Arc::clone(&control), Duration::from_millis(300)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch the config files ({e}); reload with SIGHUP");
+                None
+            }
+        },
+        None => None,
+    };
+    let admin = match &cfg.admin {
+        Some(a) => {
+            let token = admin::read_token(&a.token_file)?;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot listen on admin address {}", a.listen))?;
+            tracing::info!(admin = %listener.local_addr()?, "admin API listening");
+            Some((listener, admin::router(Arc::clone(&control), token)))
+        }
+        None => None,
+    };
     let result = Arc::clone(&server)
-        .run(https, http, shutdown_signal())
+        .run(https, http, admin, shutdown_signal())
         .await;
     reloader.abort();
     result.context("server failed")?;
@@ -392,60 +414,4 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// SIGHUP re-reads the config; a bad config is logged and the running
-/// snapshot keeps serving.
-async fn reload_on_sighup(
-    server: Arc<Server>,
-    path: Option<PathBuf>,
-    running: crate::config::ServerConfig,
-    running_tls: crate::config::TlsConfig,
-) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let Some(path) = path.clone() else {
-                tracing::info!("SIGHUP: the embedded config does not change; nothing to reload");
-                continue;
-            };
-            let server = Arc::clone(&server);
-            let running = running.clone();
-            let running_tls = running_tls.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || reload(&server, &path, &running, &running_tls))
-                    .await;
-            match outcome {
-                Ok(Ok(n)) => tracing::info!(domains = n, "reloaded"),
-                Ok(Err(e)) => {
-                    tracing::error!("reload rejected, previous config keeps serving: {e:#}")
-                }
-                Err(e) => tracing::error!("reload panicked: {e}"),
-            }
-        }
-    }
-}
-
-fn reload(
-    server: &Server,
-    path: &Path,
-    running: &crate::config::ServerConfig,
-    running_tls: &crate::config::TlsConfig,
-) -> anyhow::Result<usize> {
-    let cfg = Config::load(path).map_err(anyhow::Error::new)?;
-    for w in &cfg.warnings {
-        tracing::warn!("{w}");
-    }
-    if cfg.server != *running {
-        tracing::warn!("[server] settings changed; they take effect after a restart");
-    }
-    if cfg.tls != *running_tls {
-        tracing::warn!("[tls] settings changed; they take effect after a restart");
-    }
-    server.apply(&cfg)?;
-    Ok(cfg.domains.len())
 }

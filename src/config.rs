@@ -72,6 +72,10 @@ pub struct Config {
     pub path: PathBuf,
     pub server: ServerConfig,
     pub tls: TlsConfig,
+    /// `domains_dir`, resolved; the admin API writes its domains here.
+    pub domains_dir: Option<PathBuf>,
+    /// The admin API listener; `None` (the default) keeps it off.
+    pub admin: Option<AdminConfig>,
     /// Sorted by domain name; names are unique.
     pub domains: Vec<DomainConfig>,
     /// Non-fatal findings (e.g. a short `max_age`, skipped certificate names).
@@ -114,6 +118,14 @@ impl Default for Limits {
             shutdown_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// `[admin]`: the token-protected admin API and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token (read at start, never logged).
+    pub token_file: PathBuf,
 }
 
 /// How the HTTPS listener gets its certificates.
@@ -289,6 +301,7 @@ struct RawMain {
     domains_dir: Option<Spanned<String>>,
     server: Option<RawServer>,
     tls: Option<RawTls>,
+    admin: Option<Spanned<RawAdmin>>,
     defaults: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     domain: Vec<Spanned<RawPolicy>>,
@@ -314,6 +327,13 @@ struct RawServer {
     idle_timeout: Option<Spanned<toml::Value>>,
     max_header_bytes: Option<Spanned<i64>>,
     shutdown_timeout: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -448,6 +468,7 @@ impl Config {
 
         let server = server_config(&main, raw.server, &mut report);
         let tls = tls_config(&main, raw.tls, &mut report);
+        let admin = admin_config(&main, raw.admin, &mut report);
 
         let defaults = match raw.defaults {
             Some(d) => {
@@ -525,6 +546,8 @@ impl Config {
                 path: main.path,
                 server,
                 tls,
+                domains_dir,
+                admin,
                 domains,
                 warnings: report.warnings,
             })
@@ -932,6 +955,47 @@ fn acme_config(source: &Source, raw: RawTls, report: &mut Report) -> AcmeConfig 
         }
     }
     cfg
+}
+
+fn admin_config(
+    source: &Source,
+    raw: Option<Spanned<RawAdmin>>,
+    report: &mut Report,
+) -> Option<AdminConfig> {
+    let raw = raw?;
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let Some(listen) = raw.listen else {
+        report.errors.push(source.at(
+            span,
+            "[admin] needs `listen` (e.g. \"127.0.0.1:8081\"); remove the section to keep the admin API off",
+        ));
+        return None;
+    };
+    let addr = match listen.get_ref().parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            report.errors.push(source.at(
+                listen.span(),
+                format!(
+                    "admin.listen: {:?} is not an address:port",
+                    listen.get_ref()
+                ),
+            ));
+            return None;
+        }
+    };
+    let Some(token_file) = raw.token_file else {
+        report.errors.push(source.at(
+            span,
+            "[admin] needs `token_file`: the admin API is never open without a token",
+        ));
+        return None;
+    };
+    Some(AdminConfig {
+        listen: addr,
+        token_file: source.resolve(token_file.get_ref()),
+    })
 }
 
 /// A duration given as seconds (integer) or humane text ("7d", "1w", "90s").

@@ -13,6 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::metrics::{Metrics, Outcome};
 use crate::snapshot::{Site, Snapshot};
 
 /// The only path senders fetch (RFC 8461 §3.3).
@@ -24,6 +25,7 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// The plain-HTTP listener serves policies too (TLS ends at a proxy).
     pub behind_proxy: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Which listener a request arrived on.
@@ -84,6 +86,18 @@ enum Reject {
     HttpsOnly(Arc<Site>),
 }
 
+impl Reject {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Reject::UnknownHost => Outcome::UnknownHost,
+            Reject::NotFound => Outcome::NotFound,
+            Reject::Method => Outcome::MethodNotAllowed,
+            Reject::Misdirected => Outcome::Misdirected,
+            Reject::HttpsOnly(_) => Outcome::HttpsOnly,
+        }
+    }
+}
+
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
         let (status, body): (StatusCode, Cow<'static, str>) = match self {
@@ -121,13 +135,20 @@ impl IntoResponse for Reject {
 }
 
 async fn handle(State(state): State<AppState>, req: Request) -> Response {
+    let metrics = &state.shared.metrics;
     match respond(&state, &req) {
-        Ok(resp) => resp,
-        Err(reject) => reject.into_response(),
+        Ok((resp, outcome)) => {
+            metrics.request(state.listener, outcome);
+            resp
+        }
+        Err(reject) => {
+            metrics.request(state.listener, reject.outcome());
+            reject.into_response()
+        }
     }
 }
 
-fn respond(state: &AppState, req: &Request) -> Result<Response, Reject> {
+fn respond(state: &AppState, req: &Request) -> Result<(Response, Outcome), Reject> {
     let sni = req.extensions().get::<Sni>();
     // HTTP/1.1 sends Host; HTTP/2 sends :authority, which hyper puts in the URI.
     let raw_host = req
@@ -152,19 +173,31 @@ fn respond(state: &AppState, req: &Request) -> Result<Response, Reject> {
     if state.listener == Listener::Http && !state.shared.behind_proxy {
         return Err(Reject::HttpsOnly(Arc::clone(site)));
     }
-    Ok(policy_response(site, req))
+    let (resp, outcome) = policy_response(site, req);
+    if outcome == Outcome::Policy {
+        state.shared.metrics.fetch(site.domain.policy.mode);
+    }
+    Ok((resp, outcome))
 }
 
 /// 200 with the policy; 304 when the client already holds this version.
-fn policy_response(site: &Site, req: &Request) -> Response {
+fn policy_response(site: &Site, req: &Request) -> (Response, Outcome) {
     let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| v.as_bytes() == site.etag.as_bytes() || v.as_bytes() == b"*");
-    let (status, body) = if not_modified {
-        (StatusCode::NOT_MODIFIED, Body::empty())
+    let (status, body, outcome) = if not_modified {
+        (
+            StatusCode::NOT_MODIFIED,
+            Body::empty(),
+            Outcome::NotModified,
+        )
     } else {
-        (StatusCode::OK, Body::from(site.body.clone()))
+        (
+            StatusCode::OK,
+            Body::from(site.body.clone()),
+            Outcome::Policy,
+        )
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -181,7 +214,7 @@ fn policy_response(site: &Site, req: &Request) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    resp
+    (resp, outcome)
 }
 
 #[cfg(test)]
@@ -201,6 +234,7 @@ mod tests {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(&cfg)),
             behind_proxy,
+            metrics: Arc::new(Metrics::new()),
         })
     }
 

@@ -10,16 +10,22 @@
 //! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
+//! - [`metrics`]: Prometheus counters (one atomic add per request).
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
 //!   files in `state_dir` behind the `CertStore` trait.
+//! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
+//! - [`admin`]: the token-protected admin API and `/metrics`.
 //! - [`cli`]: the subcommands.
 
 pub mod acme;
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dns;
 pub mod http;
+pub mod metrics;
 pub mod mxcert;
 pub mod policy;
 pub mod server;

@@ -29,6 +29,7 @@ use crate::acme::challenge::{self, Challenges};
 use crate::acme::{Manager, Progress};
 use crate::config::{Config, Limits, TlsMode};
 use crate::http::{self, Listener, Shared, Sni};
+use crate::metrics::{Handshake, Metrics};
 use crate::snapshot::Snapshot;
 use crate::store::{DirStore, StoreError};
 use crate::tls::{self, CertIndex, LocalCa, TlsError};
@@ -55,6 +56,8 @@ struct AcmeParts {
 /// A running publisher: current snapshot, certificates, limits.
 pub struct Server {
     shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    generation: std::sync::atomic::AtomicU64,
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
     limits: Limits,
@@ -94,11 +97,15 @@ impl Server {
                 (None, Some(acme))
             }
         };
+        let metrics = Arc::new(Metrics::new());
         let server = Server {
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(Snapshot::default()),
                 behind_proxy: config.server.behind_proxy,
+                metrics: Arc::clone(&metrics),
             }),
+            metrics,
+            generation: std::sync::atomic::AtomicU64::new(0),
             tls_config: tls::server_config(Arc::clone(&certs)),
             certs,
             limits: config.server.limits.clone(),
@@ -133,6 +140,20 @@ impl Server {
         self.shared.snapshot.load_full()
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Number of the snapshot being served (1 after start, +1 per apply).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a certificate for `host` is loaded (the handshake would succeed).
+    pub fn has_certificate(&self, host: &str) -> bool {
+        self.certs.contains(host)
+    }
+
     /// Swaps in the snapshot of `config`, certificates first, so that every
     /// host in the new snapshot can complete a handshake the moment it is
     /// served. On error nothing changes.
@@ -141,42 +162,59 @@ impl Server {
     /// certificate yet fail the handshake cleanly until theirs lands.
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
         let snapshot = Snapshot::build(config);
-        let Some(ca) = &self.ca else {
+        let domains = snapshot.len();
+        if let Some(ca) = &self.ca {
+            let hosts: Vec<&str> = snapshot.sites().iter().map(|s| &*s.host).collect();
+            let old = self.certs.snapshot();
+            let mut map: HashMap<Box<str>, Arc<CertifiedKey>> = HashMap::with_capacity(hosts.len());
+            let missing: Vec<&str> = hosts
+                .iter()
+                .copied()
+                .filter(|h| match old.get(*h) {
+                    Some(ck) => {
+                        map.insert((*h).into(), Arc::clone(ck));
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            for (host, ck) in issue_parallel(ca, &missing)? {
+                map.insert(host.into(), Arc::new(ck));
+            }
+            let soonest = map.values().filter_map(|ck| not_after(ck)).min();
+            self.certs.replace(map);
+            self.shared.snapshot.store(Arc::new(snapshot));
+            if let Some(t) = soonest {
+                self.metrics.cert_expiry_soonest.set(t);
+            }
+        } else {
             let snapshot = Arc::new(snapshot);
             self.shared.snapshot.store(Arc::clone(&snapshot));
             if let Some(acme) = &self.acme {
                 acme.sites.send_replace(snapshot);
             }
-            return Ok(());
-        };
-        let hosts: Vec<&str> = snapshot.sites().iter().map(|s| &*s.host).collect();
-        let old = self.certs.snapshot();
-        let mut map: HashMap<Box<str>, Arc<CertifiedKey>> = HashMap::with_capacity(hosts.len());
-        let missing: Vec<&str> = hosts
-            .iter()
-            .copied()
-            .filter(|h| match old.get(*h) {
-                Some(ck) => {
-                    map.insert((*h).into(), Arc::clone(ck));
-                    false
-                }
-                None => true,
-            })
-            .collect();
-        for (host, ck) in issue_parallel(ca, &missing)? {
-            map.insert(host.into(), Arc::new(ck));
         }
-        self.certs.replace(map);
-        self.shared.snapshot.store(Arc::new(snapshot));
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.metrics
+            .snapshot_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.metrics
+            .domains
+            .set(i64::try_from(domains).unwrap_or(i64::MAX));
         Ok(())
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and waits up to
+    /// Serves until `shutdown` resolves (with the admin router on its own
+    /// listener when given), then stops accepting and waits up to
     /// `shutdown_timeout` for open connections to finish their requests.
     pub async fn run(
         self: Arc<Self>,
         https: TcpListener,
         http: TcpListener,
+        admin: Option<(TcpListener, axum::Router)>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         // Accept loops take a watcher per connection (also while it is still
@@ -196,8 +234,15 @@ impl Server {
             None => None,
         };
         let mut loops = tokio::task::JoinSet::new();
-        for (listener, kind) in [(https, Listener::Https), (http, Listener::Http)] {
-            let ctx = Arc::new(ConnCtx::new(&self, kind));
+        let mut listeners = vec![
+            (https, ConnCtx::new(&self, Listener::Https, None)),
+            (http, ConnCtx::new(&self, Listener::Http, None)),
+        ];
+        if let Some((listener, router)) = admin {
+            listeners.push((listener, ConnCtx::new(&self, Listener::Http, Some(router))));
+        }
+        for (listener, ctx) in listeners {
+            let ctx = Arc::new(ctx);
             loops.spawn(accept_loop(
                 listener,
                 ctx,
@@ -232,6 +277,13 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Expiry (Unix seconds) of a certificate's leaf.
+fn not_after(ck: &CertifiedKey) -> Option<i64> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// Issues missing self-signed certificates on all cores.
@@ -272,6 +324,7 @@ fn issue_parallel<'a>(
 /// What every connection of one listener needs.
 struct ConnCtx {
     kind: Listener,
+    metrics: Arc<Metrics>,
     router: axum::Router,
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
@@ -282,7 +335,7 @@ struct ConnCtx {
 }
 
 impl ConnCtx {
-    fn new(server: &Server, kind: Listener) -> Self {
+    fn new(server: &Server, kind: Listener, router: Option<axum::Router>) -> Self {
         let limits = server.limits.clone();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -301,12 +354,20 @@ impl ConnCtx {
             .acme
             .as_ref()
             .map(|a| (Arc::clone(&a.challenges), Arc::clone(&a.alpn_config)));
-        let mut router = http::app(Arc::clone(&server.shared), kind);
-        if let (Some((challenges, _)), Listener::Http) = (&acme, kind) {
-            router = router.merge(challenge::http01_router(Arc::clone(challenges)));
-        }
+        // The admin listener brings its own router; the public http
+        // listener also answers HTTP-01 in ACME mode.
+        let router = router.unwrap_or_else(|| {
+            let app = http::app(Arc::clone(&server.shared), kind);
+            match (&acme, kind) {
+                (Some((challenges, _)), Listener::Http) => {
+                    app.merge(challenge::http01_router(Arc::clone(challenges)))
+                }
+                _ => app,
+            }
+        });
         ConnCtx {
             kind,
+            metrics: Arc::clone(&server.metrics),
             router,
             acme,
             certs: Arc::clone(&server.certs),
@@ -340,6 +401,7 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            ctx.metrics.connections_refused.inc();
             tracing::debug!(%peer, "connection limit reached; closing");
             drop(tcp);
             continue;
@@ -372,10 +434,12 @@ async fn serve_tls(
     let start = match tokio::time::timeout_at(deadline, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
+            ctx.metrics.handshake(Handshake::Failed);
             tracing::debug!(%peer, error = %e, "bad ClientHello");
             return;
         }
         Err(_) => {
+            ctx.metrics.handshake(Handshake::Timeout);
             tracing::debug!(%peer, "handshake timed out");
             return;
         }
@@ -393,6 +457,7 @@ async fn serve_tls(
         .map(|s| Arc::<str>::from(&*s));
     let Some(sni) = sni.filter(|s| ctx.certs.contains(s)) else {
         // Never fall back to another domain's certificate.
+        ctx.metrics.handshake(Handshake::UnknownSni);
         let mut io = start.io;
         let _ = tokio::time::timeout_at(deadline, async {
             let _ = io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
@@ -405,12 +470,17 @@ async fn serve_tls(
         match tokio::time::timeout_at(deadline, start.into_stream(Arc::clone(&ctx.tls_config)))
             .await
         {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => {
+                ctx.metrics.handshake(Handshake::Ok);
+                tls
+            }
             Ok(Err(e)) => {
+                ctx.metrics.handshake(Handshake::Failed);
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
             }
             Err(_) => {
+                ctx.metrics.handshake(Handshake::Timeout);
                 tracing::debug!(%peer, "handshake timed out");
                 return;
             }
@@ -484,8 +554,10 @@ async fn serve_io<I, S>(
     io.set_read_timeout(Some(ctx.limits.idle_timeout));
     let io = TokioIo::new(Box::pin(io));
     let conn = ctx.builder.serve_connection(io, svc).into_owned();
+    ctx.metrics.connections_open.inc();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+    ctx.metrics.connections_open.dec();
     drop(permit);
 }

@@ -119,7 +119,7 @@ impl Running {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(
             Arc::clone(&server)
-                .run(listeners.https, listeners.http, async {
+                .run(listeners.https, listeners.http, None, async {
                     let _ = rx.await;
                 })
                 .map_ok(),

@@ -1,0 +1,453 @@
+//! The admin API (off unless `[admin]` is configured): its own listener,
+//! every route behind a bearer token compared in constant time, JSON in and
+//! out, errors as `{"error": "...", "details": [...]}`.
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET | `/v1/domains` | every domain with mode, id, max_age, mx, certificate state, source |
+//! | GET | `/v1/domains/{name}` | one domain |
+//! | PUT | `/v1/domains/{name}` | create or replace a domain (written to `domains_dir/<name>.toml`, then reloaded) |
+//! | DELETE | `/v1/domains/{name}` | remove a domain the API manages |
+//! | POST | `/v1/reload` | re-read the config now |
+//! | GET | `/metrics` | Prometheus text exposition |
+//!
+//! Domains written by the API live in `domains_dir`, one file each, so a
+//! restart keeps them and operators can read them. A write that makes the
+//! config invalid is undone and answered 422 with the diagnostics.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::control::{Control, ReloadError};
+use crate::metrics::Trigger;
+use crate::policy::DomainName;
+use crate::snapshot::Site;
+use crate::store;
+
+/// Shortest token accepted: a guessable token makes the API an open door.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Why the admin API cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read admin token file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin token in {path} is shorter than {MIN_TOKEN_LEN} characters")]
+    TooShort { path: PathBuf },
+}
+
+/// Reads the bearer token (surrounding whitespace ignored).
+pub fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(TokenError::TooShort {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token.as_bytes().to_vec())
+}
+
+#[derive(Clone)]
+struct AdminState {
+    control: Arc<Control>,
+    token: Arc<[u8]>,
+}
+
+/// The admin router.
+pub fn router(control: Arc<Control>, token: Vec<u8>) -> Router {
+    let state = AdminState {
+        control,
+        token: token.into(),
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/domains", get(list))
+        .route("/v1/domains/{name}", get(show).put(put).delete(delete))
+        .route("/v1/reload", post(reload))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+/// An API error: status, message, and optional details (config diagnostics).
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+}
+
+impl From<ReloadError> for ApiError {
+    fn from(e: ReloadError) -> Self {
+        match e {
+            ReloadError::Config(errs) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: "the configuration is invalid; nothing was changed".to_owned(),
+                details: errs.errors.iter().map(ToString::to_string).collect(),
+            },
+            ReloadError::Embedded => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            other => {
+                tracing::error!("admin reload failed: {other:#}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "reload failed; see the server log",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            details: Vec<String>,
+        }
+        let mut resp = (
+            self.status,
+            Json(Body {
+                error: self.message,
+                details: self.details,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or(b"");
+    // Constant time in the token's content; only its length can leak.
+    if bool::from(presented.ct_eq(&state.token)) {
+        next.run(req).await
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.control.server().metrics().render(),
+    )
+        .into_response()
+}
+
+/// A domain as the API shows it.
+#[derive(Debug, Serialize)]
+struct DomainView {
+    name: String,
+    policy_host: String,
+    mode: String,
+    max_age: u64,
+    mx: Vec<String>,
+    /// The id published in `_mta-sts` TXT.
+    id: String,
+    certificate: CertView,
+    /// `file:line:col` where the domain is defined.
+    source: String,
+    /// Whether the API may change or delete it (its own file in domains_dir).
+    managed: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct CertView {
+    /// A certificate is loaded: handshakes for the policy host succeed.
+    loaded: bool,
+}
+
+fn view(control: &Control, site: &Site) -> DomainView {
+    let d = &site.domain;
+    DomainView {
+        name: d.name.to_string(),
+        policy_host: site.host.to_string(),
+        mode: d.policy.mode.to_string(),
+        max_age: d.policy.max_age,
+        mx: d.policy.mx.iter().map(ToString::to_string).collect(),
+        id: site.id.to_string(),
+        certificate: CertView {
+            loaded: control.server().has_certificate(&site.host),
+        },
+        source: format!(
+            "{}:{}:{}",
+            d.origin.file.display(),
+            d.origin.line,
+            d.origin.col
+        ),
+        managed: managed_file(control, &d.name).is_some_and(|f| d.origin.file == f),
+    }
+}
+
+async fn list(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
+    let snapshot = state.control.server().snapshot();
+    Json(
+        snapshot
+            .sites()
+            .iter()
+            .map(|s| view(&state.control, s))
+            .collect(),
+    )
+}
+
+fn parse_name(raw: &str) -> Result<DomainName, ApiError> {
+    DomainName::parse(raw)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("domain name: {e}")))
+}
+
+async fn show(
+    State(state): State<AdminState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<DomainView>, ApiError> {
+    let name = parse_name(&name)?;
+    let snapshot = state.control.server().snapshot();
+    let site = snapshot
+        .lookup(&name.policy_host())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("{name} is not configured")))?;
+    Ok(Json(view(&state.control, site)))
+}
+
+/// The file the API keeps `name` in, when a `domains_dir` is configured.
+fn managed_file(control: &Control, name: &DomainName) -> Option<PathBuf> {
+    control
+        .config()
+        .domains_dir
+        .as_ref()
+        .map(|d| d.join(format!("{name}.toml")))
+}
+
+/// Body of PUT: any `[[domain]]` key except `name` (taken from the URL).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainSpec {
+    mode: Option<String>,
+    max_age: Option<serde_json::Value>,
+    mx: Option<Vec<String>>,
+    mx_certs: Option<Vec<String>>,
+    tlsrpt_rua: Option<serde_json::Value>,
+    ttl: Option<i64>,
+    host_a: Option<Vec<String>>,
+    host_aaaa: Option<Vec<String>>,
+    host_cname: Option<String>,
+}
+
+impl DomainSpec {
+    /// The `[[domain]]` file the API writes.
+    fn to_toml(&self, name: &DomainName) -> Result<String, ApiError> {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), name.to_string().into());
+        let strings =
+            |v: &[String]| toml::Value::Array(v.iter().map(|s| s.as_str().into()).collect());
+        if let Some(v) = &self.mode {
+            t.insert("mode".into(), v.as_str().into());
+        }
+        if let Some(v) = &self.max_age {
+            t.insert("max_age".into(), json_scalar(v, "max_age")?);
+        }
+        if let Some(v) = &self.mx {
+            t.insert("mx".into(), strings(v));
+        }
+        if let Some(v) = &self.mx_certs {
+            t.insert("mx_certs".into(), strings(v));
+        }
+        if let Some(v) = &self.tlsrpt_rua {
+            let value = match v {
+                serde_json::Value::Array(items) => toml::Value::Array(
+                    items
+                        .iter()
+                        .map(|i| json_scalar(i, "tlsrpt_rua"))
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => json_scalar(other, "tlsrpt_rua")?,
+            };
+            t.insert("tlsrpt_rua".into(), value);
+        }
+        if let Some(v) = self.ttl {
+            t.insert("ttl".into(), v.into());
+        }
+        if let Some(v) = &self.host_a {
+            t.insert("host_a".into(), strings(v));
+        }
+        if let Some(v) = &self.host_aaaa {
+            t.insert("host_aaaa".into(), strings(v));
+        }
+        if let Some(v) = &self.host_cname {
+            t.insert("host_cname".into(), v.as_str().into());
+        }
+        let mut doc = toml::Table::new();
+        doc.insert(
+            "domain".into(),
+            toml::Value::Array(vec![toml::Value::Table(t)]),
+        );
+        let body = toml::to_string(&doc).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("cannot write domain: {e}"))
+        })?;
+        Ok(format!(
+            "# Managed by the mtasts admin API; edits by hand are kept until the next PUT.\n{body}"
+        ))
+    }
+}
+
+fn json_scalar(v: &serde_json::Value, key: &str) -> Result<toml::Value, ApiError> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.as_str().into()),
+        serde_json::Value::Number(n) => n.as_i64().map(toml::Value::from).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{key}: {n} is not a whole number"),
+            )
+        }),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{key} must be a string or a number"),
+        )),
+    }
+}
+
+/// Replaces (or removes, with `None`) the API file of a domain and reloads;
+/// on a rejected reload the previous file is restored.
+async fn write_and_reload(
+    control: &Control,
+    name: &DomainName,
+    content: Option<String>,
+) -> Result<(), ApiError> {
+    let lock = control.lock().await;
+    let Some(file) = managed_file(control, name) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no domains_dir is configured; the API has nowhere to keep domains",
+        ));
+    };
+    if let Some(d) = control.config().domain(name)
+        && d.origin.file != file
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is defined in {}:{}, which the API does not manage",
+                d.origin.file.display(),
+                d.origin.line
+            ),
+        ));
+    }
+    let previous = std::fs::read(&file).ok();
+    if content.is_none() && previous.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{name} is not configured"),
+        ));
+    }
+    let io_err = |e: std::io::Error| {
+        tracing::error!("admin API cannot write {}: {e}", file.display());
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot write the domain file; see the server log",
+        )
+    };
+    match &content {
+        Some(text) => {
+            store::write_atomic(&file, text.as_bytes(), store::PUBLIC_MODE).map_err(io_err)?
+        }
+        None => std::fs::remove_file(&file).map_err(io_err)?,
+    }
+    match control.reload_locked(&lock, Trigger::Admin).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let restored = match &previous {
+                Some(old) => store::write_atomic(&file, old, store::PUBLIC_MODE),
+                None => std::fs::remove_file(&file),
+            };
+            if let Err(re) = restored {
+                tracing::error!("cannot restore {}: {re}", file.display());
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn put(
+    State(state): State<AdminState>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<DomainSpec>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<DomainView>), ApiError> {
+    let name = parse_name(&name)?;
+    let Json(spec) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let existed = state.control.config().domain(&name).is_some();
+    write_and_reload(&state.control, &name, Some(spec.to_toml(&name)?)).await?;
+    let snapshot = state.control.server().snapshot();
+    let site = snapshot.lookup(&name.policy_host()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "domain missing after reload",
+        )
+    })?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(view(&state.control, site))))
+}
+
+async fn delete(
+    State(state): State<AdminState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let name = parse_name(&name)?;
+    write_and_reload(&state.control, &name, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+struct ReloadView {
+    domains: usize,
+    generation: u64,
+}
+
+async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadView>, ApiError> {
+    let r = state.control.reload(Trigger::Admin).await?;
+    Ok(Json(ReloadView {
+        domains: r.domains,
+        generation: r.generation,
+    }))
+}

@@ -1,0 +1,289 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+//!
+//! Every counter the request path touches is created once at start and held
+//! as a direct handle, so counting is one atomic add: no label lookup, no
+//! lock. Labels have bounded values (listener, outcome, mode); there is no
+//! per-domain label, so 100,000 domains do not mean 100,000 series.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::http::Listener;
+use crate::policy::Mode;
+
+/// What became of one HTTP request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 200 with a policy.
+    Policy,
+    /// 304: the client already had this version.
+    NotModified,
+    UnknownHost,
+    NotFound,
+    MethodNotAllowed,
+    Misdirected,
+    /// A policy request over plain HTTP without a proxy in front.
+    HttpsOnly,
+    /// ACME HTTP-01 challenge answered.
+    AcmeChallenge,
+}
+
+const OUTCOMES: [(Outcome, &str); 8] = [
+    (Outcome::Policy, "policy"),
+    (Outcome::NotModified, "not_modified"),
+    (Outcome::UnknownHost, "unknown_host"),
+    (Outcome::NotFound, "not_found"),
+    (Outcome::MethodNotAllowed, "method_not_allowed"),
+    (Outcome::Misdirected, "misdirected"),
+    (Outcome::HttpsOnly, "https_only"),
+    (Outcome::AcmeChallenge, "acme_challenge"),
+];
+
+/// Result of a TLS handshake attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    Ok,
+    /// SNI missing or not a configured domain: refused with unrecognized_name.
+    UnknownSni,
+    Failed,
+    Timeout,
+}
+
+const HANDSHAKES: [(Handshake, &str); 4] = [
+    (Handshake::Ok, "ok"),
+    (Handshake::UnknownSni, "unknown_sni"),
+    (Handshake::Failed, "failed"),
+    (Handshake::Timeout, "timeout"),
+];
+
+/// What started a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Watch,
+    Admin,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::Watch => "watch",
+            Trigger::Admin => "admin",
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// All metrics of one process.
+pub struct Metrics {
+    registry: Registry,
+    requests: [[Counter; OUTCOMES.len()]; 2],
+    fetches: [Counter; 3],
+    handshakes: [Counter; HANDSHAKES.len()],
+    reloads: Family<Labels, Counter>,
+    /// Connections refused because `max_connections` was reached.
+    pub connections_refused: Counter,
+    /// Open connections.
+    pub connections_open: Gauge,
+    /// Increases with every snapshot swapped in.
+    pub snapshot_generation: Gauge,
+    /// Domains in the current snapshot.
+    pub domains: Gauge,
+    /// Unix time of the earliest certificate expiry among served hosts.
+    pub cert_expiry_soonest: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mtasts");
+        let requests_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by listener and outcome",
+            requests_family.clone(),
+        );
+        let requests = [Listener::Https, Listener::Http].map(|l| {
+            OUTCOMES.map(|(_, name)| {
+                requests_family
+                    .get_or_create(&vec![("listener", listener_name(l)), ("outcome", name)])
+                    .clone()
+            })
+        });
+        let fetches_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_fetches",
+            "Policies served (200), by policy mode",
+            fetches_family.clone(),
+        );
+        let fetches = [Mode::Enforce, Mode::Testing, Mode::None].map(|m| {
+            fetches_family
+                .get_or_create(&vec![("mode", m.as_str())])
+                .clone()
+        });
+        let handshakes_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by result",
+            handshakes_family.clone(),
+        );
+        let handshakes = HANDSHAKES.map(|(_, name)| {
+            handshakes_family
+                .get_or_create(&vec![("result", name)])
+                .clone()
+        });
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "reloads",
+            "Configuration reloads by trigger and result",
+            reloads.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because max_connections was reached",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open client connections",
+            connections_open.clone(),
+        );
+        let snapshot_generation = Gauge::default();
+        registry.register(
+            "snapshot_generation",
+            "Number of the snapshot being served",
+            snapshot_generation.clone(),
+        );
+        let domains = Gauge::default();
+        registry.register(
+            "domains",
+            "Domains in the snapshot being served",
+            domains.clone(),
+        );
+        let cert_expiry_soonest = Gauge::default();
+        registry.register(
+            "cert_expiry_soonest_timestamp_seconds",
+            "Unix time at which the first served certificate expires",
+            cert_expiry_soonest.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            fetches,
+            handshakes,
+            reloads,
+            connections_refused,
+            connections_open,
+            snapshot_generation,
+            domains,
+            cert_expiry_soonest,
+        }
+    }
+
+    /// Counts one request (one atomic add).
+    pub fn request(&self, listener: Listener, outcome: Outcome) {
+        let l = match listener {
+            Listener::Https => 0,
+            Listener::Http => 1,
+        };
+        if let (Some(row), Some(i)) = (
+            self.requests.get(l),
+            OUTCOMES.iter().position(|(o, _)| *o == outcome),
+        ) && let Some(c) = row.get(i)
+        {
+            c.inc();
+        }
+    }
+
+    /// Counts one served policy by its mode.
+    pub fn fetch(&self, mode: Mode) {
+        let i = match mode {
+            Mode::Enforce => 0,
+            Mode::Testing => 1,
+            Mode::None => 2,
+        };
+        if let Some(c) = self.fetches.get(i) {
+            c.inc();
+        }
+    }
+
+    pub fn handshake(&self, result: Handshake) {
+        if let Some(i) = HANDSHAKES.iter().position(|(h, _)| *h == result)
+            && let Some(c) = self.handshakes.get(i)
+        {
+            c.inc();
+        }
+    }
+
+    pub fn reload(&self, trigger: Trigger, ok: bool) {
+        self.reloads
+            .get_or_create(&vec![
+                ("trigger", trigger.as_str()),
+                ("result", if ok { "ok" } else { "error" }),
+            ])
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn listener_name(l: Listener) -> &'static str {
+    match l {
+        Listener::Https => "https",
+        Listener::Http => "http",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_show_in_exposition() {
+        let m = Metrics::new();
+        m.request(Listener::Https, Outcome::Policy);
+        m.request(Listener::Https, Outcome::Policy);
+        m.request(Listener::Http, Outcome::UnknownHost);
+        m.fetch(Mode::Enforce);
+        m.handshake(Handshake::UnknownSni);
+        m.reload(Trigger::Admin, false);
+        let text = m.render();
+        assert!(
+            text.contains("mtasts_http_requests_total{listener=\"https\",outcome=\"policy\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "mtasts_http_requests_total{listener=\"http\",outcome=\"unknown_host\"} 1"
+            )
+        );
+        assert!(text.contains("mtasts_policy_fetches_total{mode=\"enforce\"} 1"));
+        assert!(text.contains("mtasts_tls_handshakes_total{result=\"unknown_sni\"} 1"));
+        assert!(text.contains("mtasts_reloads_total{trigger=\"admin\",result=\"error\"} 1"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,479 @@
+//! The admin API, metrics, file-watch reload and reloads under load, against
+//! the real binary.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::ServeProc;
+use common::client::{self, TlsClient};
+
+const TOKEN: &str = "0123456789abcdef-test-token";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    https: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (https, http, admin) = (common::loopback(), common::loopback(), common::loopback());
+    std::fs::create_dir(dir.path().join("domains.d")).expect("mkdir");
+    common::write(dir.path(), "admin.token", &format!("{TOKEN}\n"));
+    let config = common::write(
+        dir.path(),
+        "mtasts.toml",
+        &format!(
+            "domains_dir = \"domains.d\"\n{}[admin]\nlisten = \"{admin}\"\ntoken_file = \"admin.token\"\n[defaults]\nmx = [\"mx.provider.example\"]\n[[domain]]\nname = \"main.example\"\n",
+            common::server_section(https, http, &dir.path().join("state"))
+        ),
+    );
+    Setup {
+        dir,
+        config,
+        https,
+        http,
+        admin,
+    }
+}
+
+fn auth() -> [(&'static str, &'static str); 1] {
+    [("Authorization", "Bearer 0123456789abcdef-test-token")]
+}
+
+async fn api(admin: SocketAddr, method: &str, path: &str, body: Option<&str>) -> client::Response {
+    client::http_call(admin, method, path, &auth(), body)
+        .await
+        .expect("admin call")
+}
+
+fn json(resp: &client::Response) -> serde_json::Value {
+    serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&resp.body)))
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn admin_requires_the_token() {
+    let s = setup();
+    let _proc = ServeProc::start(&s.config, s.https, s.http);
+    wait_until("admin listener", || async {
+        tokio::net::TcpStream::connect(s.admin).await.is_ok()
+    })
+    .await;
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-token-wrong-token")],
+        vec![("Authorization", "Bearer 0123456789abcdef-test-toke")],
+        vec![("Authorization", TOKEN)],
+    ] {
+        let resp = client::http_call(s.admin, "GET", "/v1/domains", &headers, None)
+            .await
+            .expect("call");
+        assert_eq!(resp.status, 401, "{headers:?}");
+        assert_eq!(resp.header("www-authenticate"), Some("Bearer"));
+        assert!(json(&resp)["error"].is_string());
+    }
+    let resp = client::http_call(s.admin, "GET", "/metrics", &[], None)
+        .await
+        .expect("call");
+    assert_eq!(resp.status, 401, "metrics are protected too");
+}
+
+#[tokio::test]
+async fn admin_crud_is_persisted_and_validated() {
+    let s = setup();
+    let mut proc = ServeProc::start(&s.config, s.https, s.http);
+    let client = TlsClient::trusting_pem_file(&s.dir.path().join("state/ca/ca.pem"));
+    wait_until("admin listener", || async {
+        tokio::net::TcpStream::connect(s.admin).await.is_ok()
+    })
+    .await;
+
+    let list = api(s.admin, "GET", "/v1/domains", None).await;
+    assert_eq!(list.status, 200);
+    let list = json(&list);
+    assert_eq!(list[0]["name"], "main.example");
+    assert_eq!(list[0]["managed"], false);
+    assert_eq!(list[0]["certificate"]["loaded"], true);
+
+    // Create.
+    let resp = api(
+        s.admin,
+        "PUT",
+        "/v1/domains/Customer.Example",
+        Some(r#"{"mode": "enforce", "max_age": "2w", "mx": ["mx1.customer.example", "*.mx.customer.example"]}"#),
+    )
+    .await;
+    assert_eq!(resp.status, 201, "{}", String::from_utf8_lossy(&resp.body));
+    let created = json(&resp);
+    assert_eq!(created["name"], "customer.example");
+    assert_eq!(created["managed"], true);
+    let served = client
+        .get_policy(s.https, "customer.example")
+        .await
+        .expect("new domain served");
+    assert_eq!(
+        served.body,
+        b"version: STSv1\r\nmode: enforce\r\nmx: *.mx.customer.example\r\nmx: mx1.customer.example\r\nmax_age: 1209600\r\n"
+    );
+    assert_eq!(
+        served.header("etag"),
+        Some(format!("\"{}\"", created["id"].as_str().expect("id")).as_str())
+    );
+    assert!(
+        s.dir
+            .path()
+            .join("domains.d/customer.example.toml")
+            .exists()
+    );
+
+    // Update.
+    let resp = api(
+        s.admin,
+        "PUT",
+        "/v1/domains/customer.example",
+        Some(r#"{"mode": "testing", "mx": ["mx1.customer.example"]}"#),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_ne!(
+        json(&resp)["id"],
+        created["id"],
+        "a changed policy gets a new id"
+    );
+
+    // Invalid: rejected with diagnostics, nothing changes.
+    let before = std::fs::read(s.dir.path().join("domains.d/customer.example.toml")).expect("file");
+    let resp = api(
+        s.admin,
+        "PUT",
+        "/v1/domains/customer.example",
+        Some(r#"{"mode": "strict", "mx": ["mx1.customer.example"]}"#),
+    )
+    .await;
+    assert_eq!(resp.status, 422);
+    let err = json(&resp);
+    let details = err["details"][0].as_str().expect("detail");
+    assert!(
+        details.contains("customer.example.toml:") && details.contains("mode \"strict\""),
+        "{details}"
+    );
+    assert_eq!(
+        std::fs::read(s.dir.path().join("domains.d/customer.example.toml")).expect("file"),
+        before
+    );
+    let served = client
+        .get_policy(s.https, "customer.example")
+        .await
+        .expect("still served");
+    assert!(String::from_utf8_lossy(&served.body).contains("mode: testing"));
+
+    // Bad requests.
+    assert_eq!(
+        api(
+            s.admin,
+            "PUT",
+            "/v1/domains/customer.example",
+            Some(r#"{"colour": "blue"}"#)
+        )
+        .await
+        .status,
+        400
+    );
+    assert_eq!(
+        api(s.admin, "PUT", "/v1/domains/not%20a%20domain", Some("{}"))
+            .await
+            .status,
+        400
+    );
+    let resp = api(
+        s.admin,
+        "PUT",
+        "/v1/domains/main.example",
+        Some(r#"{"mode": "none"}"#),
+    )
+    .await;
+    assert_eq!(
+        resp.status, 409,
+        "domains from other files are not the API's"
+    );
+    assert_eq!(
+        api(s.admin, "DELETE", "/v1/domains/main.example", None)
+            .await
+            .status,
+        409
+    );
+    assert_eq!(
+        api(s.admin, "GET", "/v1/domains/nope.example", None)
+            .await
+            .status,
+        404
+    );
+
+    // Restart keeps the API's domain.
+    proc.signal("TERM");
+    let _ = proc.child.wait();
+    drop(proc);
+    let proc = ServeProc::start(&s.config, s.https, s.http);
+    let served = client
+        .get_policy(s.https, "customer.example")
+        .await
+        .expect("after restart");
+    assert_eq!(served.status, 200);
+
+    // Delete.
+    wait_until("admin listener", || async {
+        tokio::net::TcpStream::connect(s.admin).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        api(s.admin, "DELETE", "/v1/domains/customer.example", None)
+            .await
+            .status,
+        204
+    );
+    assert!(
+        client
+            .connect(s.https, "mta-sts.customer.example")
+            .await
+            .is_err()
+    );
+    assert!(
+        !s.dir
+            .path()
+            .join("domains.d/customer.example.toml")
+            .exists()
+    );
+    assert_eq!(
+        api(s.admin, "DELETE", "/v1/domains/customer.example", None)
+            .await
+            .status,
+        404
+    );
+    drop(proc);
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in metrics:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_handshakes_and_reloads() {
+    let s = setup();
+    let _proc = ServeProc::start(&s.config, s.https, s.http);
+    let client = TlsClient::trusting_pem_file(&s.dir.path().join("state/ca/ca.pem"));
+    wait_until("admin listener", || async {
+        tokio::net::TcpStream::connect(s.admin).await.is_ok()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            client
+                .get_policy(s.https, "main.example")
+                .await
+                .expect("fetch")
+                .status,
+            200
+        );
+    }
+    assert!(
+        client
+            .connect(s.https, "mta-sts.unknown.example")
+            .await
+            .is_err()
+    );
+    let _ = client::http_request(s.http, "GET", "mta-sts.unknown.example", "/").await;
+    assert_eq!(api(s.admin, "POST", "/v1/reload", None).await.status, 200);
+
+    let resp = api(s.admin, "GET", "/metrics", None).await;
+    assert_eq!(resp.status, 200);
+    let text = String::from_utf8_lossy(&resp.body).into_owned();
+    assert_eq!(
+        metric(
+            &text,
+            "mtasts_http_requests_total{listener=\"https\",outcome=\"policy\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "mtasts_policy_fetches_total{mode=\"testing\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "mtasts_tls_handshakes_total{result=\"unknown_sni\"}"),
+        1.0
+    );
+    assert!(
+        metric(&text, "mtasts_tls_handshakes_total{result=\"ok\"}") >= 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "mtasts_http_requests_total{listener=\"http\",outcome=\"unknown_host\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "mtasts_reloads_total{trigger=\"admin\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "mtasts_domains"), 1.0);
+    assert_eq!(metric(&text, "mtasts_snapshot_generation"), 2.0);
+    let expiry = metric(&text, "mtasts_cert_expiry_soonest_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        expiry > now + 30.0 * 86400.0,
+        "self-signed certificates last 90 days"
+    );
+}
+
+#[tokio::test]
+async fn domains_dir_changes_reload_without_signal() {
+    let s = setup();
+    let _proc = ServeProc::start(&s.config, s.https, s.http);
+    let client = TlsClient::trusting_pem_file(&s.dir.path().join("state/ca/ca.pem"));
+    common::write(
+        &s.dir.path().join("domains.d"),
+        "watched.toml",
+        "[[domain]]\nname = \"watched.example\"\nmode = \"enforce\"\n",
+    );
+    wait_until("watched.example served", || async {
+        client
+            .get_policy(s.https, "watched.example")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    // A broken file is rejected; the rest keeps serving.
+    common::write(
+        &s.dir.path().join("domains.d"),
+        "broken.toml",
+        "[[domain]]\nname = \"broken.example\"\nmx = [\"10.0.0.1\"]\n",
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(_proc.log().contains("broken.toml:3:7"), "{}", _proc.log());
+    assert_eq!(
+        client
+            .get_policy(s.https, "watched.example")
+            .await
+            .expect("still")
+            .status,
+        200
+    );
+    assert!(
+        client
+            .connect(s.https, "mta-sts.broken.example")
+            .await
+            .is_err()
+    );
+}
+
+/// Ten reloads in a row while clients fetch policies over new and kept-alive
+/// connections: not one request may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_during_reloads() {
+    let s = setup();
+    let _proc = ServeProc::start(&s.config, s.https, s.http);
+    let client = TlsClient::trusting_pem_file(&s.dir.path().join("state/ca/ca.pem"));
+    wait_until("admin listener", || async {
+        tokio::net::TcpStream::connect(s.admin).await.is_ok()
+    })
+    .await;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (client, ok, failed, stop, https) = (
+            client.clone(),
+            Arc::clone(&ok),
+            Arc::clone(&failed),
+            Arc::clone(&stop),
+            s.https,
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get_policy(https, "main.example").await {
+                    Ok(r) if r.status == 200 && r.body.starts_with(b"version: STSv1") => {
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let domains = s.dir.path().join("domains.d");
+    for i in 0..10 {
+        // Alternate the triggers; every reload changes the domain set.
+        common::write(
+            &domains,
+            &format!("r{i}.toml"),
+            &format!("[[domain]]\nname = \"r{i}.example\"\n"),
+        );
+        let resp = api(s.admin, "POST", "/v1/reload", None).await;
+        assert_eq!(resp.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 40, "too few requests to mean anything: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during reloads",
+        ok + failed
+    );
+    assert_eq!(
+        client
+            .get_policy(s.https, "r9.example")
+            .await
+            .expect("last added")
+            .status,
+        200
+    );
+}
+
+#[test]
+fn admin_needs_listen_and_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = common::write(dir.path(), "m.toml", "[admin]\nlisten = \"127.0.0.1:1\"\n");
+    let out = std::process::Command::new(common::bin())
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("m.toml:1:1: [admin] needs `token_file`")
+    );
+}
