@@ -121,7 +121,7 @@ impl Default for Limits {
 pub enum TlsMode {
     /// A local CA in `state_dir` issues a certificate per `mta-sts.<domain>`.
     SelfSigned,
-    /// Publicly trusted certificates through ACME (not implemented yet).
+    /// Publicly trusted certificates through ACME (`acme` module, docs/ACME.md).
     Acme,
 }
 
