@@ -133,7 +133,7 @@ pub struct AdminConfig {
 pub enum TlsMode {
     /// A local CA in `state_dir` issues a certificate per `mta-sts.<domain>`.
     SelfSigned,
-    /// Publicly trusted certificates through ACME (not implemented yet).
+    /// Publicly trusted certificates through ACME (`acme` module, docs/ACME.md).
     Acme,
 }
 

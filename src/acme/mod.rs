@@ -131,8 +131,6 @@ enum Outcome {
 struct Entry {
     target: Target,
     cert: Option<CertInfo>,
-    /// The DER leaf, for ARI.
-    leaf: Option<Vec<u8>>,
     /// Our own renewal time of the stored certificate (unix seconds).
     renew_at: Option<i64>,
     state: CertState,
@@ -269,7 +267,13 @@ impl<S: CertStore> Manager<S> {
                     let me = Arc::clone(&self);
                     let target = entry.target.clone();
                     let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
-                    let leaf = entry.leaf.clone().zip(entry.renew_at);
+                    // The served leaf (for ARI) comes from the SNI index:
+                    // no second copy of every certificate in memory.
+                    let leaf = self
+                        .index
+                        .lookup(&host)
+                        .and_then(|key| key.cert.first().map(|c| c.to_vec()))
+                        .zip(entry.renew_at);
                     let handle = tasks.spawn(async move {
                         let (ordered, result) = me.attempt(&target, kind, leaf).await;
                         Attempted {
@@ -397,13 +401,11 @@ impl<S: CertStore> Manager<S> {
             }
         };
         let mut cert = None;
-        let mut leaf = None;
         let mut serve = None;
         match self.store.load_cert(host).await {
             Ok(None) => {}
             Ok(Some(bundle)) => match order::inspect(host, &bundle) {
                 Ok((key, info)) if info.not_after > unix(now) => {
-                    leaf = key.cert.first().map(|c| c.to_vec());
                     serve = Some(Arc::new(key));
                     cert = Some(info);
                 }
@@ -464,7 +466,6 @@ impl<S: CertStore> Manager<S> {
         let entry = Entry {
             target,
             cert,
-            leaf,
             renew_at,
             state,
             due,
@@ -759,7 +760,6 @@ impl<S: CertStore> Manager<S> {
                 if let Some(entry) = entry {
                     // Only a host still configured is served (below, once
                     // its state is recorded).
-                    entry.leaf = issued.key.cert.first().map(|c| c.to_vec());
                     entry.renew_at = Some(renew);
                     serve = Some(Arc::new(issued.key));
                     entry.cert = Some(info);

@@ -237,3 +237,67 @@ pub fn table(report: &CertReport) -> String {
     out.push('\n');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn report_from_store_and_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "[server]\nstate_dir = \"{}\"\n[tls]\nmode = \"acme\"\norders_per_hour = 2\n[defaults]\nmode = \"none\"\n[[domain]]\nname = \"a.example\"\n[[domain]]\nname = \"b.example\"\n",
+            dir.path().display()
+        );
+        let cfg = Config::from_source(Path::new("t.toml"), dir.path(), text).expect("config");
+        let store = DirStore::open(dir.path()).expect("store");
+        let state = CertState {
+            failures: 2,
+            waiting_dns: true,
+            last_error: Some("mta-sts.b.example has no A/AAAA record".into()),
+            next_attempt: Some(unix(SystemTime::now()) + 60),
+            ..CertState::default()
+        };
+        store
+            .write_state("mta-sts.b.example", &state)
+            .expect("state");
+        store
+            .write_state("mta-sts.gone.example", &CertState::default())
+            .expect("state");
+        let report = report(&cfg);
+        let states: Vec<(&str, &str)> = report
+            .hosts
+            .iter()
+            .map(|r| (r.host.as_str(), r.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("mta-sts.a.example", "pending"),
+                ("mta-sts.b.example", "waiting-dns"),
+                ("mta-sts.gone.example", "removed"),
+            ]
+        );
+        assert_eq!((report.valid, report.pending, report.failing), (0, 2, 1));
+        assert_eq!(report.eta_seconds, 3600, "2 pending at 2 per hour");
+        let text = table(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("HOST "), "{text}");
+        assert!(
+            lines[2].contains("(2x) mta-sts.b.example has no A/AAAA record"),
+            "{text}"
+        );
+        assert!(lines[2].contains("retry "), "{text}");
+        assert!(lines[4].contains("queue ETA ~1h"), "{text}");
+        // Columns line up.
+        let col = lines[0].find("STATE").expect("STATE");
+        assert!(
+            lines
+                .iter()
+                .skip(1)
+                .take(3)
+                .all(|l| l.get(col..col + 1) != Some(" "))
+        );
+    }
+}
