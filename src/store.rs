@@ -194,6 +194,7 @@ impl DirStore {
         root.is_dir().then(|| DirStore { root: root.into() })
     }
 
+    /// `state_dir/acme`.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -219,15 +220,18 @@ impl DirStore {
         self.root.join("accounts").join(format!("{hex}.json"))
     }
 
+    /// The stored bundle of `host` (blocking; see [`CertStore::load_cert`]).
     pub fn read_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
         read_optional(&self.cert_path(host)?)
     }
 
+    /// Stores the bundle of `host` atomically, 0600.
     pub fn write_cert(&self, host: &str, bundle: &[u8]) -> Result<(), StoreError> {
         let path = self.cert_path(host)?;
         write_atomic(&path, bundle, KEY_MODE).map_err(|source| StoreError::Io { path, source })
     }
 
+    /// The stored state of `host`; a broken file is an error naming it.
     pub fn read_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
         let path = self.state_path(host)?;
         match read_optional(&path)? {
@@ -238,6 +242,7 @@ impl DirStore {
         }
     }
 
+    /// Stores the state of `host` atomically.
     pub fn write_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
         let path = self.state_path(host)?;
         let json = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Json {
@@ -247,10 +252,12 @@ impl DirStore {
         write_atomic(&path, &json, PUBLIC_MODE).map_err(|source| StoreError::Io { path, source })
     }
 
+    /// The stored account credentials for `directory`.
     pub fn read_account(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {
         read_optional(&self.account_path(directory))
     }
 
+    /// Stores the account credentials for `directory` atomically, 0600.
     pub fn write_account(&self, directory: &str, credentials: &[u8]) -> Result<(), StoreError> {
         let path = self.account_path(directory);
         write_atomic(&path, credentials, KEY_MODE).map_err(|source| StoreError::Io { path, source })

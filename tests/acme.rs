@@ -461,8 +461,8 @@ async fn ca_down_backs_off_keeps_serving_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_domains_with_bounded_concurrency() {
     init();
-    const N: usize = 100;
-    const MAX: usize = 4;
+    const N: usize = 200;
+    const MAX: usize = 6;
     let listeners = Listeners::bind().await;
     let (http_port, tls_port) = listeners.ports();
     let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {

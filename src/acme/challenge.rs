@@ -37,10 +37,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Challenges {
+    /// The key authorization for an HTTP-01 `token`, while its order is open.
     pub fn http01(&self, token: &str) -> Option<String> {
         lock(&self.http01).get(token).cloned()
     }
 
+    /// The TLS-ALPN-01 certificate for `host`, while its order is open.
     pub fn tls_alpn01(&self, host: &str) -> Option<Arc<CertifiedKey>> {
         lock(&self.tls_alpn01).get(host).cloned()
     }
@@ -63,11 +65,13 @@ pub struct Armed {
 }
 
 impl Armed {
+    /// Answers HTTP-01 `token` with `key_authorization`.
     pub fn http01(&mut self, token: String, key_authorization: String) {
         lock(&self.challenges.http01).insert(token.clone(), key_authorization);
         self.tokens.push(token);
     }
 
+    /// Answers TLS-ALPN-01 handshakes for `host` with `cert`.
     pub fn tls_alpn01(&mut self, host: &str, cert: Arc<CertifiedKey>) {
         lock(&self.challenges.tls_alpn01).insert(host.to_owned(), cert);
         self.hosts.push(host.to_owned());

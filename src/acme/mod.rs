@@ -58,6 +58,7 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure of `kind` explained by `message`.
     pub fn new(kind: FailureKind, message: String) -> Failure {
         Failure {
             kind,
@@ -168,6 +169,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 const MAX_SLEEP: Duration = Duration::from_secs(300);
 
 impl<S: CertStore> Manager<S> {
+    /// A manager that fills `index` with certificates kept in `store`,
+    /// publishing challenge answers in `challenges`.
     pub fn new(
         cfg: AcmeConfig,
         store: Arc<S>,
@@ -187,6 +190,7 @@ impl<S: CertStore> Manager<S> {
         }
     }
 
+    /// The counters as of the last scheduler round.
     pub fn progress(&self) -> Progress {
         self.progress
             .lock()

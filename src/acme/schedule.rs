@@ -57,6 +57,7 @@ pub struct Pacer {
 const HOUR: i64 = 3600;
 
 impl Pacer {
+    /// A window allowing `per_hour` orders (at least 1).
     pub fn new(per_hour: u32) -> Pacer {
         Pacer {
             per_hour: usize::try_from(per_hour).unwrap_or(usize::MAX).max(1),

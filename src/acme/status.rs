@@ -168,6 +168,22 @@ fn row(
     row
 }
 
+/// `[#######-------------]  35% ` while a batch is under way; empty when
+/// everything is valid.
+fn bar(done: usize, total: usize) -> String {
+    const WIDTH: usize = 20;
+    if total == 0 || done >= total {
+        return String::new();
+    }
+    let filled = done * WIDTH / total;
+    format!(
+        "[{}{}] {:>3}% ",
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled),
+        done * 100 / total
+    )
+}
+
 /// Plain-text table for people.
 pub fn table(report: &CertReport) -> String {
     let mut out = String::new();
@@ -225,8 +241,12 @@ pub fn table(report: &CertReport) -> String {
         push([&l[0], &l[1], &l[2], &l[3], &l[4], &l[5]]);
     }
     out.push_str(&format!(
-        "{} valid, {} pending, {} failing; directory {}",
-        report.valid, report.pending, report.failing, report.directory
+        "{}{} valid, {} pending, {} failing; directory {}",
+        bar(report.valid, report.valid + report.pending),
+        report.valid,
+        report.pending,
+        report.failing,
+        report.directory
     ));
     if report.pending > 0 {
         out.push_str(&format!(
@@ -290,6 +310,12 @@ mod tests {
         );
         assert!(lines[2].contains("retry "), "{text}");
         assert!(lines[4].contains("queue ETA ~1h"), "{text}");
+        assert!(
+            lines[4].starts_with("[--------------------]   0% 0 valid"),
+            "{text}"
+        );
+        assert_eq!(bar(1, 4), "[#####---------------]  25% ");
+        assert_eq!(bar(4, 4), "");
         // Columns line up.
         let col = lines[0].find("STATE").expect("STATE");
         assert!(
