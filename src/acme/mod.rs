@@ -156,6 +156,12 @@ pub struct Manager<S: CertStore> {
     progress: Mutex<Progress>,
 }
 
+/// Longest one exchange with the CA (account, order, validation,
+/// certificate) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest an ARI check may take.
+const ARI_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How often a CA with ARI is asked whether a certificate should be renewed
 /// early (Let's Encrypt suggests about every 6 hours).
 const ARI_POLL: Duration = Duration::from_secs(6 * 3600);
@@ -503,7 +509,12 @@ impl<S: CertStore> Manager<S> {
         let mut replaces = None;
         if let Some((leaf, renew_at)) = current {
             let due = renew_at <= unix(now);
-            match self.ari(&leaf, renew_at, due).await {
+            let ari = tokio::time::timeout(ARI_TIMEOUT, self.ari(&leaf, renew_at, due));
+            let ari = ari.await.unwrap_or_else(|_| {
+                tracing::debug!("ARI check timed out");
+                if due { Ok(None) } else { Err(now + ARI_POLL) }
+            });
+            match ari {
                 Ok(Some(id)) => replaces = Some(id),
                 Ok(None) => {}
                 Err(later) if !due => return (false, Ok(Outcome::Later(later))),
@@ -524,19 +535,31 @@ impl<S: CertStore> Manager<S> {
                 Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
             }
         }
-        let account = match self.account().await {
-            Ok(a) => a,
-            Err(f) => return (false, Err(f)),
+        // No request of the ACME client has its own timeout: bound the
+        // whole exchange, so a CA that stops answering cannot hold a
+        // concurrency slot forever.
+        let exchange = async {
+            let account = self.account().await?;
+            order::issue(
+                &account,
+                &target.host,
+                kind,
+                self.cfg.key_type,
+                &self.challenges,
+                replaces,
+            )
+            .await
         };
-        let result = order::issue(
-            &account,
-            &target.host,
-            kind,
-            self.cfg.key_type,
-            &self.challenges,
-            replaces,
-        )
-        .await;
+        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::new(
+                FailureKind::Ca,
+                format!(
+                    "no answer from the CA within {} s",
+                    ATTEMPT_TIMEOUT.as_secs()
+                ),
+            )),
+        };
         if let Err(f) = &result
             && f.account_gone
         {

@@ -47,7 +47,7 @@ fn acme_type(kind: ChallengeKind) -> ChallengeType {
 }
 
 /// How long to wait for the CA to validate, and for the certificate.
-const POLL_TIMEOUT: Duration = Duration::from_secs(90);
+const POLL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Orders a certificate for `host`, preferring the `preferred` challenge and
 /// falling back to the other one when the CA does not offer it. `replaces`
