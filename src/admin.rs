@@ -164,6 +164,7 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    state.control.server().refresh_metrics();
     (
         [(
             header::CONTENT_TYPE,

@@ -53,6 +53,12 @@ pub enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = RecordFormat::Bind)]
         format: RecordFormat,
+        /// Render with your own minijinja template instead (see docs/DNS.md).
+        #[arg(long, value_name = "FILE", conflicts_with = "format")]
+        template: Option<PathBuf>,
+        /// Delegated hosting: the records of one side only (needs [delegation]).
+        #[arg(long = "for", value_enum, value_name = "SIDE")]
+        side: Option<RecordSide>,
         /// Only these domains.
         domains: Vec<String>,
     },
@@ -75,6 +81,62 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = CertsFormat::Table)]
         format: CertsFormat,
     },
+    /// Verify domains live, like a sending MTA: TXT, policy over HTTPS,
+    /// MX coverage, optionally STARTTLS. Exit 1 if any check FAILs.
+    Check {
+        /// Compare the live id and body with this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// DNS resolver (default: first nameserver in /etc/resolv.conf).
+        #[arg(long, value_name = "IP:PORT")]
+        resolver: Option<std::net::SocketAddr>,
+        #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+        format: CheckFormat,
+        /// Also connect to every MX and check STARTTLS and its certificate.
+        #[arg(long)]
+        starttls: bool,
+        /// Is switching to mode = "enforce" safe? (implies --starttls)
+        #[arg(long)]
+        preflight_enforce: bool,
+        /// Trust this PEM bundle instead of the system roots (e.g. the local
+        /// CA at <state_dir>/ca/ca.pem).
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
+        /// Port of the policy host (senders use 443).
+        #[arg(long, default_value_t = 443)]
+        https_port: u16,
+        /// Port of the MX hosts for --starttls (senders use 25).
+        #[arg(long, default_value_t = 25)]
+        smtp_port: u16,
+        /// Per network operation.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(required = true)]
+        domains: Vec<String>,
+    },
+    /// Keep records current on a DNS server.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Send the records to the [dns.update] server once (RFC 2136 UPDATE,
+    /// TSIG-signed). Only RRsets that differ are sent; see docs/DNS.md.
+    Push {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Which records (default: provider with [delegation], else full).
+        #[arg(long = "for", value_enum, value_name = "SIDE")]
+        side: Option<RecordSide>,
+        /// Read and compare only; send no update.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only these domains.
+        domains: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -89,6 +151,55 @@ pub enum RecordFormat {
     Bind,
     /// A JSON array of {domain, name, type, ttl, value}.
     Json,
+    /// CSV: domain,name,type,ttl,value.
+    Csv,
+    /// octoDNS YAML, one document per zone.
+    Octodns,
+    /// Cloudflare API bodies per zone (dns_records/batch).
+    Cloudflare,
+    /// Route 53 ChangeBatch JSON per zone.
+    Route53,
+}
+
+impl From<RecordFormat> for dns::format::Format {
+    fn from(f: RecordFormat) -> Self {
+        use dns::format::Format;
+        match f {
+            RecordFormat::Bind => Format::Bind,
+            RecordFormat::Json => Format::Json,
+            RecordFormat::Csv => Format::Csv,
+            RecordFormat::Octodns => Format::Octodns,
+            RecordFormat::Cloudflare => Format::Cloudflare,
+            RecordFormat::Route53 => Format::Route53,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
+}
+
+/// The two sides of delegated hosting.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RecordSide {
+    /// No delegation: every record in each domain's own zone.
+    Full,
+    /// The customer's zone: CNAMEs to the provider (set once) and TLS-RPT.
+    Customer,
+    /// The provider's zone: the TXT with the rotating id per customer.
+    Provider,
+}
+
+impl From<RecordSide> for dns::Side {
+    fn from(s: RecordSide) -> Self {
+        match s {
+            RecordSide::Full => dns::Side::Full,
+            RecordSide::Customer => dns::Side::Customer,
+            RecordSide::Provider => dns::Side::Provider,
+        }
+    }
 }
 
 /// Entry point of the binary.
@@ -125,11 +236,48 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Records {
             config,
             format,
+            template,
+            side,
             domains,
-        } => records(&config, format, &domains),
+        } => records(&config, format, template.as_deref(), side, &domains),
         Command::Policy { config, domain } => policy(&config, &domain),
         Command::CheckConfig { config } => Ok(check_config(&config)),
         Command::Certs { config, format } => certs(&config, format),
+        Command::Check {
+            config,
+            resolver,
+            format,
+            starttls,
+            preflight_enforce,
+            ca_file,
+            https_port,
+            smtp_port,
+            timeout,
+            domains,
+        } => {
+            let options = crate::check::Options {
+                resolver: match resolver {
+                    Some(r) => r,
+                    None => crate::check::system_resolver()?,
+                },
+                https_port,
+                smtp_port,
+                ca_file,
+                starttls,
+                preflight_enforce,
+                timeout,
+            };
+            check(config.as_deref(), &options, format, &domains)
+        }
+        Command::Dns {
+            command:
+                DnsCommand::Push {
+                    config,
+                    side,
+                    dry_run,
+                    domains,
+                },
+        } => dns_push(&config, side, dry_run, &domains),
     }
 }
 
@@ -227,8 +375,23 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn records(path: &Path, format: RecordFormat, names: &[String]) -> anyhow::Result<ExitCode> {
+fn records(
+    path: &Path,
+    format: RecordFormat,
+    template: Option<&Path>,
+    side: Option<RecordSide>,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
+    // Read the template before any output, so a bad path prints nothing else.
+    let template = template
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|text| (p, text))
+                .with_context(|| format!("cannot read template {}", p.display()))
+        })
+        .transpose()?;
+    let side = side.map_or(dns::Side::Full, dns::Side::from);
     let only = domain_args(names)?;
     for d in &only {
         if cfg.domain(d).is_none() {
@@ -236,23 +399,129 @@ fn records(path: &Path, format: RecordFormat, names: &[String]) -> anyhow::Resul
         }
     }
     let snapshot = Snapshot::build(&cfg);
-    for site in snapshot.sites() {
-        if (only.is_empty() || only.contains(&site.domain.name))
-            && site.domain.host == crate::config::HostRecord::Unset
-        {
-            eprintln!(
-                "note: no host record for {} (set host_a/host_aaaa or host_cname); point it at this server",
-                site.host
-            );
-        }
+    let hostless: Vec<&str> = snapshot
+        .sites()
+        .iter()
+        .filter(|_| side == dns::Side::Full)
+        .filter(|s| only.is_empty() || only.contains(&s.domain.name))
+        .filter(|s| s.domain.host == crate::config::HostRecord::Unset)
+        .map(|s| &*s.host)
+        .collect();
+    if let Some(first) = hostless.first() {
+        let more = match hostless.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        eprintln!(
+            "note: no host record for {first}{more} (set host_a/host_aaaa or host_cname); point it at this server"
+        );
     }
-    let recs = dns::records(&snapshot, &only);
-    let text = match format {
-        RecordFormat::Bind => dns::to_bind(&recs),
-        RecordFormat::Json => dns::to_json(&recs),
+    let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
+    let text = match &template {
+        Some((p, source)) => dns::format::render_source(&p.display().to_string(), source, &recs)?,
+        None => dns::format::render(format.into(), &recs)?,
     };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn check(
+    path: Option<&Path>,
+    options: &crate::check::Options,
+    format: CheckFormat,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
+    let snapshot = path.map(load).transpose()?.map(|cfg| Snapshot::build(&cfg));
+    let domains = domain_args(names)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let reports = runtime.block_on(crate::check::check(&domains, options, snapshot.as_ref()))?;
+    let text = match format {
+        CheckFormat::Text => crate::check::to_text(&reports),
+        CheckFormat::Json => {
+            let mut s = serde_json::to_string_pretty(&reports)?;
+            s.push('\n');
+            s
+        }
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    let failed = reports
+        .iter()
+        .any(|r| r.verdict == crate::check::Level::Fail);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn dns_push(
+    path: &Path,
+    side: Option<RecordSide>,
+    dry_run: bool,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
+    use dns::update::{Outcome, Pusher};
+
+    let cfg = load(path)?;
+    let Some(update) = &cfg.dns_update else {
+        anyhow::bail!(
+            "{} has no [dns.update] section (server, zone, key_name, secret); see docs/DNS.md",
+            path.display()
+        );
+    };
+    let only = domain_args(names)?;
+    let side = side.map_or_else(|| dns::update::default_side(&cfg), dns::Side::from);
+    let snapshot = Snapshot::build(&cfg);
+    let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
+    let mut pusher = Pusher::new(update, dry_run)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(pusher.push(&recs));
+
+    if let Some(first) = report.outside_zone.first() {
+        eprintln!(
+            "note: {} record{} outside zone {} not pushed (e.g. {first})",
+            report.outside_zone.len(),
+            plural(report.outside_zone.len()),
+            update.zone
+        );
+    }
+    let mut unchanged = 0;
+    let mut changed = 0;
+    for (domain, outcome) in &report.domains {
+        match outcome {
+            Outcome::Unchanged => unchanged += 1,
+            Outcome::Updated(sets) => {
+                changed += 1;
+                println!("updated {domain}: {}", sets.join(", "));
+            }
+            Outcome::WouldUpdate(sets) => {
+                changed += 1;
+                println!("would update {domain}: {}", sets.join(", "));
+            }
+            Outcome::Failed(e) => eprintln!("error: {domain}: {e}"),
+        }
+    }
+    if let Some(e) = &report.aborted {
+        eprintln!("error: push stopped: {e}");
+    }
+    println!(
+        "dns push to {} (zone {}): {changed} {}, {unchanged} unchanged, {} failed",
+        update.server,
+        update.zone,
+        if dry_run { "to update" } else { "updated" },
+        report.failed()
+    );
+    Ok(if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn policy(path: &Path, name: &str) -> anyhow::Result<ExitCode> {
@@ -310,7 +579,14 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     print_banner(&cfg, &server, &snapshot, https_addr, http_addr);
 
-    let control = Arc::new(Control::new(Arc::clone(&server), path.clone(), cfg.clone()));
+    // The listeners are bound and the snapshot is in place: its ids may go
+    // to DNS now (connections wait in the backlog until `run` accepts), and
+    // after every reload once the new snapshot is applied.
+    let auto_push = dns::update::AutoPush::start();
+    auto_push.submit(&cfg, &snapshot)?;
+    let control = Arc::new(
+        Control::new(Arc::clone(&server), path.clone(), cfg.clone()).with_auto_push(auto_push),
+    );
     let reloader = tokio::spawn(control::reload_on_sighup(Arc::clone(&control)));
     // Keep the watcher alive while serving.
     let _watcher = match &path {

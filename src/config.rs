@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -76,10 +77,15 @@ pub struct Config {
     pub domains_dir: Option<PathBuf>,
     /// The admin API listener; `None` (the default) keeps it off.
     pub admin: Option<AdminConfig>,
-    /// Sorted by domain name; names are unique.
-    pub domains: Vec<DomainConfig>,
+    /// Sorted by domain name; names are unique. Shared with the snapshot
+    /// (no copy of 100,000 domain configs per reload).
+    pub domains: Vec<Arc<DomainConfig>>,
     /// Non-fatal findings (e.g. a short `max_age`, skipped certificate names).
     pub warnings: Vec<Diagnostic>,
+    /// `[delegation]`: customers CNAME to the provider (docs/DNS.md).
+    pub delegation: Option<Delegation>,
+    /// `[dns.update]`: where `mtasts dns push` sends RFC 2136 updates.
+    pub dns_update: Option<DnsUpdate>,
 }
 
 /// `[server]`: listeners, state and connection limits.
@@ -93,6 +99,8 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// A TLS-terminating proxy forwards to the http listener, which then serves policies.
     pub behind_proxy: bool,
+    /// Certificates kept in memory; others are loaded from state_dir on use.
+    pub cert_cache: usize,
     pub limits: Limits,
 }
 
@@ -305,6 +313,8 @@ struct RawMain {
     defaults: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     domain: Vec<Spanned<RawPolicy>>,
+    delegation: Option<Spanned<RawDelegation>>,
+    dns: Option<RawDns>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,6 +331,7 @@ struct RawServer {
     http: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     behind_proxy: Option<bool>,
+    cert_cache: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     handshake_timeout: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<toml::Value>>,
@@ -383,11 +394,12 @@ struct Source {
     /// Relative paths inside the file are resolved against this directory.
     base: PathBuf,
     text: String,
+    line_starts: Vec<usize>,
 }
 
 impl Source {
     fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
-        let (line, col) = line_col(&self.text, span.start);
+        let (line, col) = line_col(&self.text, &self.line_starts, span.start);
         Diagnostic {
             file: self.path.clone(),
             line,
@@ -406,13 +418,21 @@ impl Source {
     }
 }
 
+/// Byte offsets at which lines start, so positions are found by binary
+/// search: a 100,000-domain file needs 100,000 positions, and scanning from
+/// the start for each would be quadratic.
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
 /// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, starts: &[usize], offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    let line = starts.partition_point(|&s| s <= offset).max(1);
+    let start = starts.get(line - 1).copied().unwrap_or(0);
+    let col = text.get(start..offset).map_or(0, |s| s.chars().count()) + 1;
     (line, col)
 }
 
@@ -452,6 +472,7 @@ impl Config {
             } else {
                 base.to_owned()
             },
+            line_starts: line_starts(&text),
             text,
         };
         let mut report = Report::default();
@@ -468,6 +489,15 @@ impl Config {
 
         let server = server_config(&main, raw.server, &mut report);
         let tls = tls_config(&main, raw.tls, &mut report);
+        let delegation = raw
+            .delegation
+            .as_ref()
+            .and_then(|d| delegation_config(&main, d, &mut report));
+        let dns_update = raw
+            .dns
+            .as_ref()
+            .and_then(|d| d.update.as_ref())
+            .and_then(|u| dns_update_config(&main, u, &mut report));
         let admin = admin_config(&main, raw.admin, &mut report);
 
         let defaults = match raw.defaults {
@@ -504,7 +534,7 @@ impl Config {
 
         let now = time::OffsetDateTime::now_utc();
         let mut cert_cache = HashMap::new();
-        let mut domains: Vec<DomainConfig> = Vec::new();
+        let mut domains: Vec<Arc<DomainConfig>> = Vec::new();
         let mut seen: HashMap<DomainName, Diagnostic> = HashMap::new();
         let all = std::iter::once((&main, main_domains.as_slice()))
             .chain(sources.iter().map(|(s, d)| (s, d.as_slice())));
@@ -535,7 +565,7 @@ impl Config {
                     now,
                     &mut report,
                 ) {
-                    domains.push(domain);
+                    domains.push(Arc::new(domain));
                 }
             }
         }
@@ -550,6 +580,8 @@ impl Config {
                 admin,
                 domains,
                 warnings: report.warnings,
+                delegation,
+                dns_update,
             })
         } else {
             Err(ConfigErrors {
@@ -574,6 +606,7 @@ impl Config {
             .binary_search_by(|d| d.name.cmp(name))
             .ok()
             .and_then(|i| self.domains.get(i))
+            .map(|d| &**d)
     }
 }
 
@@ -612,6 +645,7 @@ fn load_domain_file(path: &Path) -> Result<(Source, Vec<Spanned<RawPolicy>>), Di
             .parent()
             .map(Path::to_owned)
             .unwrap_or_else(|| PathBuf::from(".")),
+        line_starts: line_starts(&text),
         text,
     };
     match toml::from_str::<RawDomainFile>(&source.text) {
@@ -651,6 +685,7 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
         http: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
         state_dir: PathBuf::from("/var/lib/mtasts"),
         behind_proxy: false,
+        cert_cache: 10_000,
         limits: Limits::default(),
     };
     let Some(raw) = raw else { return cfg };
@@ -693,6 +728,14 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
         cfg.state_dir = source.resolve(dir.get_ref());
     }
     cfg.behind_proxy = raw.behind_proxy.unwrap_or(false);
+    if let Some(n) = &raw.cert_cache {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if v > 0 => cfg.cert_cache = v,
+            _ => report
+                .errors
+                .push(source.at(n.span(), "server.cert_cache must be a positive integer")),
+        }
+    }
     let limits = &mut cfg.limits;
     if let Some(n) = &raw.max_connections {
         match usize::try_from(*n.get_ref()) {
@@ -1322,6 +1365,392 @@ fn host_record(domain: &Layer<'_>, defaults: &Layer<'_>, report: &mut Report) ->
     }
 }
 
+// ---------------------------------------------------------------------------
+// DNS: `[delegation]` and `[dns.update]` (docs/DNS.md).
+
+/// `[delegation]`: delegated hosting. Each customer publishes two CNAMEs
+/// once; the provider's `zone` carries the TXT with the rotating id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delegation {
+    /// The provider zone holding one `_mta-sts` TXT per customer.
+    pub zone: DomainName,
+    /// Where every customer's `mta-sts.<domain>` CNAME points (this server).
+    pub policy_host: DomainName,
+    /// Addresses of `policy_host`, printed on the provider side if set.
+    pub host_a: Vec<Ipv4Addr>,
+    pub host_aaaa: Vec<Ipv6Addr>,
+    /// TTL of the policy host's address records.
+    pub ttl: u32,
+}
+
+/// TSIG algorithms we sign with (RFC 8945 §6; the HMAC-SHA2 family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TsigAlgorithm {
+    HmacSha256,
+    HmacSha384,
+    HmacSha512,
+}
+
+impl TsigAlgorithm {
+    /// The name used in configs and by BIND/knot (`hmac-sha256`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TsigAlgorithm::HmacSha256 => "hmac-sha256",
+            TsigAlgorithm::HmacSha384 => "hmac-sha384",
+            TsigAlgorithm::HmacSha512 => "hmac-sha512",
+        }
+    }
+}
+
+/// A TSIG shared secret. Its `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TsigSecret(Vec<u8>);
+
+impl TsigSecret {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TsigSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TsigSecret(<{} bytes>)", self.0.len())
+    }
+}
+
+/// `[dns.update]`: one primary DNS server that takes RFC 2136 updates for
+/// one zone, authenticated with a TSIG key (RFC 8945).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsUpdate {
+    /// The primary's address (port 53 unless given).
+    pub server: SocketAddr,
+    /// Only records inside this zone are pushed.
+    pub zone: DomainName,
+    /// TSIG key name, as configured on the server (e.g. `mtasts-key`).
+    pub key_name: String,
+    pub algorithm: TsigAlgorithm,
+    pub secret: TsigSecret,
+    /// Overrides the TTL of every pushed record.
+    pub ttl: Option<u32>,
+    /// Per exchange (connect, send, answer).
+    pub timeout: Duration,
+    /// Extra attempts after a network failure or SERVFAIL, with backoff.
+    pub retries: u32,
+    /// `serve` pushes after it starts and after every reload, once the new
+    /// snapshot is being served. Off by default: with several replicas,
+    /// only one that reloads last may push (docs/DNS.md).
+    pub auto_push: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelegation {
+    zone: Option<Spanned<String>>,
+    policy_host: Option<Spanned<String>>,
+    host_a: Option<Spanned<Vec<Spanned<String>>>>,
+    host_aaaa: Option<Spanned<Vec<Spanned<String>>>>,
+    ttl: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    update: Option<Spanned<RawDnsUpdate>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsUpdate {
+    server: Option<Spanned<String>>,
+    zone: Option<Spanned<String>>,
+    key_name: Option<Spanned<String>>,
+    algorithm: Option<Spanned<String>>,
+    secret: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
+    ttl: Option<Spanned<i64>>,
+    timeout: Option<Spanned<toml::Value>>,
+    retries: Option<Spanned<i64>>,
+    auto_push: Option<bool>,
+}
+
+/// A required key of a section, or an error at the section.
+fn required<'a, T>(
+    source: &Source,
+    section: &Spanned<impl Sized>,
+    value: &'a Option<Spanned<T>>,
+    key: &str,
+    report: &mut Report,
+) -> Option<&'a Spanned<T>> {
+    if value.is_none() {
+        report
+            .errors
+            .push(source.at(section.span(), format!("missing `{key}`")));
+    }
+    value.as_ref()
+}
+
+fn spanned_domain(
+    source: &Source,
+    v: &Spanned<String>,
+    key: &str,
+    report: &mut Report,
+) -> Option<DomainName> {
+    match DomainName::parse(v.get_ref()) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            report
+                .errors
+                .push(source.at(v.span(), format!("{key}: {e}")));
+            None
+        }
+    }
+}
+
+fn spanned_ttl(source: &Source, v: &Spanned<i64>, key: &str, report: &mut Report) -> Option<u32> {
+    match u32::try_from(*v.get_ref()) {
+        Ok(t) if t <= 2_147_483_647 => Some(t),
+        _ => {
+            report.errors.push(source.at(
+                v.span(),
+                format!("{key} must be between 0 and 2147483647 seconds"),
+            ));
+            None
+        }
+    }
+}
+
+fn delegation_config(
+    source: &Source,
+    raw: &Spanned<RawDelegation>,
+    report: &mut Report,
+) -> Option<Delegation> {
+    let errors_before = report.errors.len();
+    let r = raw.get_ref();
+    let zone = required(source, raw, &r.zone, "zone", report)
+        .and_then(|v| spanned_domain(source, v, "delegation.zone", report));
+    // The hashed form of a customer label (35 characters) must still fit.
+    if let (Some(z), Some(v)) = (&zone, &r.zone)
+        && z.as_str().len() > 253 - 35
+    {
+        report.errors.push(source.at(
+            v.span(),
+            "delegation.zone is too long: customer names below it need 35 more characters",
+        ));
+    }
+    let policy_host = required(source, raw, &r.policy_host, "policy_host", report)
+        .and_then(|v| spanned_domain(source, v, "delegation.policy_host", report));
+    let mut host_a = Vec::new();
+    for item in r.host_a.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) => host_a.push(a),
+            Err(_) => report.errors.push(source.at(
+                item.span(),
+                format!(
+                    "delegation.host_a: {:?} is not an IPv4 address",
+                    item.get_ref()
+                ),
+            )),
+        }
+    }
+    let mut host_aaaa = Vec::new();
+    for item in r.host_aaaa.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse::<Ipv6Addr>() {
+            Ok(a) => host_aaaa.push(a),
+            Err(_) => report.errors.push(source.at(
+                item.span(),
+                format!(
+                    "delegation.host_aaaa: {:?} is not an IPv6 address",
+                    item.get_ref()
+                ),
+            )),
+        }
+    }
+    let ttl = match &r.ttl {
+        Some(v) => spanned_ttl(source, v, "delegation.ttl", report).unwrap_or(3600),
+        None => 3600,
+    };
+    if report.errors.len() > errors_before {
+        return None;
+    }
+    Some(Delegation {
+        zone: zone?,
+        policy_host: policy_host?,
+        host_a,
+        host_aaaa,
+        ttl,
+    })
+}
+
+/// A TSIG key name: DNS labels of letters, digits, `-` and `_`, with or
+/// without a trailing dot; one label is fine (`mtasts-key`).
+fn key_name_ok(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn dns_update_config(
+    source: &Source,
+    raw: &Spanned<RawDnsUpdate>,
+    report: &mut Report,
+) -> Option<DnsUpdate> {
+    let errors_before = report.errors.len();
+    let r = raw.get_ref();
+    let server = required(source, raw, &r.server, "server", report).and_then(|v| {
+        let text = v.get_ref().trim();
+        let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        if parsed.is_none() {
+            report.errors.push(source.at(
+                v.span(),
+                format!(
+                    "dns.update.server: {text:?} is not an IP address or address:port (e.g. \"192.0.2.53\" or \"[2001:db8::53]:5353\")"
+                ),
+            ));
+        }
+        parsed
+    });
+    let zone = required(source, raw, &r.zone, "zone", report)
+        .and_then(|v| spanned_domain(source, v, "dns.update.zone", report));
+    let key_name = required(source, raw, &r.key_name, "key_name", report).and_then(|v| {
+        if key_name_ok(v.get_ref()) {
+            Some(v.get_ref().clone())
+        } else {
+            report.errors.push(source.at(
+                v.span(),
+                format!(
+                    "dns.update.key_name {:?} is not a DNS name (letters, digits, '-', '_', dots)",
+                    v.get_ref()
+                ),
+            ));
+            None
+        }
+    });
+    let algorithm = match &r.algorithm {
+        None => Some(TsigAlgorithm::HmacSha256),
+        Some(v) => match v.get_ref().to_ascii_lowercase().as_str() {
+            "hmac-sha256" => Some(TsigAlgorithm::HmacSha256),
+            "hmac-sha384" => Some(TsigAlgorithm::HmacSha384),
+            "hmac-sha512" => Some(TsigAlgorithm::HmacSha512),
+            other => {
+                report.errors.push(source.at(
+                    v.span(),
+                    format!(
+                        "dns.update.algorithm {other:?} is not one of \"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\""
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    let secret = match (&r.secret, &r.secret_file) {
+        (Some(_), Some(f)) => {
+            report.errors.push(source.at(
+                f.span(),
+                "dns.update: set `secret` or `secret_file`, not both",
+            ));
+            None
+        }
+        (None, None) => {
+            report.errors.push(source.at(
+                raw.span(),
+                "missing `secret` (base64) or `secret_file` (a file holding it)",
+            ));
+            None
+        }
+        (Some(v), None) => decode_secret(v.get_ref())
+            .map_err(|m| {
+                report
+                    .errors
+                    .push(source.at(v.span(), format!("dns.update.secret: {m}")))
+            })
+            .ok(),
+        (None, Some(f)) => {
+            let path = source.resolve(f.get_ref());
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|text| decode_secret(&text))
+                .map_err(|m| {
+                    report
+                        .errors
+                        .push(source.at(f.span(), format!("dns.update.secret_file: {m}")))
+                })
+                .ok()
+        }
+    };
+    let ttl = r
+        .ttl
+        .as_ref()
+        .and_then(|v| spanned_ttl(source, v, "dns.update.ttl", report));
+    let timeout = match &r.timeout {
+        None => Duration::from_secs(5),
+        Some(v) => match duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                report
+                    .errors
+                    .push(source.at(v.span(), "dns.update.timeout must be more than 0"));
+                Duration::from_secs(5)
+            }
+            Err(m) => {
+                report
+                    .errors
+                    .push(source.at(v.span(), format!("dns.update.timeout: {m}")));
+                Duration::from_secs(5)
+            }
+        },
+    };
+    let retries = match &r.retries {
+        None => 3,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n) if n <= 10 => n,
+            _ => {
+                report
+                    .errors
+                    .push(source.at(v.span(), "dns.update.retries must be between 0 and 10"));
+                3
+            }
+        },
+    };
+    if report.errors.len() > errors_before {
+        return None;
+    }
+    Some(DnsUpdate {
+        server: server?,
+        zone: zone?,
+        key_name: key_name?,
+        algorithm: algorithm?,
+        secret: secret?,
+        ttl,
+        timeout,
+        retries,
+        auto_push: r.auto_push.unwrap_or(false),
+    })
+}
+
+/// A base64 TSIG secret (what `keymgr -t` and `tsig-keygen` print).
+fn decode_secret(text: &str) -> Result<TsigSecret, String> {
+    let bytes = data_encoding::BASE64
+        .decode(text.trim().as_bytes())
+        .map_err(|e| format!("not valid base64 ({e})"))?;
+    if bytes.len() < 16 {
+        return Err(format!(
+            "the key is only {} bytes; use at least 16 (e.g. `keymgr -t mtasts-key hmac-sha256`)",
+            bytes.len()
+        ));
+    }
+    Ok(TsigSecret(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1599,9 +2028,60 @@ server_addresses = ["192.0.2.1", "2001:db8::1"]
     }
 
     #[test]
+    fn delegation_section() {
+        let cfg = load(
+            "[delegation]\nzone = \"STS.Provider.example.\"\npolicy_host = \"mta-sts.provider.example\"\nhost_a = [\"192.0.2.1\"]\n",
+        )
+        .expect("valid");
+        let d = cfg.delegation.expect("delegation");
+        assert_eq!(d.zone.as_str(), "sts.provider.example");
+        assert_eq!(d.host_a.len(), 1);
+        assert_eq!(d.ttl, 3600);
+        let errs = errors("[delegation]\nzone = \"sts.provider.example\"\nhost_a = [\"x\"]\n");
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("test.toml:1:1: missing `policy_host`"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("test.toml:3:11: delegation.host_a"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn dns_update_section() {
+        let cfg = load(
+            "[dns.update]\nserver = \"127.0.0.1\"\nzone = \"example.test\"\nkey_name = \"mtasts-key\"\nsecret = \"qk1fGdIKEse3NGRAi3HOSyfkEgen5rqe+m6KbTKax+U=\"\n",
+        )
+        .expect("valid");
+        let u = cfg.dns_update.expect("dns.update");
+        assert_eq!(u.server, "127.0.0.1:53".parse().expect("addr"));
+        assert_eq!(u.algorithm, TsigAlgorithm::HmacSha256);
+        assert_eq!(u.secret.bytes().len(), 32);
+        assert!(!format!("{u:?}").contains("qk1f"), "secret never in Debug");
+        let errs = errors(
+            "[dns.update]\nserver = \"ns1:53\"\nzone = \"example.test\"\nkey_name = \"k\"\nalgorithm = \"hmac-md5\"\nsecret = \"!!\"\n",
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("test.toml:2:10: dns.update.server"),
+            "{errs:?}"
+        );
+        assert!(errs[1].contains("hmac-md5"), "{errs:?}");
+        assert!(
+            errs[2].contains("dns.update.secret: not valid base64"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn line_col_counts_chars() {
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
-        assert_eq!(line_col("ä\nx", 3), (2, 1));
-        assert_eq!(line_col("äb", 2), (1, 2));
+        let lc = |t: &str, o| line_col(t, &line_starts(t), o);
+        assert_eq!(lc("ab\ncd", 4), (2, 2));
+        assert_eq!(lc("ä\nx", 3), (2, 1));
+        assert_eq!(lc("äb", 2), (1, 2));
+        assert_eq!(lc("ab\n", 3), (2, 1));
+        assert_eq!(lc("", 0), (1, 1));
     }
 }

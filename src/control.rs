@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::config::{Config, ConfigErrors, ServerConfig, TlsConfig};
+use crate::dns::update::AutoPush;
 use crate::metrics::Trigger;
 use crate::server::{ServeError, Server};
 
@@ -45,6 +46,8 @@ pub struct Control {
     /// `[tls]` as the server was started with (changes need a restart).
     running_tls: TlsConfig,
     lock: Mutex<()>,
+    /// `[dns.update] auto_push`: told about every applied snapshot.
+    auto_push: Option<AutoPush>,
 }
 
 /// Proof that the caller holds the reload lock (for read-modify-reload
@@ -60,7 +63,15 @@ impl Control {
             running_tls: config.tls.clone(),
             config: ArcSwap::from_pointee(config),
             lock: Mutex::new(()),
+            auto_push: None,
         }
+    }
+
+    /// After each applied reload, hands the new snapshot to `auto_push`
+    /// (which pushes it only if the new config enables it).
+    pub fn with_auto_push(mut self, auto_push: AutoPush) -> Control {
+        self.auto_push = Some(auto_push);
+        self
     }
 
     pub fn server(&self) -> &Arc<Server> {
@@ -123,6 +134,12 @@ impl Control {
         }
         if cfg.tls != self.running_tls {
             tracing::warn!("[tls] settings changed; they take effect after a restart");
+        }
+        // The new snapshot is being served: only now may its ids reach DNS.
+        if let Some(push) = &self.auto_push
+            && let Err(e) = push.submit(&cfg, &self.server.snapshot())
+        {
+            tracing::error!("dns push not queued: {e}");
         }
         let domains = cfg.domains.len();
         self.config.store(Arc::new(cfg));

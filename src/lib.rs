@@ -14,12 +14,14 @@
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
 //!   files in `state_dir` behind the `CertStore` trait.
+//! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
 //! - [`admin`]: the token-protected admin API and `/metrics`.
 //! - [`cli`]: the subcommands.
 
 pub mod acme;
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;

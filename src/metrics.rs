@@ -96,6 +96,8 @@ pub struct Metrics {
     pub domains: Gauge,
     /// Unix time of the earliest certificate expiry among served hosts.
     pub cert_expiry_soonest: Gauge,
+    /// Certificates loaded from disk (or issued) on a handshake.
+    pub cert_loads: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -184,8 +186,15 @@ impl Metrics {
             "Unix time at which the first served certificate expires",
             cert_expiry_soonest.clone(),
         );
+        let cert_loads = Counter::default();
+        registry.register(
+            "cert_loads",
+            "Certificates loaded into memory on a handshake (cache misses)",
+            cert_loads.clone(),
+        );
         Metrics {
             registry,
+            cert_loads,
             requests,
             fetches,
             handshakes,

@@ -7,7 +7,7 @@
 //! `tls.mode = "acme"` it also runs the certificate manager, answers
 //! HTTP-01 on the http listener and TLS-ALPN-01 on the https listener.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use rustls::sign::CertifiedKey;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -61,8 +60,8 @@ pub struct Server {
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
     limits: Limits,
-    /// The local CA of self-signed mode.
-    ca: Option<LocalCa>,
+    /// The local CA certificate of self-signed mode (the CA itself lives
+    /// on as the index's loader).
     ca_path: PathBuf,
     acme: Option<AcmeParts>,
 }
@@ -73,13 +72,19 @@ impl Server {
     /// when [`Server::run`]'s manager gets them. Blocking (key generation,
     /// file I/O): call it before serving or from `spawn_blocking`.
     pub fn new(config: &Config) -> Result<Server, ServeError> {
-        let certs = Arc::new(CertIndex::default());
-        let (ca, acme) = match config.tls.mode {
-            TlsMode::SelfSigned => (
-                Some(LocalCa::load_or_create(&config.server.state_dir)?),
-                None,
-            ),
+        let (ca, certs, acme) = match config.tls.mode {
+            TlsMode::SelfSigned => {
+                let ca = Arc::new(LocalCa::load_or_create(&config.server.state_dir)?);
+                let certs = Arc::new(CertIndex::lazy(
+                    Arc::clone(&ca) as Arc<dyn tls::CertLoader>,
+                    config.server.cert_cache,
+                ));
+                (Some(ca), certs, None)
+            }
             TlsMode::Acme => {
+                // ACME certificates are pinned: the manager hands them over
+                // as they land.
+                let certs = Arc::new(CertIndex::default());
                 let store = Arc::new(DirStore::open(&config.server.state_dir)?);
                 let challenges = Arc::new(Challenges::default());
                 let manager = Manager::new(
@@ -94,7 +99,7 @@ impl Server {
                     alpn_config: challenge::tls_alpn_config(Arc::clone(&challenges)),
                     challenges,
                 };
-                (None, Some(acme))
+                (None, certs, Some(acme))
             }
         };
         let metrics = Arc::new(Metrics::new());
@@ -113,7 +118,6 @@ impl Server {
                 || config.server.state_dir.join("ca/ca.pem"),
                 |ca| ca.cert_path.clone(),
             ),
-            ca,
             acme,
         };
         server.apply(config)?;
@@ -162,37 +166,20 @@ impl Server {
     /// certificate yet fail the handshake cleanly until theirs lands.
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
         let snapshot = Snapshot::build(config);
-        let domains = snapshot.len();
-        if let Some(ca) = &self.ca {
-            let hosts: Vec<&str> = snapshot.sites().iter().map(|s| &*s.host).collect();
-            let old = self.certs.snapshot();
-            let mut map: HashMap<Box<str>, Arc<CertifiedKey>> = HashMap::with_capacity(hosts.len());
-            let missing: Vec<&str> = hosts
+        // Self-signed certificates are loaded (or issued) on the first
+        // handshake of each host: nothing to read here, however many hosts.
+        self.certs.set_lazy_hosts(
+            snapshot
+                .sites()
                 .iter()
-                .copied()
-                .filter(|h| match old.get(*h) {
-                    Some(ck) => {
-                        map.insert((*h).into(), Arc::clone(ck));
-                        false
-                    }
-                    None => true,
-                })
-                .collect();
-            for (host, ck) in issue_parallel(ca, &missing)? {
-                map.insert(host.into(), Arc::new(ck));
-            }
-            let soonest = map.values().filter_map(|ck| not_after(ck)).min();
-            self.certs.replace(map);
-            self.shared.snapshot.store(Arc::new(snapshot));
-            if let Some(t) = soonest {
-                self.metrics.cert_expiry_soonest.set(t);
-            }
-        } else {
-            let snapshot = Arc::new(snapshot);
-            self.shared.snapshot.store(Arc::clone(&snapshot));
-            if let Some(acme) = &self.acme {
-                acme.sites.send_replace(snapshot);
-            }
+                .map(|s| s.host.clone())
+                .collect::<HashSet<_>>(),
+        );
+        let domains = snapshot.len();
+        let snapshot = Arc::new(snapshot);
+        self.shared.snapshot.store(Arc::clone(&snapshot));
+        if let Some(acme) = &self.acme {
+            acme.sites.send_replace(snapshot);
         }
         let generation = self
             .generation
@@ -205,6 +192,19 @@ impl Server {
             .domains
             .set(i64::try_from(domains).unwrap_or(i64::MAX));
         Ok(())
+    }
+
+    /// Brings the gauges that are computed rather than counted up to date
+    /// (called before metrics are rendered).
+    pub fn refresh_metrics(&self) {
+        if let Some(t) = self.certs.soonest_expiry() {
+            self.metrics.cert_expiry_soonest.set(t);
+        }
+        let loads = self.certs.loads();
+        let counted = self.metrics.cert_loads.get();
+        if loads > counted {
+            self.metrics.cert_loads.inc_by(loads - counted);
+        }
     }
 
     /// Serves until `shutdown` resolves (with the admin router on its own
@@ -277,48 +277,6 @@ impl Server {
         }
         Ok(())
     }
-}
-
-/// Expiry (Unix seconds) of a certificate's leaf.
-fn not_after(ck: &CertifiedKey) -> Option<i64> {
-    let leaf = ck.cert.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    Some(cert.validity().not_after.timestamp())
-}
-
-/// Issues missing self-signed certificates on all cores.
-fn issue_parallel<'a>(
-    ca: &LocalCa,
-    hosts: &[&'a str],
-) -> Result<Vec<(&'a str, CertifiedKey)>, TlsError> {
-    if hosts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let threads = std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(1)
-        .min(hosts.len());
-    let chunk = hosts.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = hosts
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|h| ca.leaf(h).map(|ck| (*h, ck)))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(hosts.len());
-        for h in handles {
-            match h.join() {
-                Ok(part) => out.extend(part?),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        Ok(out)
-    })
 }
 
 /// What every connection of one listener needs.
@@ -455,7 +413,11 @@ async fn serve_tls(
         .server_name()
         .and_then(http::normalize_host)
         .map(|s| Arc::<str>::from(&*s));
-    let Some(sni) = sni.filter(|s| ctx.certs.contains(s)) else {
+    let key = match &sni {
+        Some(name) => ctx.certs.obtain(name).await,
+        None => None,
+    };
+    let (Some(sni), Some(key)) = (sni, key) else {
         // Never fall back to another domain's certificate.
         ctx.metrics.handshake(Handshake::UnknownSni);
         let mut io = start.io;
@@ -466,25 +428,26 @@ async fn serve_tls(
         .await;
         return;
     };
-    let tls =
-        match tokio::time::timeout_at(deadline, start.into_stream(Arc::clone(&ctx.tls_config)))
-            .await
-        {
-            Ok(Ok(tls)) => {
-                ctx.metrics.handshake(Handshake::Ok);
-                tls
-            }
-            Ok(Err(e)) => {
-                ctx.metrics.handshake(Handshake::Failed);
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                ctx.metrics.handshake(Handshake::Timeout);
-                tracing::debug!(%peer, "handshake timed out");
-                return;
-            }
-        };
+    // This connection's config presents exactly the key just obtained, even
+    // if the cache evicts it meanwhile.
+    let mut config = (*ctx.tls_config).clone();
+    config.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(Arc::new(config))).await {
+        Ok(Ok(tls)) => {
+            ctx.metrics.handshake(Handshake::Ok);
+            tls
+        }
+        Ok(Err(e)) => {
+            ctx.metrics.handshake(Handshake::Failed);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.handshake(Handshake::Timeout);
+            tracing::debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
     let router = ctx.router.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Sni(Arc::clone(&sni)));

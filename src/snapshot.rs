@@ -14,7 +14,7 @@ use crate::policy::PolicyId;
 /// Everything served for one domain, rendered ahead of time.
 #[derive(Debug)]
 pub struct Site {
-    pub domain: DomainConfig,
+    pub domain: Arc<DomainConfig>,
     /// `mta-sts.<domain>`.
     pub host: Box<str>,
     /// The exact policy bytes served (RFC 8461 §3.2).
@@ -26,7 +26,7 @@ pub struct Site {
 }
 
 impl Site {
-    pub fn new(domain: DomainConfig) -> Site {
+    pub fn new(domain: Arc<DomainConfig>) -> Site {
         let body = domain.policy.render();
         let id = PolicyId::for_body(&body);
         // The id is 32 hex digits, always a valid header value.

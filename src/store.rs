@@ -47,7 +47,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
-    // Unique per call, so two writers of one path never share a temp file.
+    // Unique per process and call: two threads writing the same file must
+    // not share a temporary file.
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tmp_name.push(format!(".tmp{}.{seq}", std::process::id()));

@@ -3,7 +3,7 @@
 //! `tls.mode = "self-signed"` that issues one certificate per
 //! `mta-sts.<domain>` and keeps it in `state_dir` across restarts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -50,44 +50,152 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     }
 }
 
-/// The SNI index: host name (lowercase, no trailing dot) → certificate.
-/// Replaced whole, so a handshake never sees a half-updated set.
-#[derive(Debug, Default)]
+/// Loads (or creates) the certificate of one host; blocking, called from
+/// `spawn_blocking` on the first handshake for a host not in memory.
+pub trait CertLoader: Send + Sync {
+    fn load(&self, host: &str) -> Result<CertifiedKey, String>;
+}
+
+/// The SNI index: which hosts may complete a handshake, and their
+/// certificates (host names lowercase, no trailing dot).
+///
+/// Two tiers: `pinned` certificates are always in memory (ACME hands them
+/// over as they land); `lazy` hosts have their certificate loaded from disk
+/// on first use into a bounded cache, so start-up reads no certificate and
+/// memory stays flat however many domains there are.
+#[derive(Default)]
 pub struct CertIndex {
-    map: ArcSwap<HashMap<Box<str>, Arc<CertifiedKey>>>,
+    pinned: ArcSwap<HashMap<Box<str>, Arc<CertifiedKey>>>,
+    lazy: Option<LazyTier>,
+}
+
+struct LazyTier {
+    /// Hosts the loader may be asked for (the current snapshot's hosts).
+    hosts: ArcSwap<HashSet<Box<str>>>,
+    cache: quick_cache::sync::Cache<String, Arc<CertifiedKey>>,
+    loader: Arc<dyn CertLoader>,
+    /// Certificates loaded from the loader since start (cache misses).
+    loads: std::sync::atomic::AtomicU64,
+    /// Earliest expiry (Unix seconds) of any certificate loaded so far.
+    soonest: std::sync::atomic::AtomicI64,
+}
+
+impl std::fmt::Debug for CertIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertIndex")
+            .field("pinned", &self.pinned.load().len())
+            .field("lazy", &self.lazy.is_some())
+            .finish()
+    }
 }
 
 impl CertIndex {
+    /// An index that loads certificates on demand, keeping at most
+    /// `capacity` of them in memory.
+    pub fn lazy(loader: Arc<dyn CertLoader>, capacity: usize) -> CertIndex {
+        CertIndex {
+            pinned: ArcSwap::default(),
+            lazy: Some(LazyTier {
+                hosts: ArcSwap::default(),
+                cache: quick_cache::sync::Cache::new(capacity.max(1)),
+                loader,
+                loads: std::sync::atomic::AtomicU64::new(0),
+                soonest: std::sync::atomic::AtomicI64::new(i64::MAX),
+            }),
+        }
+    }
+
+    /// The certificate of `host` if it is in memory.
     pub fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        self.map.load().get(host).cloned()
+        if let Some(ck) = self.pinned.load().get(host) {
+            return Some(Arc::clone(ck));
+        }
+        self.lazy.as_ref()?.cache.get(host)
     }
 
+    /// Whether a handshake for `host` can get a certificate.
     pub fn contains(&self, host: &str) -> bool {
-        self.map.load().contains_key(host)
+        self.pinned.load().contains_key(host)
+            || self
+                .lazy
+                .as_ref()
+                .is_some_and(|l| l.hosts.load().contains(host))
     }
 
+    /// The certificate for a handshake: from memory, else loaded (once,
+    /// however many handshakes ask at the same time). `None` for a host that
+    /// is not served or whose certificate cannot be loaded (logged).
+    pub async fn obtain(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(ck) = self.pinned.load().get(host) {
+            return Some(Arc::clone(ck));
+        }
+        let lazy = self.lazy.as_ref()?;
+        if !lazy.hosts.load().contains(host) {
+            return None;
+        }
+        let loaded = lazy
+            .cache
+            .get_or_insert_async(host, async {
+                let loader = Arc::clone(&lazy.loader);
+                let owned = host.to_owned();
+                let ck = tokio::task::spawn_blocking(move || loader.load(&owned))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                lazy.loads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(t) = not_after(&ck) {
+                    lazy.soonest
+                        .fetch_min(t, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok::<_, String>(Arc::new(ck))
+            })
+            .await;
+        match loaded {
+            Ok(ck) => Some(ck),
+            Err(e) => {
+                tracing::error!(host, "cannot load certificate: {e}");
+                None
+            }
+        }
+    }
+
+    /// Number of hosts that can complete a handshake.
     pub fn len(&self) -> usize {
-        self.map.load().len()
+        self.pinned.load().len() + self.lazy.as_ref().map_or(0, |l| l.hosts.load().len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The current map, for building the next one.
-    pub fn snapshot(&self) -> Arc<HashMap<Box<str>, Arc<CertifiedKey>>> {
-        self.map.load_full()
+    /// Certificates loaded on demand since start.
+    pub fn loads(&self) -> u64 {
+        self.lazy
+            .as_ref()
+            .map_or(0, |l| l.loads.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Replaces the whole index.
-    pub fn replace(&self, map: HashMap<Box<str>, Arc<CertifiedKey>>) {
-        self.map.store(Arc::new(map));
+    /// Earliest expiry (Unix seconds) among the certificates in memory or
+    /// loaded since start.
+    pub fn soonest_expiry(&self) -> Option<i64> {
+        let pinned = self
+            .pinned
+            .load()
+            .values()
+            .filter_map(|ck| not_after(ck))
+            .min();
+        let lazy = self
+            .lazy
+            .as_ref()
+            .map(|l| l.soonest.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|t| *t != i64::MAX);
+        pinned.into_iter().chain(lazy).min()
     }
 
     /// Adds or replaces one host's certificate (ACME: a certificate landed).
     /// Copies the map: fine at the rate certificates arrive.
     pub fn insert(&self, host: &str, key: Arc<CertifiedKey>) {
-        self.map.rcu(|map| {
+        self.pinned.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.insert(host.into(), Arc::clone(&key));
             map
@@ -99,7 +207,7 @@ impl CertIndex {
         if insert.is_empty() && remove.is_empty() {
             return;
         }
-        self.map.rcu(|map| {
+        self.pinned.rcu(|map| {
             let mut map = HashMap::clone(map);
             for host in remove {
                 map.remove(host);
@@ -108,6 +216,35 @@ impl CertIndex {
             map
         });
     }
+
+    /// Sets the hosts served through the loader; certificates of hosts that
+    /// are no longer served leave the cache.
+    pub fn set_lazy_hosts(&self, hosts: HashSet<Box<str>>) {
+        if let Some(lazy) = &self.lazy {
+            let old = lazy.hosts.swap(Arc::new(hosts));
+            let new = lazy.hosts.load();
+            for gone in old.iter().filter(|h| !new.contains(*h)) {
+                lazy.cache.remove(&**gone);
+            }
+        }
+    }
+
+    /// The pinned map, for building the next one.
+    pub fn snapshot(&self) -> Arc<HashMap<Box<str>, Arc<CertifiedKey>>> {
+        self.pinned.load_full()
+    }
+
+    /// Replaces all pinned certificates.
+    pub fn replace(&self, map: HashMap<Box<str>, Arc<CertifiedKey>>) {
+        self.pinned.store(Arc::new(map));
+    }
+}
+
+/// Expiry (Unix seconds) of a certificate's leaf.
+pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 impl ResolvesServerCert for CertIndex {
@@ -288,6 +425,12 @@ impl LocalCa {
                 })
             });
         fresh && ours && named
+    }
+}
+
+impl CertLoader for LocalCa {
+    fn load(&self, host: &str) -> Result<CertifiedKey, String> {
+        self.leaf(host).map_err(|e| e.to_string())
     }
 }
 

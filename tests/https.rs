@@ -435,20 +435,76 @@ async fn shutdown_lets_in_flight_request_finish() {
     drop(dir);
 }
 
+/// The certificate a handshake for `host` is shown.
+async fn served_cert(r: &Running, host: &str) -> Vec<u8> {
+    let tls = r.client.connect(r.https, host).await.expect("handshake");
+    let (_, conn) = tls.get_ref();
+    conn.peer_certificates().expect("certs")[0].to_vec()
+}
+
 #[tokio::test]
 async fn certificates_persist_across_restarts() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    common::init_crypto();
     let body = "[[domain]]\nname = \"example.com\"\nmx = [\"mx.example.com\"]\n";
-    let cfg = config(dir.path(), body);
-    let first = Server::new(&cfg).expect("first start");
-    let ca1 = std::fs::read(first.ca_path()).expect("ca");
-    let cert_path = dir
+    let first = start(body).await;
+    let cert = served_cert(&first, "mta-sts.example.com").await;
+    let stored = first
+        .dir
         .path()
         .join("state/self-signed/mta-sts.example.com/cert.pem");
-    let cert1 = std::fs::read(&cert_path).expect("cert");
-    drop(first);
-    let second = Server::new(&cfg).expect("second start");
-    assert_eq!(std::fs::read(second.ca_path()).expect("ca"), ca1);
-    assert_eq!(std::fs::read(&cert_path).expect("cert"), cert1);
+    assert!(stored.exists(), "issued on first use and stored");
+    // A second server on the same state directory shows the same certificate.
+    let cfg = config(first.dir.path(), body);
+    let second = Arc::new(
+        tokio::task::spawn_blocking(move || Server::new(&cfg))
+            .await
+            .expect("join")
+            .expect("second start"),
+    );
+    let https_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let https = https_l.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(Arc::clone(&second).run(https_l, http_l, None, async {
+        let _ = rx.await;
+    }));
+    let tls = first
+        .client
+        .connect(https, "mta-sts.example.com")
+        .await
+        .expect("handshake with the restarted server");
+    assert_eq!(
+        tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec(),
+        cert
+    );
+    let _ = tx.send(());
+    task.await.expect("join").expect("stop");
+    first.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn bounded_certificate_cache_reloads_evicted_certificates() {
+    let mut body = String::from("cert_cache = 2\n[defaults]\nmx = [\"mx.example.net\"]\n");
+    for i in 0..6 {
+        body.push_str(&format!("[[domain]]\nname = \"d{i}.example\"\n"));
+    }
+    let r = start(&body).await;
+    let mut first = Vec::new();
+    for i in 0..6 {
+        first.push(served_cert(&r, &format!("mta-sts.d{i}.example")).await);
+    }
+    // With room for two, the early ones were evicted; they come back from
+    // disk unchanged, and every handshake still succeeds.
+    for round in 0..2 {
+        for (i, want) in first.iter().enumerate() {
+            let again = served_cert(&r, &format!("mta-sts.d{i}.example")).await;
+            assert_eq!(&again, want, "round {round}, d{i}");
+        }
+    }
+    let resp = r
+        .client
+        .get_policy(r.https, "d0.example")
+        .await
+        .expect("fetch");
+    assert_eq!(resp.status, 200);
+    r.stop().await.expect("clean stop");
 }

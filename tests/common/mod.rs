@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod knot;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,376 @@
+//! DNS records for each published domain (RFC 8461 §3.1, RFC 8460 §3): the
+//! `_mta-sts` TXT with the policy id, the `mta-sts` host record and the
+//! `_smtp._tls` TLS-RPT TXT — either as one full set per domain or split into
+//! the customer and provider sides of delegated hosting.
+//!
+//! [`format`] renders them (zone file, JSON, CSV, octoDNS, Cloudflare,
+//! Route 53, user templates); [`update`] pushes them with RFC 2136.
+
+pub mod format;
+pub mod update;
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Delegation, HostRecord};
+use crate::policy::DomainName;
+use crate::snapshot::{Site, Snapshot};
+
+/// One resource record, value unquoted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// The policy domain the record belongs to (for the provider's policy
+    /// host addresses: the policy host).
+    pub domain: String,
+    /// Owner name, fully qualified with trailing dot.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: &'static str,
+    pub ttl: u32,
+    /// TXT text, address, or CNAME target (with trailing dot).
+    pub value: String,
+    /// The zone the record is published in (FQDN, trailing dot): the policy
+    /// domain itself, or the delegation zone on the provider side. Not part
+    /// of the JSON output, whose shape predates it.
+    #[serde(skip)]
+    pub zone: String,
+}
+
+impl Record {
+    /// The value as written in a zone file: TXT quoted, escaped and split
+    /// into strings of at most 255 bytes (RFC 1035 §3.3.14); others as is.
+    pub fn zone_value(&self) -> String {
+        if self.rtype == "TXT" {
+            quote_txt(&self.value)
+        } else {
+            self.value.clone()
+        }
+    }
+
+    /// The owner name relative to its zone: `""` at the apex, else the
+    /// labels in front of the zone (`_mta-sts`, `mta-sts`).
+    pub fn relative_name(&self) -> &str {
+        if self.name == self.zone {
+            return "";
+        }
+        self.name
+            .strip_suffix(self.zone.as_str())
+            .and_then(|s| s.strip_suffix('.'))
+            .unwrap_or(&self.name)
+    }
+}
+
+/// Which records to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Side {
+    /// The full set, published in each domain's own zone (no delegation).
+    #[default]
+    Full,
+    /// Delegated hosting, the customer's zone: two CNAMEs (set once, never
+    /// changed) and the TLS-RPT TXT.
+    Customer,
+    /// Delegated hosting, the provider's zone: the TXT with the rotating id
+    /// for every customer, plus the policy host's addresses.
+    Provider,
+}
+
+/// Why records could not be produced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordsError {
+    #[error(
+        "records for the customer or provider side need a [delegation] section (zone, policy_host) in the config"
+    )]
+    NoDelegation,
+}
+
+/// The `_mta-sts` TXT text: `v=STSv1; id=<id>;` (RFC 8461 §3.1).
+fn sts_txt(site: &Site) -> String {
+    format!("v=STSv1; id={};", site.id)
+}
+
+/// All records of one site, published in its own zone.
+pub fn site_records(site: &Site) -> Vec<Record> {
+    let d = &site.domain;
+    let domain = d.name.as_str();
+    let zone = format!("{domain}.");
+    let rec = |name: String, rtype: &'static str, value: String| Record {
+        domain: domain.to_owned(),
+        name,
+        rtype,
+        ttl: d.ttl,
+        value,
+        zone: zone.clone(),
+    };
+    let mut out = vec![rec(format!("_mta-sts.{domain}."), "TXT", sts_txt(site))];
+    let host = format!("mta-sts.{domain}.");
+    match &d.host {
+        HostRecord::Unset => {}
+        HostRecord::Cname(target) => out.push(rec(host, "CNAME", format!("{target}."))),
+        HostRecord::Addresses { v4, v6 } => {
+            out.extend(v4.iter().map(|a| rec(host.clone(), "A", a.to_string())));
+            out.extend(v6.iter().map(|a| rec(host.clone(), "AAAA", a.to_string())));
+        }
+    }
+    if let Some(tlsrpt) = tlsrpt_record(site, &zone) {
+        out.push(tlsrpt);
+    }
+    out
+}
+
+fn tlsrpt_record(site: &Site, zone: &str) -> Option<Record> {
+    let d = &site.domain;
+    (!d.tlsrpt_rua.is_empty()).then(|| Record {
+        domain: d.name.to_string(),
+        name: format!("_smtp._tls.{}.", d.name),
+        rtype: "TXT",
+        ttl: d.ttl,
+        value: format!("v=TLSRPTv1; rua={};", d.tlsrpt_rua.join(",")),
+        zone: zone.to_owned(),
+    })
+}
+
+/// Delegated hosting, customer side: `mta-sts.<domain>` → the provider's
+/// policy host and `_mta-sts.<domain>` → [`delegated_name`]. Senders follow
+/// the CNAME at `_mta-sts` (RFC 8461 §3.1) and still connect to
+/// `mta-sts.<domain>` with that name as SNI, so the certificate stays the
+/// customer's name.
+pub fn customer_records(site: &Site, delegation: &Delegation) -> Vec<Record> {
+    let d = &site.domain;
+    let domain = d.name.as_str();
+    let zone = format!("{domain}.");
+    let cname = |name: String, value: String| Record {
+        domain: domain.to_owned(),
+        name,
+        rtype: "CNAME",
+        ttl: d.ttl,
+        value,
+        zone: zone.clone(),
+    };
+    let mut out = vec![
+        cname(
+            format!("_mta-sts.{domain}."),
+            delegated_name(&d.name, &delegation.zone),
+        ),
+        cname(
+            format!("mta-sts.{domain}."),
+            format!("{}.", delegation.policy_host),
+        ),
+    ];
+    if let Some(tlsrpt) = tlsrpt_record(site, &zone) {
+        out.push(tlsrpt);
+    }
+    out
+}
+
+/// Delegated hosting, provider side for one customer: the TXT with the
+/// current id at [`delegated_name`] in the delegation zone.
+pub fn provider_records(site: &Site, delegation: &Delegation) -> Vec<Record> {
+    vec![Record {
+        domain: site.domain.name.to_string(),
+        name: delegated_name(&site.domain.name, &delegation.zone),
+        rtype: "TXT",
+        ttl: site.domain.ttl,
+        value: sts_txt(site),
+        zone: format!("{}.", delegation.zone),
+    }]
+}
+
+/// The policy host's own A/AAAA records (provider side, once).
+pub fn policy_host_records(delegation: &Delegation) -> Vec<Record> {
+    let host = &delegation.policy_host;
+    let zone = if host.as_str() == delegation.zone.as_str()
+        || host
+            .as_str()
+            .strip_suffix(delegation.zone.as_str())
+            .is_some_and(|s| s.ends_with('.'))
+    {
+        format!("{}.", delegation.zone)
+    } else {
+        // Outside the delegation zone: assume the host's parent is a zone.
+        let parent = host.as_str().split_once('.').map_or(host.as_str(), |p| p.1);
+        format!("{parent}.")
+    };
+    let rec = |rtype: &'static str, value: String| Record {
+        domain: host.to_string(),
+        name: format!("{host}."),
+        rtype,
+        ttl: delegation.ttl,
+        value,
+        zone: zone.clone(),
+    };
+    let mut out: Vec<Record> = delegation
+        .host_a
+        .iter()
+        .map(|a| rec("A", a.to_string()))
+        .collect();
+    out.extend(
+        delegation
+            .host_aaaa
+            .iter()
+            .map(|a| rec("AAAA", a.to_string())),
+    );
+    out
+}
+
+/// Where a customer's `_mta-sts` CNAME points in the delegation zone
+/// (FQDN, trailing dot): `<customer domain>.<zone>` keeps every label of
+/// the customer domain, so it is readable and never shared by two customers
+/// (replacing dots with `-` would map `a-b.example` and `a.b-example` to the
+/// same label). If that name would exceed 253 characters, it is
+/// `h-<32 hex digits of SHA-256(domain)>.<zone>` instead. Both forms depend
+/// only on the two names, so the CNAME the customer sets never changes.
+pub fn delegated_name(domain: &DomainName, zone: &DomainName) -> String {
+    let name = format!("{domain}.{zone}");
+    if name.len() <= 253 {
+        return format!("{name}.");
+    }
+    let digest = Sha256::digest(domain.as_str().as_bytes());
+    let mut out = String::from("h-");
+    for byte in &digest[..16] {
+        let _ = write!(out, "{byte:02x}");
+    }
+    format!("{out}.{zone}.")
+}
+
+/// Records for all sites, or only those whose domain is in `only`.
+pub fn records(
+    snapshot: &Snapshot,
+    only: &[DomainName],
+    side: Side,
+    delegation: Option<&Delegation>,
+) -> Result<Vec<Record>, RecordsError> {
+    let sites = snapshot
+        .sites()
+        .iter()
+        .filter(|s| only.is_empty() || only.contains(&s.domain.name));
+    let out = match (side, delegation) {
+        (Side::Full, _) => sites.flat_map(|s| site_records(s)).collect(),
+        (Side::Customer, Some(del)) => sites.flat_map(|s| customer_records(s, del)).collect(),
+        (Side::Provider, Some(del)) => {
+            let mut out = policy_host_records(del);
+            out.extend(sites.flat_map(|s| provider_records(s, del)));
+            out
+        }
+        (Side::Customer | Side::Provider, None) => return Err(RecordsError::NoDelegation),
+    };
+    Ok(out)
+}
+
+/// Zone-file lines: `name ttl IN type value`.
+pub fn to_bind(records: &[Record]) -> String {
+    let mut out = String::new();
+    for r in records {
+        let _ = writeln!(
+            out,
+            "{} {} IN {} {}",
+            r.name,
+            r.ttl,
+            r.rtype,
+            r.zone_value()
+        );
+    }
+    out
+}
+
+/// Quotes TXT data for a zone file: `"` and `\` escaped, bytes outside
+/// printable ASCII as `\DDD`, split into ≤255-byte character-strings.
+pub fn quote_txt(value: &str) -> String {
+    txt_strings(value)
+        .iter()
+        .map(|chunk| {
+            let mut out = String::with_capacity(chunk.len() + 2);
+            out.push('"');
+            for &b in *chunk {
+                match b {
+                    b'"' | b'\\' => {
+                        out.push('\\');
+                        out.push(char::from(b));
+                    }
+                    0x20..=0x7e => out.push(char::from(b)),
+                    _ => {
+                        let _ = write!(out, "\\{b:03}");
+                    }
+                }
+            }
+            out.push('"');
+            out
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// TXT data as RFC 1035 character-strings of at most 255 bytes each (one
+/// empty string for empty data).
+pub fn txt_strings(value: &str) -> Vec<&[u8]> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return vec![bytes];
+    }
+    bytes.chunks(255).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_txt("v=STSv1; id=abc;"), "\"v=STSv1; id=abc;\"");
+        assert_eq!(quote_txt("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(quote_txt("é"), "\"\\195\\169\"");
+        assert_eq!(quote_txt(""), "\"\"");
+        let long = "x".repeat(300);
+        let q = quote_txt(&long);
+        assert_eq!(q, format!("\"{}\" \"{}\"", "x".repeat(255), "x".repeat(45)));
+    }
+
+    fn name(s: &str) -> DomainName {
+        DomainName::parse(s).expect("valid name")
+    }
+
+    #[test]
+    fn delegated_names_are_readable_and_distinct() {
+        let zone = name("sts.provider.example");
+        assert_eq!(
+            delegated_name(&name("a-b.example"), &zone),
+            "a-b.example.sts.provider.example."
+        );
+        assert_eq!(
+            delegated_name(&name("a.b-example"), &zone),
+            "a.b-example.sts.provider.example."
+        );
+    }
+
+    #[test]
+    fn delegated_name_hashes_when_too_long() {
+        let zone = name("sts.provider.example");
+        let long = name(&format!(
+            "{}.abcdefghijkl.example",
+            ["abcdefghijklmnopqrstu"; 10].join(".")
+        ));
+        let n = delegated_name(&long, &zone);
+        assert!(n.starts_with("h-"), "{n}");
+        assert_eq!(n.len(), "h-".len() + 32 + ".sts.provider.example.".len());
+        assert_eq!(n, delegated_name(&long, &zone), "stable");
+    }
+
+    #[test]
+    fn relative_names() {
+        let r = Record {
+            domain: "example.com".into(),
+            name: "_mta-sts.example.com.".into(),
+            rtype: "TXT",
+            ttl: 1,
+            value: String::new(),
+            zone: "example.com.".into(),
+        };
+        assert_eq!(r.relative_name(), "_mta-sts");
+        let apex = Record {
+            name: "example.com.".into(),
+            ..r
+        };
+        assert_eq!(apex.relative_name(), "");
+    }
+}

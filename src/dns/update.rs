@@ -1,0 +1,1051 @@
+//! RFC 2136 dynamic updates signed with TSIG (RFC 8945): keeps the records
+//! of [`super::records`] current on a primary DNS server.
+//!
+//! Per domain: read each RRset we own, skip it if it already matches, else
+//! send an UPDATE (shared by up to 64 domains) whose prerequisites say "the
+//! RRset is still exactly what we just read" (RFC 2136 §2.4.2, or §2.4.3
+//! "does not exist"), so a concurrent edit makes the server refuse instead
+//! of being overwritten; we then re-read and retry domain by domain. A TXT that is not the kind we publish (not
+//! `v=STSv1` at `_mta-sts`, not `v=TLSRPTv1` at `_smtp._tls`) is never
+//! replaced. Message building is pure; [`Transport`] does the I/O.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hickory_proto::op::{Message, Query, ResponseCode, UpdateMessage};
+use hickory_proto::rr::rdata::tsig::{TsigAlgorithm, TsigError};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record as Rr, RecordType, TSigner};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Record, RecordsError, Side};
+use crate::config::{self, Config, DnsUpdate};
+use crate::snapshot::Snapshot;
+
+/// TSIG fudge (RFC 8945 §5.2.3): allowed clock difference, in seconds.
+const FUDGE: u16 = 300;
+
+/// How often one domain is re-read and re-sent when its prerequisites fail
+/// because someone else changed the records in between.
+const PREREQ_ATTEMPTS: u32 = 3;
+
+/// Domains whose changes share one UPDATE message.
+const BATCH_DOMAINS: usize = 64;
+
+/// Largest batched UPDATE before TSIG; bigger batches go domain by domain.
+const MAX_BATCH_BYTES: usize = 60 * 1024;
+
+/// First retry delay after a network failure; doubles each attempt.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why a push (or one domain of it) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("cannot reach DNS server {server} (tried {attempts} times): {last}")]
+    Unreachable {
+        server: SocketAddr,
+        attempts: u32,
+        last: String,
+    },
+    #[error("DNS server {server} rejected TSIG key {key:?}: {reason}")]
+    Auth {
+        server: SocketAddr,
+        key: String,
+        reason: String,
+    },
+    #[error(
+        "DNS server {server} refused the update of zone {zone} (REFUSED): the key may not be allowed to update this zone"
+    )]
+    Refused { server: SocketAddr, zone: String },
+    #[error("DNS server {server} is not the primary for zone {zone} ({rcode})")]
+    NotAuthoritative {
+        server: SocketAddr,
+        zone: String,
+        rcode: String,
+    },
+    #[error("answer from {server} failed TSIG verification: {detail}")]
+    ResponseSignature { server: SocketAddr, detail: String },
+    #[error(
+        "{name} {rtype}: refusing to replace {found:?}, which is not a {tag} record mtasts publishes; remove it by hand"
+    )]
+    Foreign {
+        name: String,
+        rtype: String,
+        found: String,
+        tag: String,
+    },
+    #[error("{name}: has a CNAME, so it cannot also hold {rtype}; remove the CNAME by hand")]
+    CnameConflict { name: String, rtype: String },
+    #[error(
+        "{domain}: the records changed on the server during the update {attempts} times in a row"
+    )]
+    Contended { domain: String, attempts: u32 },
+    #[error(
+        "{name} {rtype}: the server accepted the update but still serves {found:?} (servers silently skip e.g. a CNAME where other records exist at the name)"
+    )]
+    NotApplied {
+        name: String,
+        rtype: String,
+        found: Vec<String>,
+    },
+    #[error("DNS server {server} answered {rcode} ({what})")]
+    Unexpected {
+        server: SocketAddr,
+        rcode: String,
+        what: &'static str,
+    },
+    #[error("invalid record {what}: {detail}")]
+    Record { what: String, detail: String },
+    #[error("DNS message: {0}")]
+    Proto(String),
+}
+
+impl PushError {
+    /// Errors that would hit every other domain the same way: stop at once.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            PushError::Unreachable { .. }
+                | PushError::Auth { .. }
+                | PushError::Refused { .. }
+                | PushError::NotAuthoritative { .. }
+                | PushError::ResponseSignature { .. }
+                | PushError::Proto(_)
+        )
+    }
+}
+
+/// One RRset we want on the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rrset {
+    /// The policy domain, for grouping and messages.
+    pub domain: String,
+    pub name: Name,
+    pub rtype: RecordType,
+    pub ttl: u32,
+    pub data: Vec<RData>,
+}
+
+/// What happened to one domain.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Everything already matched; nothing was sent.
+    Unchanged,
+    /// One UPDATE changed these RRsets (`name TYPE`).
+    Updated(Vec<String>),
+    /// `--dry-run`: these RRsets would be changed.
+    WouldUpdate(Vec<String>),
+    Failed(PushError),
+}
+
+/// The result of a whole push.
+#[derive(Debug, Default)]
+pub struct PushReport {
+    /// In order, per domain.
+    pub domains: Vec<(String, Outcome)>,
+    /// Records outside the update zone, not pushed.
+    pub outside_zone: Vec<String>,
+    /// Set when the push stopped early (later domains were not tried).
+    pub aborted: Option<PushError>,
+}
+
+impl PushReport {
+    pub fn failed(&self) -> usize {
+        self.domains
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+            .count()
+            + usize::from(self.aborted.is_some())
+    }
+}
+
+fn record_error(r: &Record, detail: impl std::fmt::Display) -> PushError {
+    PushError::Record {
+        what: format!("{} {} {:?}", r.name, r.rtype, r.value),
+        detail: detail.to_string(),
+    }
+}
+
+fn rdata(r: &Record) -> Result<(RecordType, RData), PushError> {
+    Ok(match r.rtype {
+        "TXT" => (
+            RecordType::TXT,
+            RData::TXT(TXT::from_bytes(super::txt_strings(&r.value))),
+        ),
+        "A" => {
+            let a: Ipv4Addr = r.value.parse().map_err(|e| record_error(r, e))?;
+            (RecordType::A, RData::A(A(a)))
+        }
+        "AAAA" => {
+            let a: Ipv6Addr = r.value.parse().map_err(|e| record_error(r, e))?;
+            (RecordType::AAAA, RData::AAAA(AAAA(a)))
+        }
+        "CNAME" => {
+            let n = Name::from_ascii(&r.value).map_err(|e| record_error(r, e))?;
+            (RecordType::CNAME, RData::CNAME(CNAME(n)))
+        }
+        other => return Err(record_error(r, format!("type {other} is not pushed"))),
+    })
+}
+
+/// Groups records into RRsets inside `zone`; names outside it are returned
+/// separately. `ttl` overrides every record's TTL.
+pub fn rrsets(
+    records: &[Record],
+    zone: &Name,
+    ttl: Option<u32>,
+) -> Result<(Vec<Rrset>, Vec<String>), PushError> {
+    let mut sets: Vec<Rrset> = Vec::new();
+    // (lowercase owner, type) → index in `sets`: linear search would be
+    // quadratic at 100k domains.
+    let mut index: HashMap<(String, RecordType), usize> = HashMap::new();
+    let mut outside = Vec::new();
+    for r in records {
+        let name = Name::from_ascii(&r.name).map_err(|e| record_error(r, e))?;
+        if !zone.zone_of(&name) {
+            outside.push(r.name.clone());
+            continue;
+        }
+        let (rtype, data) = rdata(r)?;
+        let ttl = ttl.unwrap_or(r.ttl);
+        let key = (r.name.to_ascii_lowercase(), rtype);
+        match index.get(&key).and_then(|&i| sets.get_mut(i)) {
+            Some(set) => {
+                if !set.data.contains(&data) {
+                    set.data.push(data);
+                }
+                set.ttl = set.ttl.min(ttl);
+            }
+            None => {
+                index.insert(key, sets.len());
+                sets.push(Rrset {
+                    domain: r.domain.clone(),
+                    name,
+                    rtype,
+                    ttl,
+                    data: vec![data],
+                });
+            }
+        }
+    }
+    Ok((sets, outside))
+}
+
+/// A plain query for one RRset (no recursion: we ask the primary).
+pub fn query_message(name: &Name, rtype: RecordType) -> Message {
+    let mut msg = Message::query();
+    msg.metadata.recursion_desired = false;
+    msg.add_query(Query::query(name.clone(), rtype));
+    msg
+}
+
+/// One RRset and what the server holds for it now.
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub want: &'a Rrset,
+    pub current: Vec<Rr>,
+}
+
+/// The UPDATE for some RRsets of one zone (RFC 2136 §2): for each, the
+/// prerequisite that the RRset is exactly `current` (value-dependent,
+/// §2.4.2) or absent (§2.4.3), then delete the RRset (§2.5.2) and add the
+/// wanted records (§2.5.1).
+pub fn update_message(zone: &Name, changes: &[Change<'_>]) -> Message {
+    let mut msg = Message::query();
+    msg.metadata.op_code = hickory_proto::op::OpCode::Update;
+    msg.metadata.recursion_desired = false;
+    let mut z = Query::new();
+    z.set_name(zone.clone())
+        .set_query_class(DNSClass::IN)
+        .set_query_type(RecordType::SOA);
+    msg.add_zone(z);
+    for c in changes {
+        let want = c.want;
+        if c.current.is_empty() {
+            let mut absent = Rr::update0(want.name.clone(), 0, want.rtype);
+            absent.dns_class = DNSClass::NONE;
+            msg.add_pre_requisite(absent);
+        } else {
+            for cur in &c.current {
+                let mut exact = Rr::from_rdata(want.name.clone(), 0, cur.data.clone());
+                exact.dns_class = DNSClass::IN;
+                msg.add_pre_requisite(exact);
+            }
+            let mut delete = Rr::update0(want.name.clone(), 0, want.rtype);
+            delete.dns_class = DNSClass::ANY;
+            msg.add_update(delete);
+        }
+        for data in &want.data {
+            msg.add_update(Rr::from_rdata(want.name.clone(), want.ttl, data.clone()));
+        }
+    }
+    msg
+}
+
+/// Consecutive RRsets of the same domain, with the domain.
+fn by_domain(sets: &[Rrset]) -> Vec<(&str, &[Rrset])> {
+    let mut out: Vec<(&str, &[Rrset])> = Vec::new();
+    let mut start = 0;
+    for (i, set) in sets.iter().enumerate() {
+        let next_differs = sets.get(i + 1).is_none_or(|n| n.domain != set.domain);
+        if next_differs {
+            out.push((set.domain.as_str(), sets.get(start..=i).unwrap_or_default()));
+            start = i + 1;
+        }
+    }
+    out
+}
+
+/// `name TYPE` of each changed RRset, for reports.
+fn change_names(changes: &[Change<'_>]) -> Vec<String> {
+    changes
+        .iter()
+        .map(|c| format!("{} {}", c.want.name.to_ascii(), c.want.rtype))
+        .collect()
+}
+
+/// TXT data as one string (RFC 8461 §3.1: the strings are concatenated).
+fn txt_text(data: &RData) -> Option<String> {
+    match data {
+        RData::TXT(t) => Some(
+            t.txt_data
+                .iter()
+                .map(|s| String::from_utf8_lossy(s))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn show(data: &RData) -> String {
+    txt_text(data).unwrap_or_else(|| data.to_string())
+}
+
+/// The version tag a TXT of ours starts with (`v=STSv1`, `v=TLSRPTv1`).
+fn tag(text: &str) -> &str {
+    text.split(';').next().unwrap_or(text).trim()
+}
+
+/// Whether the server's RRset already is what we want.
+fn matches(want: &Rrset, current: &[Rr]) -> bool {
+    current.len() == want.data.len()
+        && current
+            .iter()
+            .all(|c| c.ttl == want.ttl && want.data.contains(&c.data))
+}
+
+/// Refuses to replace TXT records that are not ours (RFC 8461 §3.1 allows
+/// exactly one STSv1 record; anything else there was put by someone else).
+fn check_owned(want: &Rrset, current: &[Rr]) -> Result<(), PushError> {
+    let Some(wanted) = want.data.first().and_then(txt_text) else {
+        return Ok(());
+    };
+    let wanted_tag = tag(&wanted);
+    for c in current {
+        let text = txt_text(&c.data).unwrap_or_default();
+        if tag(&text) != wanted_tag {
+            return Err(PushError::Foreign {
+                name: want.name.to_ascii(),
+                rtype: want.rtype.to_string(),
+                found: text,
+                tag: wanted_tag.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// DNS over TCP (RFC 7766): 2-byte length prefix each way; one connection
+/// is reused for all messages of a push and reopened after a failure.
+pub struct Transport {
+    server: SocketAddr,
+    timeout: Duration,
+    retries: u32,
+    stream: Option<TcpStream>,
+}
+
+impl Transport {
+    pub fn new(server: SocketAddr, timeout: Duration, retries: u32) -> Self {
+        Self {
+            server,
+            timeout,
+            retries,
+            stream: None,
+        }
+    }
+
+    /// One exchange, no retry; reconnects first if the last one failed.
+    pub(crate) async fn exchange_once(&mut self, wire: &[u8]) -> std::io::Result<Vec<u8>> {
+        let len = u16::try_from(wire.len()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "message over 64 KiB")
+        })?;
+        let server = self.server;
+        let timeout = self.timeout;
+        let stream = match &mut self.stream {
+            Some(s) => s,
+            None => {
+                let s = tokio::time::timeout(timeout, TcpStream::connect(server))
+                    .await
+                    .map_err(|_| timed_out("connect"))??;
+                self.stream.insert(s)
+            }
+        };
+        let io = async {
+            let mut framed = Vec::with_capacity(wire.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(wire);
+            stream.write_all(&framed).await?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await?;
+            let mut resp = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut resp).await?;
+            Ok::<_, std::io::Error>(resp)
+        };
+        let result = tokio::time::timeout(timeout, io)
+            .await
+            .map_err(|_| timed_out("answer"))
+            .and_then(|r| r);
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    /// Sends the message `build` makes (fresh id and TSIG time per attempt)
+    /// and returns the answer bytes. Network failures and SERVFAIL are
+    /// retried with exponential backoff.
+    async fn exchange<T>(
+        &mut self,
+        mut build: impl FnMut() -> Result<(Vec<u8>, T), PushError>,
+    ) -> Result<(Vec<u8>, T), PushError> {
+        let mut delay = BACKOFF_START;
+        let mut last = String::new();
+        for attempt in 0..=self.retries {
+            if attempt > 0 {
+                tracing::warn!(server = %self.server, attempt, "DNS exchange failed ({last}); retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BACKOFF_MAX);
+            }
+            let (wire, extra) = build()?;
+            match self.exchange_once(&wire).await {
+                Ok(resp) => {
+                    let servfail = Message::from_vec(&resp)
+                        .map(|m| m.response_code == ResponseCode::ServFail)
+                        .unwrap_or(false);
+                    if servfail {
+                        last = "SERVFAIL".to_owned();
+                        continue;
+                    }
+                    return Ok((resp, extra));
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(PushError::Unreachable {
+            server: self.server,
+            attempts: self.retries + 1,
+            last,
+        })
+    }
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn algorithm(a: config::TsigAlgorithm) -> TsigAlgorithm {
+    match a {
+        config::TsigAlgorithm::HmacSha256 => TsigAlgorithm::HmacSha256,
+        config::TsigAlgorithm::HmacSha384 => TsigAlgorithm::HmacSha384,
+        config::TsigAlgorithm::HmacSha512 => TsigAlgorithm::HmacSha512,
+    }
+}
+
+/// Pushes records to the `[dns.update]` server.
+pub struct Pusher {
+    cfg: DnsUpdate,
+    zone: Name,
+    signer: TSigner,
+    transport: Transport,
+    dry_run: bool,
+}
+
+impl Pusher {
+    pub fn new(cfg: &DnsUpdate, dry_run: bool) -> Result<Self, PushError> {
+        let zone = Name::from_ascii(format!("{}.", cfg.zone))
+            .map_err(|e| PushError::Proto(format!("zone {}: {e}", cfg.zone)))?;
+        let key_name = Name::from_ascii(&cfg.key_name)
+            .map_err(|e| PushError::Proto(format!("key name {:?}: {e}", cfg.key_name)))?;
+        let signer = TSigner::new(
+            cfg.secret.bytes().to_vec(),
+            algorithm(cfg.algorithm),
+            key_name,
+            FUDGE,
+        )
+        .map_err(|e| PushError::Proto(format!("TSIG key: {e}")))?;
+        Ok(Self {
+            transport: Transport::new(cfg.server, cfg.timeout, cfg.retries),
+            cfg: cfg.clone(),
+            zone,
+            signer,
+            dry_run,
+        })
+    }
+
+    /// Pushes every record inside the zone. Domains go in batches of
+    /// [`BATCH_DOMAINS`]: their changes share one UPDATE (so a first push of
+    /// many domains does not cost one server commit each); if that UPDATE's
+    /// prerequisites fail, each domain of the batch is retried on its own.
+    /// Stops early on errors that would repeat for every domain.
+    pub async fn push(&mut self, records: &[Record]) -> PushReport {
+        let mut report = PushReport::default();
+        let (sets, outside) = match rrsets(records, &self.zone, self.cfg.ttl) {
+            Ok(x) => x,
+            Err(e) => {
+                report.aborted = Some(e);
+                return report;
+            }
+        };
+        report.outside_zone = outside;
+        let groups = by_domain(&sets);
+        for batch in groups.chunks(BATCH_DOMAINS) {
+            match self.push_batch(batch).await {
+                Ok(outcomes) => report.domains.extend(outcomes),
+                Err((done, e)) => {
+                    report.domains.extend(done);
+                    report.aborted = Some(e);
+                    break;
+                }
+            }
+        }
+        report
+    }
+
+    /// Reads what the server holds for `sets`; the RRsets that differ.
+    async fn plan<'s>(&mut self, sets: &'s [Rrset]) -> Result<Vec<Change<'s>>, PushError> {
+        let mut changes = Vec::new();
+        for want in sets {
+            let current = self.read(want).await?;
+            check_owned(want, &current)?;
+            if !matches(want, &current) {
+                changes.push(Change { want, current });
+            }
+        }
+        Ok(changes)
+    }
+
+    /// After NOERROR, reads the changed RRsets back: a server may accept an
+    /// update and skip parts of it (e.g. a CNAME where other data exists,
+    /// RFC 2136 §3.4.2.2).
+    async fn confirm(&mut self, changes: &[Change<'_>]) -> Result<Outcome, PushError> {
+        for c in changes {
+            let now = self.read(c.want).await?;
+            if !matches(c.want, &now) {
+                return Err(PushError::NotApplied {
+                    name: c.want.name.to_ascii(),
+                    rtype: c.want.rtype.to_string(),
+                    found: now.iter().map(|r| show(&r.data)).collect(),
+                });
+            }
+        }
+        Ok(Outcome::Updated(change_names(changes)))
+    }
+
+    /// One batch of domains. `Err` carries the outcomes so far and the
+    /// fatal error that stopped it.
+    async fn push_batch(
+        &mut self,
+        batch: &[(&str, &[Rrset])],
+    ) -> Result<Vec<(String, Outcome)>, (Vec<(String, Outcome)>, PushError)> {
+        let mut done: Vec<(String, Outcome)> = Vec::new();
+        let mut pending: Vec<(&str, &[Rrset], Vec<Change<'_>>)> = Vec::new();
+        for &(domain, sets) in batch {
+            match self.plan(sets).await {
+                Ok(changes) if changes.is_empty() => {
+                    done.push((domain.to_owned(), Outcome::Unchanged))
+                }
+                Ok(changes) if self.dry_run => done.push((
+                    domain.to_owned(),
+                    Outcome::WouldUpdate(change_names(&changes)),
+                )),
+                Ok(changes) => pending.push((domain, sets, changes)),
+                Err(e) if e.is_fatal() => return Err((done, e)),
+                Err(e) => done.push((domain.to_owned(), Outcome::Failed(e))),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(done);
+        }
+        let all: Vec<Change<'_>> = pending
+            .iter()
+            .flat_map(|(_, _, c)| c.iter().cloned())
+            .collect();
+        // Leave room for the TSIG record in a TCP message (64 KiB).
+        let fits = update_message(&self.zone, &all)
+            .to_vec()
+            .is_ok_and(|w| w.len() <= MAX_BATCH_BYTES);
+        let batched = if fits && pending.len() > 1 {
+            match self.send_update(&all).await {
+                Ok(code) => Some(code),
+                Err(e) if e.is_fatal() => return Err((done, e)),
+                Err(e) => {
+                    tracing::info!("batched update failed ({e}); trying each domain");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for (domain, sets, changes) in pending {
+            let outcome = match batched {
+                Some(ResponseCode::NoError) => self.confirm(&changes).await,
+                // Not sent together, or a prerequisite failed (someone
+                // changed something meanwhile): each domain on its own.
+                _ => self.push_domain(domain, sets).await,
+            };
+            match outcome {
+                Ok(o) => done.push((domain.to_owned(), o)),
+                Err(e) if e.is_fatal() => return Err((done, e)),
+                Err(e) => done.push((domain.to_owned(), Outcome::Failed(e))),
+            }
+        }
+        Ok(done)
+    }
+
+    /// One domain, one UPDATE, re-read and retried while its prerequisites
+    /// fail because the records changed between read and update.
+    async fn push_domain(&mut self, domain: &str, sets: &[Rrset]) -> Result<Outcome, PushError> {
+        for _ in 0..PREREQ_ATTEMPTS {
+            let changes = self.plan(sets).await?;
+            if changes.is_empty() {
+                return Ok(Outcome::Unchanged);
+            }
+            if self.dry_run {
+                return Ok(Outcome::WouldUpdate(change_names(&changes)));
+            }
+            match self.send_update(&changes).await? {
+                ResponseCode::NoError => return self.confirm(&changes).await,
+                ResponseCode::YXRRSet
+                | ResponseCode::NXRRSet
+                | ResponseCode::YXDomain
+                | ResponseCode::NXDomain => {
+                    tracing::info!(
+                        domain,
+                        "records changed on the server meanwhile; re-reading"
+                    );
+                }
+                other => {
+                    return Err(PushError::Unexpected {
+                        server: self.cfg.server,
+                        rcode: other.to_string(),
+                        what: "to an update",
+                    });
+                }
+            }
+        }
+        Err(PushError::Contended {
+            domain: domain.to_owned(),
+            attempts: PREREQ_ATTEMPTS,
+        })
+    }
+
+    /// The RRset the server holds now (empty if none).
+    async fn read(&mut self, want: &Rrset) -> Result<Vec<Rr>, PushError> {
+        let (resp, id) = self
+            .transport
+            .exchange(|| {
+                let msg = query_message(&want.name, want.rtype);
+                let wire = msg.to_vec().map_err(|e| PushError::Proto(e.to_string()))?;
+                Ok((wire, msg.id))
+            })
+            .await?;
+        let msg = Message::from_vec(&resp).map_err(|e| PushError::Proto(e.to_string()))?;
+        if msg.id != id {
+            return Err(PushError::Proto(format!(
+                "answer id {} does not match query id {id}",
+                msg.id
+            )));
+        }
+        match msg.response_code {
+            ResponseCode::NoError | ResponseCode::NXDomain => {}
+            ResponseCode::Refused | ResponseCode::NotAuth | ResponseCode::NotZone => {
+                return Err(PushError::NotAuthoritative {
+                    server: self.cfg.server,
+                    zone: self.cfg.zone.to_string(),
+                    rcode: msg.response_code.to_string(),
+                });
+            }
+            other => {
+                return Err(PushError::Unexpected {
+                    server: self.cfg.server,
+                    rcode: other.to_string(),
+                    what: "to a query",
+                });
+            }
+        }
+        if !msg.metadata.authoritative {
+            return Err(PushError::NotAuthoritative {
+                server: self.cfg.server,
+                zone: self.cfg.zone.to_string(),
+                rcode: "answer without the AA bit".to_owned(),
+            });
+        }
+        let mut out = Vec::new();
+        for r in &msg.answers {
+            if r.name != want.name {
+                continue;
+            }
+            if r.record_type() == RecordType::CNAME && want.rtype != RecordType::CNAME {
+                return Err(PushError::CnameConflict {
+                    name: want.name.to_ascii(),
+                    rtype: want.rtype.to_string(),
+                });
+            }
+            if r.record_type() == want.rtype {
+                out.push(r.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Signs, sends and checks one UPDATE; returns the server's rcode.
+    async fn send_update(&mut self, changes: &[Change<'_>]) -> Result<ResponseCode, PushError> {
+        let zone = self.zone.clone();
+        let signer = self.signer.clone();
+        let (resp, (id, mut verifier)) = self
+            .transport
+            .exchange(|| {
+                let mut msg = update_message(&zone, changes);
+                let verifier = msg
+                    .finalize(&signer, unix_now())
+                    .map_err(|e| PushError::Proto(format!("TSIG signing: {e}")))?
+                    .ok_or_else(|| PushError::Proto("TSIG signer gave no verifier".into()))?;
+                let wire = msg.to_vec().map_err(|e| PushError::Proto(e.to_string()))?;
+                Ok((wire, (msg.id, verifier)))
+            })
+            .await?;
+        let msg = Message::from_vec(&resp).map_err(|e| PushError::Proto(e.to_string()))?;
+        if msg.id != id {
+            return Err(PushError::Proto(format!(
+                "answer id {} does not match update id {id}",
+                msg.id
+            )));
+        }
+        // A rejected key gets an unsigned NOTAUTH with the TSIG error code
+        // (RFC 8945 §5.2): report that before trying to verify.
+        let tsig_error = msg.signature().and_then(|s| s.data.error);
+        if msg.response_code == ResponseCode::NotAuth || tsig_error.is_some() {
+            let reason = match tsig_error {
+                Some(TsigError::BadSig) => {
+                    "BADSIG: the secret does not match the server's (check secret/secret_file and algorithm)".to_owned()
+                }
+                Some(TsigError::BadKey) => {
+                    "BADKEY: the server does not know this key name or algorithm".to_owned()
+                }
+                Some(TsigError::BadTime) => format!(
+                    "BADTIME: the clocks of this host and the server differ by more than {FUDGE} s"
+                ),
+                Some(other) => format!("TSIG error {other:?}"),
+                None => {
+                    return Err(PushError::NotAuthoritative {
+                        server: self.cfg.server,
+                        zone: self.cfg.zone.to_string(),
+                        rcode: "NOTAUTH".to_owned(),
+                    });
+                }
+            };
+            return Err(PushError::Auth {
+                server: self.cfg.server,
+                key: self.cfg.key_name.clone(),
+                reason,
+            });
+        }
+        verifier
+            .verify(&resp)
+            .map_err(|e| PushError::ResponseSignature {
+                server: self.cfg.server,
+                detail: e.to_string(),
+            })?;
+        match msg.response_code {
+            ResponseCode::Refused => Err(PushError::Refused {
+                server: self.cfg.server,
+                zone: self.cfg.zone.to_string(),
+            }),
+            ResponseCode::NotZone => Err(PushError::NotAuthoritative {
+                server: self.cfg.server,
+                zone: self.cfg.zone.to_string(),
+                rcode: "NOTZONE".to_owned(),
+            }),
+            code => Ok(code),
+        }
+    }
+}
+
+/// The records `dns push` sends by default: the provider side when the
+/// config delegates, else the full set.
+pub fn default_side(config: &Config) -> Side {
+    if config.delegation.is_some() {
+        Side::Provider
+    } else {
+        Side::Full
+    }
+}
+
+/// What the automatic push sends: one config generation's records.
+#[derive(Debug)]
+struct Job {
+    update: DnsUpdate,
+    records: Vec<Record>,
+}
+
+/// How long the automatic push waits before trying a failed push again
+/// (unless a newer snapshot arrives first).
+const AUTO_RETRY: Duration = Duration::from_secs(60);
+
+/// Automatic push from `serve`: [`AutoPush::submit`] is called after a
+/// snapshot is being served (at start and after each reload), and one
+/// background task pushes the newest submitted snapshot, so a new id never
+/// reaches DNS before this server serves its body. Pushes never overlap;
+/// a snapshot submitted during a push replaces any that waited.
+#[derive(Debug, Clone)]
+pub struct AutoPush {
+    tx: std::sync::Arc<tokio::sync::watch::Sender<Option<std::sync::Arc<Job>>>>,
+}
+
+impl AutoPush {
+    /// Spawns the background task (on the current tokio runtime).
+    pub fn start() -> AutoPush {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(auto_push_worker(rx));
+        AutoPush {
+            tx: std::sync::Arc::new(tx),
+        }
+    }
+
+    /// Queues a push of `snapshot`'s records if `config` enables it.
+    pub fn submit(&self, config: &Config, snapshot: &Snapshot) -> Result<(), RecordsError> {
+        let Some(update) = config.dns_update.as_ref().filter(|u| u.auto_push) else {
+            return Ok(());
+        };
+        let records = super::records(
+            snapshot,
+            &[],
+            default_side(config),
+            config.delegation.as_ref(),
+        )?;
+        self.tx.send_replace(Some(std::sync::Arc::new(Job {
+            update: update.clone(),
+            records,
+        })));
+        Ok(())
+    }
+}
+
+async fn auto_push_worker(mut rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Job>>>) {
+    while rx.changed().await.is_ok() {
+        loop {
+            let Some(job) = rx.borrow_and_update().clone() else {
+                break;
+            };
+            if run_auto_push(&job).await {
+                break;
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(AUTO_RETRY) => {}
+            }
+        }
+    }
+}
+
+/// One automatic push, logged; `true` when nothing failed.
+async fn run_auto_push(job: &Job) -> bool {
+    let mut pusher = match Pusher::new(&job.update, false) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("dns push: {e}");
+            return false;
+        }
+    };
+    let report = pusher.push(&job.records).await;
+    for (domain, outcome) in &report.domains {
+        match outcome {
+            Outcome::Updated(sets) => {
+                tracing::info!(domain = %domain, rrsets = %sets.join(", "), "dns push: updated")
+            }
+            Outcome::Failed(e) => tracing::error!(domain = %domain, "dns push: {e}"),
+            Outcome::Unchanged | Outcome::WouldUpdate(_) => {}
+        }
+    }
+    if let Some(e) = &report.aborted {
+        tracing::error!(
+            "dns push stopped: {e}; retrying in {} s unless the config changes",
+            AUTO_RETRY.as_secs()
+        );
+    }
+    tracing::info!(
+        server = %job.update.server,
+        failed = report.failed(),
+        "dns push finished"
+    );
+    report.failed() == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str, rtype: &'static str, value: &str) -> Record {
+        Record {
+            domain: "a.example.test".into(),
+            name: name.into(),
+            rtype,
+            ttl: 300,
+            value: value.into(),
+            zone: "a.example.test.".into(),
+        }
+    }
+
+    fn zone() -> Name {
+        Name::from_ascii("example.test.").expect("name")
+    }
+
+    #[test]
+    fn rrsets_group_and_skip_outside_zone() {
+        let recs = [
+            rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=1;"),
+            rec("mta-sts.a.example.test.", "A", "192.0.2.1"),
+            rec("mta-sts.a.example.test.", "A", "192.0.2.2"),
+            rec("_mta-sts.other.example.", "TXT", "v=STSv1; id=1;"),
+        ];
+        let (sets, outside) = rrsets(&recs, &zone(), Some(60)).expect("valid");
+        assert_eq!(sets.len(), 2);
+        assert_eq!(sets[1].data.len(), 2);
+        assert!(sets.iter().all(|s| s.ttl == 60));
+        assert_eq!(outside, ["_mta-sts.other.example."]);
+    }
+
+    #[test]
+    fn rrsets_are_grouped_by_domain_in_order() {
+        let mut b = rec("_mta-sts.b.example.test.", "TXT", "v=STSv1; id=1;");
+        b.domain = "b.example.test".into();
+        let recs = [
+            rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=1;"),
+            rec("mta-sts.a.example.test.", "A", "192.0.2.1"),
+            b,
+        ];
+        let (sets, _) = rrsets(&recs, &zone(), None).expect("valid");
+        let groups = by_domain(&sets);
+        let summary: Vec<(&str, usize)> = groups.iter().map(|(d, s)| (*d, s.len())).collect();
+        assert_eq!(summary, [("a.example.test", 2), ("b.example.test", 1)]);
+        assert!(by_domain(&[]).is_empty());
+    }
+
+    #[test]
+    fn update_has_prerequisites_delete_and_add() {
+        let recs = [rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=2;")];
+        let (sets, _) = rrsets(&recs, &zone(), None).expect("valid");
+        let old = Rr::from_rdata(
+            sets[0].name.clone(),
+            300,
+            RData::TXT(TXT::new(vec!["v=STSv1; id=1;".into()])),
+        );
+        let msg = update_message(
+            &zone(),
+            &[Change {
+                want: &sets[0],
+                current: vec![old],
+            }],
+        );
+        assert_eq!(msg.op_code, hickory_proto::op::OpCode::Update);
+        // Prerequisite: exactly the old record (class IN, TTL 0).
+        let pre = msg.prerequisites();
+        assert_eq!(pre.len(), 1);
+        assert_eq!(pre[0].dns_class, DNSClass::IN);
+        assert_eq!(pre[0].ttl, 0);
+        // Update: delete the RRset (class ANY), add the new record.
+        let upd = msg.updates();
+        assert_eq!(upd.len(), 2);
+        assert_eq!(upd[0].dns_class, DNSClass::ANY);
+        assert_eq!(upd[1].ttl, 300);
+        assert_eq!(txt_text(&upd[1].data).as_deref(), Some("v=STSv1; id=2;"));
+        // Absent RRset: "does not exist" prerequisite, no delete.
+        let msg = update_message(
+            &zone(),
+            &[Change {
+                want: &sets[0],
+                current: vec![],
+            }],
+        );
+        assert_eq!(msg.prerequisites()[0].dns_class, DNSClass::NONE);
+        assert_eq!(msg.updates().len(), 1);
+    }
+
+    #[test]
+    fn signed_update_verifies_with_the_same_key() {
+        let recs = [rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=2;")];
+        let (sets, _) = rrsets(&recs, &zone(), None).expect("valid");
+        let signer = TSigner::new(
+            vec![7u8; 32],
+            TsigAlgorithm::HmacSha256,
+            Name::from_ascii("k.").expect("name"),
+            FUDGE,
+        )
+        .expect("signer");
+        let mut msg = update_message(
+            &zone(),
+            &[Change {
+                want: &sets[0],
+                current: vec![],
+            }],
+        );
+        msg.finalize(&signer, 1_700_000_000).expect("sign");
+        let wire = msg.to_vec().expect("wire");
+        let (_, time, _) = signer
+            .verify_message_byte(&wire, None, true)
+            .expect("verifies");
+        assert_eq!(time, 1_700_000_000);
+        let other = TSigner::new(
+            vec![8u8; 32],
+            TsigAlgorithm::HmacSha256,
+            Name::from_ascii("k.").expect("name"),
+            FUDGE,
+        )
+        .expect("signer");
+        assert!(other.verify_message_byte(&wire, None, true).is_err());
+    }
+
+    #[test]
+    fn foreign_txt_is_refused() {
+        let recs = [rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=2;")];
+        let (sets, _) = rrsets(&recs, &zone(), None).expect("valid");
+        let ours = Rr::from_rdata(
+            sets[0].name.clone(),
+            300,
+            RData::TXT(TXT::new(vec!["v=STSv1; id=old;".into()])),
+        );
+        assert!(check_owned(&sets[0], std::slice::from_ref(&ours)).is_ok());
+        let theirs = Rr::from_rdata(
+            sets[0].name.clone(),
+            300,
+            RData::TXT(TXT::new(vec!["google-site-verification=x".into()])),
+        );
+        assert!(matches!(
+            check_owned(&sets[0], &[ours, theirs]),
+            Err(PushError::Foreign { .. })
+        ));
+    }
+}
