@@ -73,6 +73,14 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show each domain's ACME certificate: issuer, expiry, next renewal,
+    /// last error (read from state_dir; works while the server runs).
+    Certs {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = CertsFormat::Table)]
+        format: CertsFormat,
+    },
     /// Verify domains live, like a sending MTA: TXT, policy over HTTPS,
     /// MX coverage, optionally STARTTLS. Exit 1 if any check FAILs.
     Check {
@@ -129,6 +137,12 @@ pub enum DnsCommand {
         /// Only these domains.
         domains: Vec<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CertsFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -228,6 +242,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => records(&config, format, template.as_deref(), side, &domains),
         Command::Policy { config, domain } => policy(&config, &domain),
         Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::Certs { config, format } => certs(&config, format),
         Command::Check {
             config,
             resolver,
@@ -264,6 +279,24 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 },
         } => dns_push(&config, side, dry_run, &domains),
     }
+}
+
+fn certs(path: &Path, format: CertsFormat) -> anyhow::Result<ExitCode> {
+    let cfg = load(path)?;
+    if cfg.tls.mode != crate::config::TlsMode::Acme {
+        eprintln!("note: tls.mode is not \"acme\"; showing what the ACME store holds");
+    }
+    let report = crate::acme::status::report(&cfg);
+    let text = match format {
+        CertsFormat::Table => crate::acme::status::table(&report),
+        CertsFormat::Json => {
+            let mut json = serde_json::to_string_pretty(&report)?;
+            json.push('\n');
+            json
+        }
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads a config, printing warnings; errors become one anyhow error that
@@ -604,12 +637,24 @@ fn print_banner(
         connect_ip
     };
     let mut out = format!(
-        "mtasts: serving {} domain{} on https://{https} (http: {http})\nlocal CA certificate (trust it to verify): {}\n",
+        "mtasts: serving {} domain{} on https://{https} (http: {http})\n",
         snapshot.len(),
         plural(snapshot.len()),
-        server.ca_path().display()
     );
-    if let Some(site) = snapshot.sites().first() {
+    if cfg.tls.mode == crate::config::TlsMode::Acme {
+        out.push_str(&format!(
+            "certificates via ACME from {}; they are served as they arrive (see `mtasts certs --config ...`)\n",
+            cfg.tls.acme.directory
+        ));
+    } else {
+        out.push_str(&format!(
+            "local CA certificate (trust it to verify): {}\n",
+            server.ca_path().display()
+        ));
+    }
+    if let (Some(site), crate::config::TlsMode::SelfSigned) =
+        (snapshot.sites().first(), cfg.tls.mode)
+    {
         out.push_str(&format!(
             "fetch a policy:\n  curl --cacert {} --resolve {host}:{port}:{connect_ip} https://{host}:{port}{path}\n",
             server.ca_path().display(),

@@ -141,13 +141,126 @@ pub struct AdminConfig {
 pub enum TlsMode {
     /// A local CA in `state_dir` issues a certificate per `mta-sts.<domain>`.
     SelfSigned,
-    /// Publicly trusted certificates through ACME (not implemented yet).
+    /// Publicly trusted certificates through ACME (`acme` module, docs/ACME.md).
     Acme,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub mode: TlsMode,
+    /// Settings of `mode = "acme"`; read (and checked) in every mode so that
+    /// switching modes is a one-line change.
+    pub acme: AcmeConfig,
+}
+
+/// Let's Encrypt production: the default ACME directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt staging, for trying things out (untrusted certificates).
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// Which ACME challenge proves control of `mta-sts.<domain>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// RFC 8555 §8.3: a token over plain HTTP on the `http` listener (port 80).
+    Http01,
+    /// RFC 8737: a special certificate on the `https` listener (port 443),
+    /// the port MTA-STS needs anyway.
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+
+    /// The fallback after a failed validation, or when the CA does not offer this one.
+    pub fn other(self) -> ChallengeKind {
+        match self {
+            ChallengeKind::Http01 => ChallengeKind::TlsAlpn01,
+            ChallengeKind::TlsAlpn01 => ChallengeKind::Http01,
+        }
+    }
+}
+
+/// The private key type of ordered certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    EcdsaP256,
+    Rsa2048,
+}
+
+/// External account binding (RFC 8555 §7.3.4) for CAs that require it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eab {
+    pub kid: String,
+    /// The raw HMAC key (the config holds it base64url-encoded).
+    pub hmac_key: Vec<u8>,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `[tls]` keys of ACME mode (docs/ACME.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// ACME directory URL (https only).
+    pub directory: String,
+    /// Account contact URIs (`mailto:`), where the CA sends expiry warnings.
+    pub contact: Vec<String>,
+    pub eab: Option<Eab>,
+    /// PEM file whose first certificate is the only trust anchor for the
+    /// ACME server's own HTTPS (a private CA such as pebble); `None` = system roots.
+    pub ca_roots: Option<PathBuf>,
+    pub challenge: ChallengeKind,
+    pub key_type: KeyType,
+    /// Renew when this much validity is left; `None` = at 2/3 of the lifetime.
+    pub renew_before: Option<Duration>,
+    /// Orders in flight at once.
+    pub max_concurrent_orders: usize,
+    /// New orders started per sliding hour (Let's Encrypt allows 300 per 3 h).
+    pub orders_per_hour: u32,
+    /// First retry delay after a failure; doubles per failure (with jitter).
+    pub retry_initial: Duration,
+    /// Upper bound of the retry delay.
+    pub retry_max: Duration,
+    /// Check that `mta-sts.<domain>` resolves to this server before ordering.
+    pub precheck_dns: bool,
+    /// DNS server (ip:port) the precheck asks, e.g. a public resolver when
+    /// the local one sees internal addresses; `None` = the system resolver.
+    pub precheck_resolver: Option<SocketAddr>,
+    /// This server's public addresses, accepted by the DNS precheck in
+    /// addition to a domain's `host_a`/`host_aaaa` (or its `host_cname` target).
+    pub server_addresses: Vec<std::net::IpAddr>,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            directory: LETS_ENCRYPT.to_owned(),
+            contact: Vec::new(),
+            eab: None,
+            ca_roots: None,
+            challenge: ChallengeKind::TlsAlpn01,
+            key_type: KeyType::EcdsaP256,
+            renew_before: None,
+            max_concurrent_orders: 4,
+            orders_per_hour: 100,
+            retry_initial: Duration::from_secs(300),
+            retry_max: Duration::from_secs(86_400),
+            precheck_dns: true,
+            precheck_resolver: None,
+            server_addresses: Vec::new(),
+        }
+    }
 }
 
 /// Where a domain's `mx` list came from.
@@ -238,6 +351,21 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawTls {
     mode: Option<Spanned<String>>,
+    directory: Option<Spanned<String>>,
+    contact: Option<Spanned<toml::Value>>,
+    eab_kid: Option<Spanned<String>>,
+    eab_hmac_key: Option<Spanned<String>>,
+    ca_roots: Option<Spanned<String>>,
+    challenge: Option<Spanned<String>>,
+    key_type: Option<Spanned<String>>,
+    renew_before: Option<Spanned<toml::Value>>,
+    max_concurrent_orders: Option<Spanned<i64>>,
+    orders_per_hour: Option<Spanned<i64>>,
+    retry_initial: Option<Spanned<toml::Value>>,
+    retry_max: Option<Spanned<toml::Value>>,
+    precheck_dns: Option<bool>,
+    precheck_resolver: Option<Spanned<String>>,
+    server_addresses: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[defaults]` and each `[[domain]]` share this shape; `name` is required
@@ -664,14 +792,208 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
 fn tls_config(source: &Source, raw: Option<RawTls>, report: &mut Report) -> TlsConfig {
     let mut cfg = TlsConfig {
         mode: TlsMode::SelfSigned,
+        acme: AcmeConfig::default(),
     };
-    if let Some(mode) = raw.and_then(|r| r.mode) {
+    let Some(raw) = raw else { return cfg };
+    if let Some(mode) = &raw.mode {
         match mode.get_ref().as_str() {
             "self-signed" => cfg.mode = TlsMode::SelfSigned,
             "acme" => cfg.mode = TlsMode::Acme,
             other => report.errors.push(source.at(
                 mode.span(),
                 format!("tls.mode {other:?} is not one of \"self-signed\", \"acme\""),
+            )),
+        }
+    }
+    cfg.acme = acme_config(source, raw, report);
+    cfg
+}
+
+fn acme_config(source: &Source, raw: RawTls, report: &mut Report) -> AcmeConfig {
+    let mut cfg = AcmeConfig::default();
+    if let Some(dir) = &raw.directory {
+        let url = dir.get_ref().trim();
+        let host_part = url.strip_prefix("https://").unwrap_or("");
+        if host_part.is_empty() || host_part.starts_with('/') || url.contains(char::is_whitespace) {
+            report.errors.push(source.at(
+                dir.span(),
+                format!(
+                    "tls.directory {url:?} must be an https:// URL (e.g. {LETS_ENCRYPT_STAGING:?})"
+                ),
+            ));
+        } else {
+            cfg.directory = url.to_owned();
+        }
+    }
+    if let Some(contact) = &raw.contact {
+        let items: Vec<&str> = match contact.get_ref() {
+            toml::Value::String(s) => vec![s.as_str()],
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_str) => {
+                a.iter().filter_map(toml::Value::as_str).collect()
+            }
+            _ => {
+                report.errors.push(source.at(
+                    contact.span(),
+                    "tls.contact must be a string or a list of strings",
+                ));
+                Vec::new()
+            }
+        };
+        for item in items {
+            let item = item.trim();
+            let uri = if item.contains(':') {
+                item.to_owned()
+            } else {
+                format!("mailto:{item}")
+            };
+            let ok = uri
+                .strip_prefix("mailto:")
+                .is_some_and(|a| a.contains('@') && !a.contains(char::is_whitespace));
+            if ok {
+                cfg.contact.push(uri);
+            } else {
+                report.errors.push(source.at(
+                    contact.span(),
+                    format!("tls.contact {item:?} is not an e-mail address or mailto: URI"),
+                ));
+            }
+        }
+    }
+    match (&raw.eab_kid, &raw.eab_hmac_key) {
+        (Some(kid), Some(key)) => {
+            use base64::Engine as _;
+            let text = key.get_ref().trim().trim_end_matches('=');
+            match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text) {
+                Ok(bytes) if !bytes.is_empty() => {
+                    cfg.eab = Some(Eab {
+                        kid: kid.get_ref().trim().to_owned(),
+                        hmac_key: bytes,
+                    })
+                }
+                _ => report.errors.push(source.at(
+                    key.span(),
+                    "tls.eab_hmac_key must be the base64url key the CA gave you",
+                )),
+            }
+        }
+        (Some(one), None) | (None, Some(one)) => report.errors.push(source.at(
+            one.span(),
+            "tls.eab_kid and tls.eab_hmac_key must be given together",
+        )),
+        (None, None) => {}
+    }
+    if let Some(roots) = &raw.ca_roots {
+        let path = source.resolve(roots.get_ref());
+        match std::fs::read(&path) {
+            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
+                cfg.ca_roots = Some(path);
+            }
+            Ok(_) => report.errors.push(source.at(
+                roots.span(),
+                format!("tls.ca_roots {} holds no PEM certificate", path.display()),
+            )),
+            Err(e) => report.errors.push(source.at(
+                roots.span(),
+                format!("tls.ca_roots {}: {e}", path.display()),
+            )),
+        }
+    }
+    if let Some(ch) = &raw.challenge {
+        match ch.get_ref().as_str() {
+            "http-01" => cfg.challenge = ChallengeKind::Http01,
+            "tls-alpn-01" => cfg.challenge = ChallengeKind::TlsAlpn01,
+            other => report.errors.push(source.at(
+                ch.span(),
+                format!("tls.challenge {other:?} is not one of \"tls-alpn-01\", \"http-01\""),
+            )),
+        }
+    }
+    if let Some(kt) = &raw.key_type {
+        match kt.get_ref().as_str() {
+            "ecdsa-p256" => cfg.key_type = KeyType::EcdsaP256,
+            "rsa2048" => cfg.key_type = KeyType::Rsa2048,
+            other => report.errors.push(source.at(
+                kt.span(),
+                format!("tls.key_type {other:?} is not one of \"ecdsa-p256\", \"rsa2048\""),
+            )),
+        }
+    }
+    let positive = |v: &Option<Spanned<i64>>, key: &str, report: &mut Report| {
+        let v = v.as_ref()?;
+        match u32::try_from(*v.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                report
+                    .errors
+                    .push(source.at(v.span(), format!("tls.{key} must be a positive integer")));
+                None
+            }
+        }
+    };
+    if let Some(n) = positive(&raw.max_concurrent_orders, "max_concurrent_orders", report) {
+        cfg.max_concurrent_orders = n as usize;
+    }
+    if let Some(n) = positive(&raw.orders_per_hour, "orders_per_hour", report) {
+        cfg.orders_per_hour = n;
+    }
+    let mut span_of_max = None;
+    let durations = [
+        (&raw.renew_before, "renew_before"),
+        (&raw.retry_initial, "retry_initial"),
+        (&raw.retry_max, "retry_max"),
+    ];
+    for (value, key) in durations {
+        let Some(v) = value else { continue };
+        match duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => match key {
+                "renew_before" => cfg.renew_before = Some(d),
+                "retry_initial" => cfg.retry_initial = d,
+                _ => {
+                    cfg.retry_max = d;
+                    span_of_max = Some(v.span());
+                }
+            },
+            Ok(_) => report
+                .errors
+                .push(source.at(v.span(), format!("tls.{key} must be more than 0"))),
+            Err(msg) => report
+                .errors
+                .push(source.at(v.span(), format!("tls.{key}: {msg}"))),
+        }
+    }
+    if cfg.retry_max < cfg.retry_initial {
+        let span = span_of_max
+            .or_else(|| raw.retry_initial.as_ref().map(Spanned::span))
+            .unwrap_or(0..0);
+        report.errors.push(source.at(
+            span,
+            "tls.retry_max must not be shorter than tls.retry_initial",
+        ));
+    }
+    cfg.precheck_dns = raw.precheck_dns.unwrap_or(true);
+    if let Some(r) = &raw.precheck_resolver {
+        let text = r.get_ref().trim();
+        let parsed = text.parse::<SocketAddr>().or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Ok(a) => cfg.precheck_resolver = Some(a),
+            Err(_) => report.errors.push(source.at(
+                r.span(),
+                format!("tls.precheck_resolver {text:?} is not an ip or ip:port"),
+            )),
+        }
+    }
+    for item in raw.server_addresses.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse::<std::net::IpAddr>() {
+            Ok(a) => cfg.server_addresses.push(a),
+            Err(_) => report.errors.push(source.at(
+                item.span(),
+                format!(
+                    "tls.server_addresses: {:?} is not an IP address",
+                    item.get_ref()
+                ),
             )),
         }
     }
@@ -1603,6 +1925,87 @@ name = "a.example"
     fn tls_mode_values() {
         let errs = errors("[tls]\nmode = \"letsencrypt\"\n");
         assert!(errs[0].contains("tls.mode"), "{errs:?}");
+    }
+
+    #[test]
+    fn acme_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roots = dir.path().join("roots.pem");
+        std::fs::write(
+            &roots,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let cfg = Config::from_source(
+            Path::new("t.toml"),
+            dir.path(),
+            r#"
+[tls]
+mode = "acme"
+directory = "https://127.0.0.1:14000/dir"
+contact = "admin@example.com"
+eab_kid = "kid-1"
+eab_hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+ca_roots = "roots.pem"
+challenge = "http-01"
+key_type = "rsa2048"
+renew_before = "30d"
+max_concurrent_orders = 2
+orders_per_hour = 50
+retry_initial = "1s"
+retry_max = "1m"
+precheck_dns = false
+precheck_resolver = "192.0.2.53"
+server_addresses = ["192.0.2.1", "2001:db8::1"]
+"#
+            .to_owned(),
+        )
+        .expect("valid");
+        let acme = &cfg.tls.acme;
+        assert_eq!(cfg.tls.mode, TlsMode::Acme);
+        assert_eq!(acme.contact, ["mailto:admin@example.com"]);
+        assert_eq!(acme.eab.as_ref().map(|e| e.hmac_key.len()), Some(48));
+        assert_eq!(acme.ca_roots.as_deref(), Some(roots.as_path()));
+        assert_eq!(acme.challenge, ChallengeKind::Http01);
+        assert_eq!(acme.key_type, KeyType::Rsa2048);
+        assert_eq!(acme.renew_before, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(acme.max_concurrent_orders, 2);
+        assert_eq!(acme.orders_per_hour, 50);
+        assert!(!acme.precheck_dns);
+        assert_eq!(acme.precheck_resolver, Some(([192, 0, 2, 53], 53).into()));
+        assert_eq!(acme.server_addresses.len(), 2);
+
+        let defaults = Config::example().expect("example").tls.acme;
+        assert_eq!(defaults.directory, LETS_ENCRYPT);
+        assert_eq!(defaults.challenge, ChallengeKind::TlsAlpn01);
+        assert!(defaults.precheck_dns);
+    }
+
+    #[test]
+    fn acme_key_errors_are_located() {
+        let errs = errors(
+            "[tls]\nmode = \"acme\"\ndirectory = \"http://x/dir\"\nchalenge = \"http-01\"\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("test.toml:4:1: unknown field `chalenge`"),
+            "{errs:?}"
+        );
+        assert!(errs[0].contains("did you mean `challenge`?"), "{errs:?}");
+        let errs = errors(
+            "[tls]\ndirectory = \"http://x/dir\"\nkey_type = \"ed25519\"\neab_kid = \"k\"\nmax_concurrent_orders = 0\nretry_initial = \"2h\"\nretry_max = \"1h\"\n",
+        );
+        let expected = [
+            "test.toml:2:13: tls.directory",
+            "test.toml:4:11: tls.eab_kid and tls.eab_hmac_key",
+            "test.toml:3:12: tls.key_type",
+            "test.toml:5:25: tls.max_concurrent_orders",
+            "test.toml:7:13: tls.retry_max must not be shorter",
+        ];
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+        for (e, want) in errs.iter().zip(expected) {
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::config::{Config, ConfigErrors, ServerConfig};
+use crate::config::{Config, ConfigErrors, ServerConfig, TlsConfig};
 use crate::dns::update::AutoPush;
 use crate::metrics::Trigger;
 use crate::server::{ServeError, Server};
@@ -43,6 +43,8 @@ pub struct Control {
     config: ArcSwap<Config>,
     /// `[server]` as the listeners were started with (changes need a restart).
     running: ServerConfig,
+    /// `[tls]` as the server was started with (changes need a restart).
+    running_tls: TlsConfig,
     lock: Mutex<()>,
     /// `[dns.update] auto_push`: told about every applied snapshot.
     auto_push: Option<AutoPush>,
@@ -58,6 +60,7 @@ impl Control {
             server,
             path,
             running: config.server.clone(),
+            running_tls: config.tls.clone(),
             config: ArcSwap::from_pointee(config),
             lock: Mutex::new(()),
             auto_push: None,
@@ -128,6 +131,9 @@ impl Control {
         }
         if cfg.server != self.running {
             tracing::warn!("[server] settings changed; they take effect after a restart");
+        }
+        if cfg.tls != self.running_tls {
+            tracing::warn!("[tls] settings changed; they take effect after a restart");
         }
         // The new snapshot is being served: only now may its ids reach DNS.
         if let Some(push) = &self.auto_push

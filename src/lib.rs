@@ -11,12 +11,15 @@
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
-//! - [`store`]: atomic, permission-correct files in `state_dir`.
+//! - [`acme`]: certificates for every policy host through ACME (orders,
+//!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
+//!   files in `state_dir` behind the `CertStore` trait.
 //! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
 //! - [`admin`]: the token-protected admin API and `/metrics`.
 //! - [`cli`]: the subcommands.
 
+pub mod acme;
 pub mod admin;
 pub mod check;
 pub mod cli;

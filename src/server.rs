@@ -3,11 +3,14 @@
 //! shown, and graceful shutdown that lets in-flight requests finish.
 //!
 //! [`Server`] owns the state; [`Server::run`] takes already bound listeners,
-//! so tests bind `127.0.0.1:0` and drive the real server.
+//! so tests bind `127.0.0.1:0` and drive the real server. In
+//! `tls.mode = "acme"` it also runs the certificate manager, answers
+//! HTTP-01 on the http listener and TLS-ALPN-01 on the https listener.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -21,21 +24,32 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::acme::challenge::{self, Challenges};
+use crate::acme::{Manager, Progress};
 use crate::config::{Config, Limits, TlsMode};
 use crate::http::{self, Listener, Shared, Sni};
 use crate::metrics::{Handshake, Metrics};
 use crate::snapshot::Snapshot;
+use crate::store::{DirStore, StoreError};
 use crate::tls::{self, CertIndex, LocalCa, TlsError};
 
 /// Why the server could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(
-        "tls.mode = \"acme\" is not supported yet; use mode = \"self-signed\" or terminate TLS in a proxy with behind_proxy = true"
-    )]
-    AcmeUnsupported,
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("certificate store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The ACME side of a server (`tls.mode = "acme"`).
+struct AcmeParts {
+    manager: Arc<Manager<DirStore>>,
+    /// Each applied snapshot goes here; the manager follows it.
+    sites: watch::Sender<Arc<Snapshot>>,
+    challenges: Arc<Challenges>,
+    /// rustls config of TLS-ALPN-01 validation handshakes.
+    alpn_config: Arc<rustls::ServerConfig>,
 }
 
 /// A running publisher: current snapshot, certificates, limits.
@@ -46,22 +60,48 @@ pub struct Server {
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
     limits: Limits,
-    ca: Arc<LocalCa>,
+    /// The local CA certificate of self-signed mode (the CA itself lives
+    /// on as the index's loader).
+    ca_path: PathBuf,
+    acme: Option<AcmeParts>,
 }
 
 impl Server {
-    /// Builds the first snapshot and makes sure every domain has a
-    /// certificate. Blocking (key generation, file I/O): call it before
-    /// serving or from `spawn_blocking`.
+    /// Builds the first snapshot. Self-signed mode makes sure every domain
+    /// has a certificate; ACME mode serves at once and certificates arrive
+    /// when [`Server::run`]'s manager gets them. Blocking (key generation,
+    /// file I/O): call it before serving or from `spawn_blocking`.
     pub fn new(config: &Config) -> Result<Server, ServeError> {
-        if config.tls.mode == TlsMode::Acme {
-            return Err(ServeError::AcmeUnsupported);
-        }
-        let ca = Arc::new(LocalCa::load_or_create(&config.server.state_dir)?);
-        let certs = Arc::new(CertIndex::lazy(
-            Arc::clone(&ca) as Arc<dyn tls::CertLoader>,
-            config.server.cert_cache,
-        ));
+        let (ca, certs, acme) = match config.tls.mode {
+            TlsMode::SelfSigned => {
+                let ca = Arc::new(LocalCa::load_or_create(&config.server.state_dir)?);
+                let certs = Arc::new(CertIndex::lazy(
+                    Arc::clone(&ca) as Arc<dyn tls::CertLoader>,
+                    config.server.cert_cache,
+                ));
+                (Some(ca), certs, None)
+            }
+            TlsMode::Acme => {
+                // ACME certificates are pinned: the manager hands them over
+                // as they land.
+                let certs = Arc::new(CertIndex::default());
+                let store = Arc::new(DirStore::open(&config.server.state_dir)?);
+                let challenges = Arc::new(Challenges::default());
+                let manager = Manager::new(
+                    config.tls.acme.clone(),
+                    store,
+                    Arc::clone(&certs),
+                    Arc::clone(&challenges),
+                );
+                let acme = AcmeParts {
+                    manager: Arc::new(manager),
+                    sites: watch::channel(Arc::new(Snapshot::default())).0,
+                    alpn_config: challenge::tls_alpn_config(Arc::clone(&challenges)),
+                    challenges,
+                };
+                (None, certs, Some(acme))
+            }
+        };
         let metrics = Arc::new(Metrics::new());
         let server = Server {
             shared: Arc::new(Shared {
@@ -74,15 +114,30 @@ impl Server {
             tls_config: tls::server_config(Arc::clone(&certs)),
             certs,
             limits: config.server.limits.clone(),
-            ca,
+            ca_path: ca.as_ref().map_or_else(
+                || config.server.state_dir.join("ca/ca.pem"),
+                |ca| ca.cert_path.clone(),
+            ),
+            acme,
         };
         server.apply(config)?;
         Ok(server)
     }
 
-    /// Path of the local CA certificate clients must trust.
-    pub fn ca_path(&self) -> &std::path::Path {
-        &self.ca.cert_path
+    /// Path of the local CA certificate clients must trust (self-signed
+    /// mode; in ACME mode no such file is made).
+    pub fn ca_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    /// The ACME manager's counters (`None` in self-signed mode).
+    pub fn acme_progress(&self) -> Option<Progress> {
+        self.acme.as_ref().map(|a| a.manager.progress())
+    }
+
+    /// The SNI index (which hosts can complete a handshake right now).
+    pub fn certs(&self) -> &CertIndex {
+        &self.certs
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -106,6 +161,9 @@ impl Server {
     /// Swaps in the snapshot of `config`, certificates first, so that every
     /// host in the new snapshot can complete a handshake the moment it is
     /// served. On error nothing changes.
+    ///
+    /// In ACME mode the snapshot is served at once: hosts without a
+    /// certificate yet fail the handshake cleanly until theirs lands.
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
         let snapshot = Snapshot::build(config);
         // Self-signed certificates are loaded (or issued) on the first
@@ -118,7 +176,11 @@ impl Server {
                 .collect::<HashSet<_>>(),
         );
         let domains = snapshot.len();
-        self.shared.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.shared.snapshot.store(Arc::clone(&snapshot));
+        if let Some(acme) = &self.acme {
+            acme.sites.send_replace(snapshot);
+        }
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -160,6 +222,17 @@ impl Server {
         let graceful = Arc::new(GracefulShutdown::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let manager = match &self.acme {
+            Some(acme) => {
+                // Stored certificates are in the index before the first accept.
+                let mut sites = acme.sites.subscribe();
+                let first = Arc::clone(&sites.borrow_and_update());
+                let prepared = acme.manager.prepare(&first).await;
+                let manager = Arc::clone(&acme.manager);
+                Some(tokio::spawn(manager.run(prepared, sites, stop_rx.clone())))
+            }
+            None => None,
+        };
         let mut loops = tokio::task::JoinSet::new();
         let mut listeners = vec![
             (https, ConnCtx::new(&self, Listener::Https, None)),
@@ -182,6 +255,13 @@ impl Server {
         tracing::info!("shutting down: no new connections, finishing open requests");
         let _ = stop_tx.send(true);
         while loops.join_next().await.is_some() {}
+        if let Some(mut manager) = manager
+            && tokio::time::timeout(std::time::Duration::from_secs(5), &mut manager)
+                .await
+                .is_err()
+        {
+            manager.abort();
+        }
         let Ok(graceful) = Arc::try_unwrap(graceful) else {
             // Unreachable: the accept loops, the only other owners, have ended.
             return Ok(());
@@ -208,6 +288,8 @@ struct ConnCtx {
     tls_config: Arc<rustls::ServerConfig>,
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
+    /// ACME mode: challenge answers and the TLS-ALPN-01 config.
+    acme: Option<(Arc<Challenges>, Arc<rustls::ServerConfig>)>,
 }
 
 impl ConnCtx {
@@ -226,10 +308,26 @@ impl ConnCtx {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(100)
             .keep_alive_interval(None);
+        let acme = server
+            .acme
+            .as_ref()
+            .map(|a| (Arc::clone(&a.challenges), Arc::clone(&a.alpn_config)));
+        // The admin listener brings its own router; the public http
+        // listener also answers HTTP-01 in ACME mode.
+        let router = router.unwrap_or_else(|| {
+            let app = http::app(Arc::clone(&server.shared), kind);
+            match (&acme, kind) {
+                (Some((challenges, _)), Listener::Http) => {
+                    app.merge(challenge::http01_router(Arc::clone(challenges)))
+                }
+                _ => app,
+            }
+        });
         ConnCtx {
             kind,
             metrics: Arc::clone(&server.metrics),
-            router: router.unwrap_or_else(|| http::app(Arc::clone(&server.shared), kind)),
+            router,
+            acme,
             certs: Arc::clone(&server.certs),
             tls_config: Arc::clone(&server.tls_config),
             builder,
@@ -304,6 +402,12 @@ async fn serve_tls(
             return;
         }
     };
+    if let Some((challenges, alpn_config)) = &ctx.acme
+        && challenge::offers_acme_alpn(&start.client_hello())
+    {
+        answer_tls_alpn01(challenges, alpn_config, start, peer, deadline).await;
+        return;
+    }
     let sni = start
         .client_hello()
         .server_name()
@@ -354,6 +458,40 @@ async fn serve_tls(
         }
     });
     serve_io(&ctx, tls, svc, watcher, permit).await;
+}
+
+/// A TLS-ALPN-01 validation (RFC 8737 §3): show the challenge certificate
+/// for the SNI, finish the handshake, close. No certificate for that name →
+/// `unrecognized_name`, as for any unknown host.
+async fn answer_tls_alpn01(
+    challenges: &Challenges,
+    config: &Arc<rustls::ServerConfig>,
+    start: tokio_rustls::StartHandshake<TcpStream>,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) {
+    let armed = start
+        .client_hello()
+        .server_name()
+        .and_then(http::normalize_host)
+        .is_some_and(|host| challenges.tls_alpn01(&host).is_some());
+    if !armed {
+        let mut io = start.io;
+        let _ = tokio::time::timeout_at(deadline, async {
+            let _ = io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
+            let _ = io.shutdown().await;
+        })
+        .await;
+        return;
+    }
+    match tokio::time::timeout_at(deadline, start.into_stream(Arc::clone(config))).await {
+        Ok(Ok(mut tls)) => {
+            tracing::debug!(%peer, "answered a TLS-ALPN-01 validation");
+            let _ = tokio::time::timeout_at(deadline, tls.shutdown()).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS-ALPN-01 handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS-ALPN-01 handshake timed out"),
+    }
 }
 
 async fn serve_io<I, S>(

@@ -2,10 +2,19 @@
 //! same directory, fsync, rename, fsync of the directory), so a crash or
 //! `kill -9` at any moment leaves either the old file or the new one, never a
 //! half-written certificate or key. Private keys are created 0600.
+//!
+//! ACME state goes through the [`CertStore`] trait; [`DirStore`] keeps it in
+//! `state_dir/acme/` (layout in docs/ACME.md). A shared store for replicas
+//! (PostgreSQL) implements the same trait.
 
 use std::fs;
+use std::future::Future;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 #[cfg(unix)]
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -67,9 +76,368 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     result
 }
 
+/// Why the certificate store failed; each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid state JSON ({source}); delete the file to start over")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{0:?} is not a host name the store can hold")]
+    BadName(String),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// What the certificate manager remembers about one host between attempts
+/// and restarts: why the last attempt failed, when to try again, and when
+/// orders were placed (so pacing survives a restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CertState {
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// Unix seconds.
+    pub last_error_at: Option<i64>,
+    /// The last failure was the DNS precheck, not the CA.
+    pub waiting_dns: bool,
+    /// Unix seconds: no attempt before this (backoff).
+    pub next_attempt: Option<i64>,
+    /// Unix seconds of the last new order sent to the CA.
+    pub last_order_at: Option<i64>,
+    /// Challenge type of the last order ("http-01" / "tls-alpn-01").
+    pub last_challenge: Option<String>,
+    /// Unix seconds of the last successful issuance.
+    pub issued_at: Option<i64>,
+    /// ACME directory that issued the stored certificate (a certificate
+    /// from another directory, e.g. staging, is replaced).
+    pub directory: Option<String>,
+}
+
+/// Storage of ACME account credentials, certificates (private key + chain in
+/// one PEM blob, so they change together) and per-host state.
+///
+/// Writes must be atomic: a reader sees the old value or the new one.
+pub trait CertStore: Send + Sync + 'static {
+    /// Serialised account credentials for an ACME directory URL.
+    fn load_account(
+        &self,
+        directory: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+    fn save_account(
+        &self,
+        directory: &str,
+        credentials: Vec<u8>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The PEM bundle (private key, then leaf, then intermediates) of `host`.
+    fn load_cert(
+        &self,
+        host: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+    fn save_cert(
+        &self,
+        host: &str,
+        bundle: Vec<u8>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn load_state(
+        &self,
+        host: &str,
+    ) -> impl Future<Output = Result<Option<CertState>, StoreError>> + Send;
+    fn save_state(
+        &self,
+        host: &str,
+        state: &CertState,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The directory store: `<state_dir>/acme/{accounts,certs,state}/`.
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    root: Arc<Path>,
+}
+
+impl DirStore {
+    /// Opens (creating, 0700) `state_dir/acme`, and removes temporary files
+    /// a crash left behind mid-write.
+    pub fn open(state_dir: &Path) -> Result<DirStore, StoreError> {
+        let root = state_dir.join("acme");
+        for sub in ["accounts", "certs", "state"] {
+            let dir = root.join(sub);
+            ensure_private_dir(&dir).map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for e in entries.filter_map(Result::ok) {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with('.') && name.contains(".tmp") {
+                        tracing::info!(file = %e.path().display(), "removing unfinished write");
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(DirStore { root: root.into() })
+    }
+
+    /// Opens an existing store for reading only (`mtasts certs`); `None` when
+    /// nothing was ever stored.
+    pub fn existing(state_dir: &Path) -> Option<DirStore> {
+        let root = state_dir.join("acme");
+        root.is_dir().then(|| DirStore { root: root.into() })
+    }
+
+    /// `state_dir/acme`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `certs/<host>.pem`.
+    pub fn cert_path(&self, host: &str) -> Result<PathBuf, StoreError> {
+        Ok(self
+            .root
+            .join("certs")
+            .join(format!("{}.pem", file_stem(host)?)))
+    }
+
+    fn state_path(&self, host: &str) -> Result<PathBuf, StoreError> {
+        Ok(self
+            .root
+            .join("state")
+            .join(format!("{}.json", file_stem(host)?)))
+    }
+
+    fn account_path(&self, directory: &str) -> PathBuf {
+        let digest = sha2::Sha256::digest(directory.as_bytes());
+        let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        self.root.join("accounts").join(format!("{hex}.json"))
+    }
+
+    /// The stored bundle of `host` (blocking; see [`CertStore::load_cert`]).
+    pub fn read_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        read_optional(&self.cert_path(host)?)
+    }
+
+    /// Stores the bundle of `host` atomically, 0600.
+    pub fn write_cert(&self, host: &str, bundle: &[u8]) -> Result<(), StoreError> {
+        let path = self.cert_path(host)?;
+        write_atomic(&path, bundle, KEY_MODE).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The stored state of `host`; a broken file is an error naming it.
+    pub fn read_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
+        let path = self.state_path(host)?;
+        match read_optional(&path)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Json { path, source }),
+        }
+    }
+
+    /// Stores the state of `host` atomically.
+    pub fn write_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
+        let path = self.state_path(host)?;
+        let json = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomic(&path, &json, PUBLIC_MODE).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The stored account credentials for `directory`.
+    pub fn read_account(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        read_optional(&self.account_path(directory))
+    }
+
+    /// Stores the account credentials for `directory` atomically, 0600.
+    pub fn write_account(&self, directory: &str, credentials: &[u8]) -> Result<(), StoreError> {
+        let path = self.account_path(directory);
+        write_atomic(&path, credentials, KEY_MODE).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Every host with a stored certificate or state, sorted (includes hosts
+    /// no longer configured: their files stay until removed by hand).
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = ["certs", "state"]
+            .iter()
+            .filter_map(|sub| fs::read_dir(self.root.join(sub)).ok())
+            .flat_map(|entries| entries.filter_map(Result::ok))
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let stem = name
+                    .strip_suffix(".pem")
+                    .or_else(|| name.strip_suffix(".json"))?;
+                file_stem(stem).ok().map(str::to_owned)
+            })
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&DirStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+impl CertStore for DirStore {
+    async fn load_account(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let directory = directory.to_owned();
+        self.blocking(move |s| s.read_account(&directory)).await
+    }
+
+    async fn save_account(&self, directory: &str, credentials: Vec<u8>) -> Result<(), StoreError> {
+        let directory = directory.to_owned();
+        self.blocking(move |s| s.write_account(&directory, &credentials))
+            .await
+    }
+
+    async fn load_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let host = host.to_owned();
+        self.blocking(move |s| s.read_cert(&host)).await
+    }
+
+    async fn save_cert(&self, host: &str, bundle: Vec<u8>) -> Result<(), StoreError> {
+        let host = host.to_owned();
+        self.blocking(move |s| s.write_cert(&host, &bundle)).await
+    }
+
+    async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
+        let host = host.to_owned();
+        self.blocking(move |s| s.read_state(&host)).await
+    }
+
+    async fn save_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
+        let host = host.to_owned();
+        let state = state.clone();
+        self.blocking(move |s| s.write_state(&host, &state)).await
+    }
+}
+
+/// A host name is used as a file name: only `[a-z0-9.-]`, no leading dot.
+fn file_stem(host: &str) -> Result<&str, StoreError> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('.')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if ok {
+        Ok(host)
+    } else {
+        Err(StoreError::BadName(host.to_owned()))
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn dir_store_round_trip_and_layout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        assert_eq!(
+            store.load_cert("mta-sts.a.example").await.expect("load"),
+            None
+        );
+        store
+            .save_cert("mta-sts.a.example", b"KEY+CHAIN".to_vec())
+            .await
+            .expect("save");
+        let state = CertState {
+            failures: 2,
+            last_error: Some("boom".into()),
+            ..CertState::default()
+        };
+        store
+            .save_state("mta-sts.b.example", &state)
+            .await
+            .expect("state");
+        store
+            .save_account("https://ca.example/dir", b"{}".to_vec())
+            .await
+            .expect("account");
+        assert_eq!(
+            store.load_cert("mta-sts.a.example").await.expect("load"),
+            Some(b"KEY+CHAIN".to_vec())
+        );
+        assert_eq!(
+            store.load_state("mta-sts.b.example").await.expect("load"),
+            Some(state)
+        );
+        assert_eq!(
+            store
+                .load_account("https://ca.example/dir")
+                .await
+                .expect("acct"),
+            Some(b"{}".to_vec())
+        );
+        assert_eq!(
+            store.load_account("https://other/dir").await.expect("acct"),
+            None
+        );
+        assert_eq!(store.hosts(), ["mta-sts.a.example", "mta-sts.b.example"]);
+        #[cfg(unix)]
+        assert_eq!(
+            fs::metadata(dir.path().join("acme/certs/mta-sts.a.example.pem"))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            store.load_cert("../etc/passwd").await,
+            Err(StoreError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn open_removes_unfinished_writes_and_reports_bad_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        let tmp = dir.path().join("acme/certs/.mta-sts.a.example.pem.tmp42");
+        fs::write(&tmp, b"half").expect("tmp");
+        fs::write(
+            dir.path().join("acme/state/mta-sts.a.example.json"),
+            b"{\"failures\":",
+        )
+        .expect("bad json");
+        let store2 = DirStore::open(dir.path()).expect("reopen");
+        assert!(!tmp.exists());
+        let err = store2
+            .read_state("mta-sts.a.example")
+            .expect_err("bad json");
+        assert!(err.to_string().contains("mta-sts.a.example.json"), "{err}");
+        drop(store);
+    }
 
     #[test]
     fn atomic_write_sets_mode_and_replaces() {

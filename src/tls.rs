@@ -192,6 +192,31 @@ impl CertIndex {
         pinned.into_iter().chain(lazy).min()
     }
 
+    /// Adds or replaces one host's certificate (ACME: a certificate landed).
+    /// Copies the map: fine at the rate certificates arrive.
+    pub fn insert(&self, host: &str, key: Arc<CertifiedKey>) {
+        self.pinned.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(host.into(), Arc::clone(&key));
+            map
+        });
+    }
+
+    /// Adds (or replaces) and removes many hosts in one map copy.
+    pub fn update(&self, insert: Vec<(Box<str>, Arc<CertifiedKey>)>, remove: &[Box<str>]) {
+        if insert.is_empty() && remove.is_empty() {
+            return;
+        }
+        self.pinned.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            for host in remove {
+                map.remove(host);
+            }
+            map.extend(insert.iter().map(|(h, k)| (h.clone(), Arc::clone(k))));
+            map
+        });
+    }
+
     /// Sets the hosts served through the loader; certificates of hosts that
     /// are no longer served leave the cache.
     pub fn set_lazy_hosts(&self, hosts: HashSet<Box<str>>) {

@@ -1,0 +1,875 @@
+//! Certificates through ACME (RFC 8555) for every `mta-sts.<domain>` of the
+//! current snapshot: one order per host, challenges answered by our own
+//! listeners ([`challenge`]), certificates kept in a [`CertStore`] and put
+//! into the SNI index the moment they land.
+//!
+//! The [`Manager`] is one task: it keeps a due time per host (missing
+//! certificate: now; valid: its renewal time; failed: now + backoff) and
+//! runs due hosts with bounded concurrency and a per-hour pacing window.
+//! Everything it learns goes to the store (`CertState`), so a restart resumes
+//! where it stopped and `mtasts certs` shows it.
+
+pub mod challenge;
+pub mod order;
+pub mod resolve;
+pub mod schedule;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, CertificateIdentifier, ExternalAccountKey, NewAccount,
+};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{AcmeConfig, ChallengeKind, HostRecord};
+use crate::snapshot::Snapshot;
+use crate::store::{CertState, CertStore};
+use crate::tls::CertIndex;
+use challenge::Challenges;
+use order::{CertInfo, Issued};
+use schedule::{AriDecision, Pacer, unix};
+
+/// What went wrong in one attempt, and whose move it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// `mta-sts.<domain>` does not point here (precheck): fix DNS.
+    Dns,
+    /// The CA was unreachable or refused a request.
+    Ca,
+    /// The CA could not validate the challenge.
+    Validation,
+    /// Key generation, the store, or other local trouble.
+    Local,
+}
+
+/// A failed attempt, with a message for logs and `mtasts certs`.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    /// The CA no longer knows our account (e.g. a test CA restarted).
+    account_gone: bool,
+}
+
+impl Failure {
+    /// A failure of `kind` explained by `message`.
+    pub fn new(kind: FailureKind, message: String) -> Failure {
+        Failure {
+            kind,
+            message,
+            account_gone: false,
+        }
+    }
+
+    /// A CA error during step `what`, with its whole cause chain.
+    pub fn ca(what: &str, e: &instant_acme::Error) -> Failure {
+        let mut message = format!("{what}: {e}");
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        let account_gone = matches!(e, instant_acme::Error::Api(p)
+            if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"));
+        Failure {
+            kind: FailureKind::Ca,
+            message,
+            account_gone,
+        }
+    }
+}
+
+/// A host the snapshot wants a certificate for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    host: Box<str>,
+    /// Addresses the DNS precheck accepts (host_a/host_aaaa + server_addresses).
+    expected: Vec<IpAddr>,
+    /// host_cname: the name must resolve like this target does.
+    cname: Option<String>,
+}
+
+/// Counters for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Hosts in the current snapshot.
+    pub configured: usize,
+    /// Hosts with a usable certificate in the SNI index.
+    pub valid: usize,
+    /// Hosts without a certificate that wait for their turn or retry.
+    pub pending: usize,
+    /// Hosts whose last attempt failed.
+    pub failing: usize,
+    pub in_flight: usize,
+    /// Most orders ever in flight at once (bounded by max_concurrent_orders).
+    pub peak_in_flight: usize,
+    /// Certificates issued since start.
+    pub issued: u64,
+}
+
+/// What a finished attempt reports back to the scheduler.
+struct Attempted {
+    host: Box<str>,
+    /// An order reached the CA (counts for pacing).
+    ordered: bool,
+    kind: ChallengeKind,
+    result: Result<Outcome, Failure>,
+}
+
+/// A successful attempt: a new certificate, or "not yet" (ARI check).
+enum Outcome {
+    Issued(Box<Issued>),
+    /// Nothing to renew yet; look again then.
+    Later(SystemTime),
+}
+
+struct Entry {
+    target: Target,
+    cert: Option<CertInfo>,
+    /// Our own renewal time of the stored certificate (unix seconds).
+    renew_at: Option<i64>,
+    state: CertState,
+    due: SystemTime,
+}
+
+/// The hosts loaded by [`Manager::prepare`], handed to [`Manager::run`].
+pub struct Prepared(HashMap<Box<str>, Entry>);
+
+/// The certificate manager of `tls.mode = "acme"`.
+pub struct Manager<S: CertStore> {
+    cfg: AcmeConfig,
+    store: Arc<S>,
+    index: Arc<CertIndex>,
+    challenges: Arc<Challenges>,
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// Create a new account instead of loading the stored one.
+    account_gone: std::sync::atomic::AtomicBool,
+    /// The CA has no ARI (RFC 9773): renew on our own schedule only.
+    ari_unsupported: std::sync::atomic::AtomicBool,
+    pacer: Mutex<Pacer>,
+    progress: Mutex<Progress>,
+}
+
+/// Longest one exchange with the CA (account, order, validation,
+/// certificate) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest an ARI check may take.
+const ARI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a CA with ARI is asked whether a certificate should be renewed
+/// early (Let's Encrypt suggests about every 6 hours).
+const ARI_POLL: Duration = Duration::from_secs(6 * 3600);
+
+/// Stored certificates put into the SNI index per map copy at start.
+const LOAD_BATCH: usize = 1024;
+
+/// Logs progress this often while work is queued.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+/// Longest sleep of the scheduler (so it notices clock jumps).
+const MAX_SLEEP: Duration = Duration::from_secs(300);
+
+impl<S: CertStore> Manager<S> {
+    /// A manager that fills `index` with certificates kept in `store`,
+    /// publishing challenge answers in `challenges`.
+    pub fn new(
+        cfg: AcmeConfig,
+        store: Arc<S>,
+        index: Arc<CertIndex>,
+        challenges: Arc<Challenges>,
+    ) -> Manager<S> {
+        Manager {
+            pacer: Mutex::new(Pacer::new(cfg.orders_per_hour)),
+            cfg,
+            store,
+            index,
+            challenges,
+            account: tokio::sync::Mutex::new(None),
+            account_gone: false.into(),
+            ari_unsupported: false.into(),
+            progress: Mutex::new(Progress::default()),
+        }
+    }
+
+    /// The counters as of the last scheduler round.
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn targets(&self, snapshot: &Snapshot) -> Vec<Target> {
+        snapshot
+            .sites()
+            .iter()
+            .map(|site| {
+                let mut expected = self.cfg.server_addresses.clone();
+                let mut cname = None;
+                match &site.domain.host {
+                    HostRecord::Addresses { v4, v6 } => {
+                        expected.extend(v4.iter().copied().map(IpAddr::V4));
+                        expected.extend(v6.iter().copied().map(IpAddr::V6));
+                    }
+                    HostRecord::Cname(target) => cname = Some(target.as_str().to_owned()),
+                    HostRecord::Unset => {}
+                }
+                Target {
+                    host: site.host.clone(),
+                    expected,
+                    cname,
+                }
+            })
+            .collect()
+    }
+
+    /// Loads what the store holds for the hosts of `snapshot`: stored
+    /// certificates go into the SNI index before this returns, so a
+    /// restarted server serves them from its first connection.
+    pub async fn prepare(&self, snapshot: &Snapshot) -> Prepared {
+        let mut entries = HashMap::new();
+        self.reconcile(&mut entries, snapshot).await;
+        let seed: Vec<i64> = entries
+            .values()
+            .filter_map(|e| e.state.last_order_at)
+            .collect();
+        self.pacer_lock().seed(seed, unix(SystemTime::now()));
+        Prepared(entries)
+    }
+
+    /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
+    /// new wanted set) and keeps every wanted host's certificate current.
+    pub async fn run(
+        self: Arc<Self>,
+        prepared: Prepared,
+        mut sites: watch::Receiver<Arc<Snapshot>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let Prepared(mut entries) = prepared;
+        let mut tasks: JoinSet<Attempted> = JoinSet::new();
+        // Hosts with an attempt running (also ones removed meanwhile, so a
+        // removed-and-re-added host never gets two orders at once).
+        let mut busy: HashSet<Box<str>> = HashSet::new();
+        // Which host a task works on, to recover if it panics.
+        let mut task_hosts: HashMap<tokio::task::Id, Box<str>> = HashMap::new();
+        let mut last_log = tokio::time::Instant::now();
+        loop {
+            let now = SystemTime::now();
+            let mut due: Vec<(&Box<str>, SystemTime)> = entries
+                .iter()
+                .filter(|(h, e)| !busy.contains(*h) && e.due <= now)
+                .map(|(h, e)| (h, e.due))
+                .collect();
+            due.sort_by_key(|(h, t)| (*t, (*h).clone()));
+            let launch: Vec<Box<str>> = due
+                .into_iter()
+                .take(self.cfg.max_concurrent_orders.saturating_sub(tasks.len()))
+                .map(|(h, _)| h.clone())
+                .collect();
+            for host in launch {
+                if let Some(entry) = entries.get(&host) {
+                    busy.insert(host.clone());
+                    let me = Arc::clone(&self);
+                    let target = entry.target.clone();
+                    let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
+                    // The served leaf (for ARI) comes from the SNI index:
+                    // no second copy of every certificate in memory.
+                    let leaf = self
+                        .index
+                        .lookup(&host)
+                        .and_then(|key| key.cert.first().map(|c| c.to_vec()))
+                        .zip(entry.renew_at);
+                    let handle = tasks.spawn(async move {
+                        let (ordered, result) = me.attempt(&target, kind, leaf).await;
+                        Attempted {
+                            host: target.host,
+                            ordered,
+                            kind,
+                            result,
+                        }
+                    });
+                    task_hosts.insert(handle.id(), host.clone());
+                }
+            }
+            self.update_progress(&entries, tasks.len());
+            if last_log.elapsed() >= PROGRESS_EVERY {
+                last_log = tokio::time::Instant::now();
+                self.log_progress();
+            }
+            let next_due = entries
+                .iter()
+                .filter(|(h, _)| !busy.contains(*h))
+                .map(|(_, e)| e.due)
+                .min()
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or(MAX_SLEEP);
+            let capacity_full = tasks.len() >= self.cfg.max_concurrent_orders;
+            let sleep = if capacity_full { MAX_SLEEP } else { next_due }
+                .min(MAX_SLEEP)
+                .min(PROGRESS_EVERY);
+            tokio::select! {
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                changed = sites.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snapshot = Arc::clone(&sites.borrow_and_update());
+                    self.reconcile(&mut entries, &snapshot).await;
+                }
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    match done {
+                        Ok((id, done)) => {
+                            task_hosts.remove(&id);
+                            busy.remove(&done.host);
+                            self.finish(&mut entries, done).await;
+                        }
+                        Err(e) => {
+                            // A bug, not the CA: retry this host with backoff.
+                            tracing::error!(error = %e, "certificate task failed");
+                            if let Some(host) = task_hosts.remove(&e.id()) {
+                                busy.remove(&host);
+                                let done = Attempted {
+                                    host,
+                                    ordered: false,
+                                    kind: self.cfg.challenge,
+                                    result: Err(Failure::new(
+                                        FailureKind::Local,
+                                        format!("internal error: {e}"),
+                                    )),
+                                };
+                                self.finish(&mut entries, done).await;
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+        tasks.abort_all();
+    }
+
+    fn pacer_lock(&self) -> std::sync::MutexGuard<'_, Pacer> {
+        self.pacer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Brings `entries` in line with the snapshot: loads newly wanted hosts
+    /// from the store, forgets removed ones (their files stay).
+    async fn reconcile(&self, entries: &mut HashMap<Box<str>, Entry>, snapshot: &Snapshot) {
+        let targets = self.targets(snapshot);
+        let wanted: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.host).collect();
+        let removed: Vec<Box<str>> = entries
+            .keys()
+            .filter(|h| !wanted.contains(&***h))
+            .cloned()
+            .collect();
+        for host in &removed {
+            entries.remove(host);
+            tracing::info!(host = %host, "no longer configured: not renewing; stored files kept");
+        }
+        self.index.update(Vec::new(), &removed);
+        let now = SystemTime::now();
+        // Loaded certificates go into the index in batches: one map copy per
+        // batch, and the first hosts are served before the last are read.
+        let mut batch = Vec::new();
+        for target in targets {
+            if let Some(entry) = entries.get_mut(&target.host) {
+                entry.target = target;
+                continue;
+            }
+            let (entry, key) = self.load(target, now).await;
+            if let Some(key) = key {
+                batch.push((entry.target.host.clone(), key));
+            }
+            entries.insert(entry.target.host.clone(), entry);
+            if batch.len() >= LOAD_BATCH {
+                self.index.update(std::mem::take(&mut batch), &[]);
+            }
+        }
+        self.index.update(batch, &[]);
+    }
+
+    /// A host's entry from the store: a usable stored certificate goes into
+    /// the SNI index at once; a broken one is reported and replaced.
+    async fn load(&self, target: Target, now: SystemTime) -> (Entry, Option<Arc<CertifiedKey>>) {
+        let host = &*target.host;
+        let mut state = match self.store.load_state(host).await {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(host, error = %e, "ignoring unreadable certificate state");
+                CertState::default()
+            }
+        };
+        let mut cert = None;
+        let mut serve = None;
+        match self.store.load_cert(host).await {
+            Ok(None) => {}
+            Ok(Some(bundle)) => match order::inspect(host, &bundle) {
+                Ok((key, info)) if info.not_after > unix(now) => {
+                    serve = Some(Arc::new(key));
+                    cert = Some(info);
+                }
+                Ok((_, info)) => {
+                    let msg = format!(
+                        "stored certificate expired at {}; ordering a new one",
+                        status::fmt_time(info.not_after)
+                    );
+                    tracing::warn!(host, "{msg}");
+                    state.last_error = Some(msg);
+                }
+                Err(reason) => {
+                    let msg = format!(
+                        "stored certificate is unusable ({reason}); not serving it, ordering a new one"
+                    );
+                    tracing::error!(host, "{msg}");
+                    state.last_error = Some(msg);
+                    state.last_error_at = Some(unix(now));
+                }
+            },
+            Err(e) => {
+                let msg = format!("cannot read stored certificate: {e}");
+                tracing::error!(host, "{msg}");
+                state.last_error = Some(msg);
+                state.last_error_at = Some(unix(now));
+            }
+        }
+        let retry_at = state
+            .next_attempt
+            .filter(|_| state.failures > 0)
+            .map(schedule::from_unix);
+        let foreign = state
+            .directory
+            .as_ref()
+            .is_some_and(|d| *d != self.cfg.directory);
+        let renew_at = cert.as_ref().map(|info| {
+            if foreign {
+                unix(now)
+            } else {
+                schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before)
+            }
+        });
+        let due = match &cert {
+            Some(_) if foreign => {
+                tracing::info!(
+                    host,
+                    "stored certificate comes from another ACME directory; serving it until a new one is issued"
+                );
+                retry_at.unwrap_or(now)
+            }
+            Some(_) => {
+                let renew = self.first_check(renew_at.unwrap_or(0), now, fastrand::f64());
+                retry_at.map_or(renew, |r| r.max(renew))
+            }
+            // Restart mid-batch: hosts that failed keep their backoff.
+            None => retry_at.unwrap_or(now),
+        };
+        let entry = Entry {
+            target,
+            cert,
+            renew_at,
+            state,
+            due,
+        };
+        (entry, serve)
+    }
+
+    /// When to look at a stored certificate first: its renewal time, or
+    /// (CA with ARI, or not known yet) an ARI check spread over the next
+    /// [`ARI_POLL`] so that many certificates do not all ask at once.
+    fn first_check(&self, renew_at: i64, now: SystemTime, unit: f64) -> SystemTime {
+        let renew = schedule::from_unix(renew_at);
+        if self
+            .ari_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return renew;
+        }
+        renew.min(now + ARI_POLL.mul_f64(unit.clamp(0.0, 1.0)))
+    }
+
+    /// One attempt for one host; says whether an order reached the CA.
+    /// `current` is the served certificate (DER leaf, our renewal time).
+    async fn attempt(
+        &self,
+        target: &Target,
+        kind: ChallengeKind,
+        current: Option<(Vec<u8>, i64)>,
+    ) -> (bool, Result<Outcome, Failure>) {
+        let now = SystemTime::now();
+        let mut replaces = None;
+        if let Some((leaf, renew_at)) = current {
+            let due = renew_at <= unix(now);
+            let ari = tokio::time::timeout(ARI_TIMEOUT, self.ari(&leaf, renew_at, due));
+            let ari = ari.await.unwrap_or_else(|_| {
+                tracing::debug!("ARI check timed out");
+                if due { Ok(None) } else { Err(now + ARI_POLL) }
+            });
+            match ari {
+                Ok(Some(id)) => replaces = Some(id),
+                Ok(None) => {}
+                Err(later) if !due => return (false, Ok(Outcome::Later(later))),
+                Err(_) => {}
+            }
+        }
+        if self.cfg.precheck_dns
+            && let Err(message) = self.precheck(target).await
+        {
+            return (false, Err(Failure::new(FailureKind::Dns, message)));
+        }
+        // Pacing: wait for a slot in the hourly window (this holds one of
+        // the concurrency slots, which is what bounds the queue anyway).
+        loop {
+            let wait = self.pacer_lock().take(unix(SystemTime::now()));
+            match wait {
+                Ok(()) => break,
+                Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+            }
+        }
+        // No request of the ACME client has its own timeout: bound the
+        // whole exchange, so a CA that stops answering cannot hold a
+        // concurrency slot forever.
+        let exchange = async {
+            let account = self.account().await?;
+            order::issue(
+                &account,
+                &target.host,
+                kind,
+                self.cfg.key_type,
+                &self.challenges,
+                replaces,
+            )
+            .await
+        };
+        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::new(
+                FailureKind::Ca,
+                format!(
+                    "no answer from the CA within {} s",
+                    ATTEMPT_TIMEOUT.as_secs()
+                ),
+            )),
+        };
+        if let Err(f) = &result
+            && f.account_gone
+        {
+            tracing::warn!("the CA does not know our account any more; creating a new one");
+            self.account_gone
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            *self.account.lock().await = None;
+        }
+        (true, result.map(|i| Outcome::Issued(Box::new(i))))
+    }
+
+    /// ARI (RFC 9773) for the served certificate: `Ok(Some(id))` renew now,
+    /// replacing `id` (exempt from Let's Encrypt's order limits); `Ok(None)`
+    /// renew without ARI; `Err(t)` not yet, look again at `t`. A CA without
+    /// ARI (pebble 2.4) answers `Unsupported` once and is not asked again.
+    async fn ari(
+        &self,
+        leaf_der: &[u8],
+        renew_at: i64,
+        due: bool,
+    ) -> Result<Option<CertificateIdentifier<'static>>, SystemTime> {
+        use std::sync::atomic::Ordering;
+        let now = SystemTime::now();
+        let own_time = schedule::from_unix(renew_at);
+        if self.ari_unsupported.load(Ordering::Relaxed) {
+            return if due { Ok(None) } else { Err(own_time) };
+        }
+        let der = rustls_pki_types::CertificateDer::from(leaf_der);
+        let Ok(id) = CertificateIdentifier::try_from(&der) else {
+            return if due { Ok(None) } else { Err(own_time) };
+        };
+        let id = id.into_owned();
+        // A CA that cannot be asked now is asked again later; our own
+        // renewal time still holds.
+        let retry = own_time.min(now + ARI_POLL);
+        let account = match self.account().await {
+            Ok(a) => a,
+            Err(f) => {
+                tracing::debug!(error = %f.message, "no account for an ARI check");
+                return if due { Ok(None) } else { Err(retry) };
+            }
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let window = (
+                    info.suggested_window.start.unix_timestamp(),
+                    info.suggested_window.end.unix_timestamp(),
+                );
+                match schedule::ari_decision(
+                    unix(now),
+                    window,
+                    renew_at,
+                    retry_after,
+                    fastrand::f64(),
+                ) {
+                    AriDecision::RenewNow => Ok(Some(id)),
+                    AriDecision::CheckAt(_) if due => Ok(Some(id)),
+                    AriDecision::CheckAt(t) => Err(schedule::from_unix(t)),
+                }
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                tracing::info!(
+                    "the CA has no ACME renewal information (ARI); renewing at 2/3 of the lifetime"
+                );
+                self.ari_unsupported.store(true, Ordering::Relaxed);
+                if due { Ok(None) } else { Err(own_time) }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "ARI lookup failed");
+                if due { Ok(None) } else { Err(retry) }
+            }
+        }
+    }
+
+    async fn precheck(&self, target: &Target) -> Result<(), String> {
+        let server = self.cfg.precheck_resolver;
+        let resolved = resolve::addresses(&target.host, server).await?;
+        let mut expected = target.expected.clone();
+        if let Some(cname) = &target.cname {
+            expected.extend(resolve::addresses(cname, server).await.unwrap_or_default());
+        }
+        schedule::precheck(&target.host, &resolved, &expected)
+    }
+
+    /// The ACME account: cached, else loaded from the store, else created.
+    async fn account(&self) -> Result<Account, Failure> {
+        use std::sync::atomic::Ordering;
+        let mut slot = self.account.lock().await;
+        if let Some(account) = &*slot {
+            return Ok(account.clone());
+        }
+        let builder = || {
+            match &self.cfg.ca_roots {
+                Some(path) => Account::builder_with_root(path),
+                None => Account::builder(),
+            }
+            .map_err(|e| Failure::ca("ACME client", &e))
+        };
+        let directory = &self.cfg.directory;
+        let stored = if self.account_gone.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.store
+                .load_account(directory)
+                .await
+                .map_err(|e| Failure::new(FailureKind::Local, e.to_string()))?
+        };
+        let account = match stored {
+            Some(bytes) => {
+                let creds: AccountCredentials = serde_json::from_slice(&bytes).map_err(|e| {
+                    Failure::new(
+                        FailureKind::Local,
+                        format!("stored ACME account for {directory} is unreadable ({e}); remove it to register anew"),
+                    )
+                })?;
+                builder()?
+                    .from_credentials(creds)
+                    .await
+                    .map_err(|e| Failure::ca("account", &e))?
+            }
+            None => {
+                let contact: Vec<&str> = self.cfg.contact.iter().map(String::as_str).collect();
+                let eab = self
+                    .cfg
+                    .eab
+                    .as_ref()
+                    .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key));
+                let new = NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                let (account, creds) = builder()?
+                    .create(&new, directory.clone(), eab.as_ref())
+                    .await
+                    .map_err(|e| Failure::ca("account registration", &e))?;
+                let json = serde_json::to_vec(&creds)
+                    .map_err(|e| Failure::new(FailureKind::Local, e.to_string()))?;
+                self.store
+                    .save_account(directory, json)
+                    .await
+                    .map_err(|e| Failure::new(FailureKind::Local, e.to_string()))?;
+                self.account_gone.store(false, Ordering::Relaxed);
+                tracing::info!(directory = %directory, account = account.id(), "registered ACME account");
+                account
+            }
+        };
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    /// Records the outcome of an attempt: a new certificate is stored first,
+    /// then served; a failure schedules a retry with backoff.
+    async fn finish(&self, entries: &mut HashMap<Box<str>, Entry>, done: Attempted) {
+        let Attempted {
+            host,
+            ordered,
+            kind,
+            result,
+        } = done;
+        let now = SystemTime::now();
+        let mut state = match entries.get(&host) {
+            Some(e) => e.state.clone(),
+            None => self
+                .store
+                .load_state(&host)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        };
+        if ordered {
+            state.last_order_at = Some(unix(now));
+            state.last_challenge = Some(kind.as_str().to_owned());
+        }
+        let issued = match result {
+            Ok(Outcome::Later(at)) => {
+                if let Some(entry) = entries.get_mut(&host) {
+                    entry.due = at;
+                }
+                return;
+            }
+            Ok(Outcome::Issued(issued)) => Ok(issued),
+            Err(f) => Err(f),
+        };
+        let result = match issued {
+            Ok(issued) => match self.store.save_cert(&host, issued.bundle.clone()).await {
+                Ok(()) => Ok(issued),
+                Err(e) => Err(Failure::new(
+                    FailureKind::Local,
+                    format!("cannot store the new certificate: {e}"),
+                )),
+            },
+            Err(f) => Err(f),
+        };
+        let entry = entries.get_mut(&host);
+        let mut serve = None;
+        let due = match result {
+            Ok(issued) => {
+                let info = issued.info.clone();
+                state.failures = 0;
+                state.last_error = None;
+                state.last_error_at = None;
+                state.waiting_dns = false;
+                state.next_attempt = None;
+                state.issued_at = Some(unix(now));
+                state.directory = Some(self.cfg.directory.clone());
+                if let Some(used) = issued.challenge {
+                    state.last_challenge = Some(used.as_str().to_owned());
+                }
+                let mut renew =
+                    schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before);
+                if renew <= unix(now) {
+                    tracing::warn!(host = %host, "renew_before is longer than the certificate lifetime; renewing after retry_initial");
+                    renew = unix(now + self.cfg.retry_initial);
+                }
+                tracing::info!(
+                    host = %host,
+                    issuer = %info.issuer,
+                    serial = %info.serial,
+                    not_after = %status::fmt_time(info.not_after),
+                    renew_at = %status::fmt_time(renew),
+                    "certificate issued"
+                );
+                if let Some(entry) = entry {
+                    // Only a host still configured is served (below, once
+                    // its state is recorded).
+                    entry.renew_at = Some(renew);
+                    serve = Some(Arc::new(issued.key));
+                    entry.cert = Some(info);
+                    self.progress_lock().issued += 1;
+                }
+                self.first_check(renew, now, 1.0)
+            }
+            Err(f) => {
+                state.failures = state.failures.saturating_add(1);
+                state.waiting_dns = f.kind == FailureKind::Dns;
+                state.last_error = Some(f.message.clone());
+                state.last_error_at = Some(unix(now));
+                let delay = schedule::backoff(
+                    state.failures,
+                    self.cfg.retry_initial,
+                    self.cfg.retry_max,
+                    fastrand::f64(),
+                );
+                let retry = now + delay;
+                state.next_attempt = Some(unix(retry));
+                let serving = entry.as_ref().is_some_and(|e| e.cert.is_some());
+                tracing::warn!(
+                    host = %host,
+                    failures = state.failures,
+                    retry_in = %humantime::format_duration(Duration::from_millis(
+                        u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    )),
+                    serving_current = serving,
+                    "certificate attempt failed: {}",
+                    f.message
+                );
+                retry
+            }
+        };
+        if let Err(e) = self.store.save_state(&host, &state).await {
+            tracing::error!(host = %host, error = %e, "cannot store certificate state");
+        }
+        // Served last: whoever sees the new certificate also finds its
+        // state (and `mtasts certs` never shows a stale error for it).
+        if let Some(key) = serve {
+            self.index.insert(&host, key);
+        }
+        if let Some(entry) = entries.get_mut(&host) {
+            entry.state = state;
+            entry.due = due;
+        }
+    }
+
+    fn progress_lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update_progress(&self, entries: &HashMap<Box<str>, Entry>, in_flight: usize) {
+        let mut p = self.progress_lock();
+        p.configured = entries.len();
+        p.valid = entries.values().filter(|e| e.cert.is_some()).count();
+        p.pending = entries.values().filter(|e| e.cert.is_none()).count();
+        p.failing = entries.values().filter(|e| e.state.failures > 0).count();
+        p.in_flight = in_flight;
+        p.peak_in_flight = p.peak_in_flight.max(in_flight);
+    }
+
+    fn log_progress(&self) {
+        let p = self.progress();
+        if p.pending == 0 && p.in_flight == 0 {
+            return;
+        }
+        let eta = self.pacer_lock().eta(p.pending);
+        tracing::info!(
+            valid = p.valid,
+            configured = p.configured,
+            pending = p.pending,
+            in_flight = p.in_flight,
+            failing = p.failing,
+            eta = %humantime::format_duration(Duration::from_secs(eta.as_secs())),
+            "certificates: {}/{} valid, {} waiting (ETA ~{} at {} orders/hour)",
+            p.valid,
+            p.configured,
+            p.pending,
+            humantime::format_duration(Duration::from_secs(eta.as_secs())),
+            self.cfg.orders_per_hour
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! One ACME order for one host (never a shared SAN certificate): new order,
+//! answer each pending authorization with the chosen challenge, wait for the
+//! CA, send our own CSR, fetch the chain, check it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
+};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use rustls::sign::CertifiedKey;
+
+use super::challenge::{Challenges, alpn_cert};
+use super::schedule::VALIDATION_PREFIX;
+use super::{Failure, FailureKind};
+use crate::config::{ChallengeKind, KeyType};
+
+/// A freshly issued certificate, checked against its host.
+pub struct Issued {
+    /// Private key PEM followed by the chain PEM (what the store keeps).
+    pub bundle: Vec<u8>,
+    pub key: CertifiedKey,
+    pub info: CertInfo,
+    /// The challenge that validated the order (`None`: authorization reused).
+    pub challenge: Option<ChallengeKind>,
+}
+
+/// What a certificate says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    pub issuer: String,
+    /// Hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+}
+
+fn acme_type(kind: ChallengeKind) -> ChallengeType {
+    match kind {
+        ChallengeKind::Http01 => ChallengeType::Http01,
+        ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+    }
+}
+
+/// How long to wait for the CA to validate, and for the certificate.
+const POLL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Orders a certificate for `host`, preferring the `preferred` challenge and
+/// falling back to the other one when the CA does not offer it. `replaces`
+/// names the certificate being renewed (ARI, RFC 9773 §5).
+pub async fn issue(
+    account: &Account,
+    host: &str,
+    preferred: ChallengeKind,
+    key_type: KeyType,
+    challenges: &Arc<Challenges>,
+    replaces: Option<CertificateIdentifier<'static>>,
+) -> Result<Issued, Failure> {
+    let ca = |what: &'static str| move |e: instant_acme::Error| Failure::ca(what, &e);
+    let ids = [Identifier::Dns(host.to_owned())];
+    let mut new_order = NewOrder::new(&ids);
+    if let Some(id) = replaces {
+        new_order = new_order.replaces(id);
+    }
+    let mut order = account
+        .new_order(&new_order)
+        .await
+        .map_err(ca("new order"))?;
+    let mut armed = challenges.arm();
+    let mut used = None;
+    {
+        let mut authzs = order.authorizations();
+        while let Some(authz) = authzs.next().await {
+            let mut authz = authz.map_err(ca("authorization"))?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => {
+                    return Err(Failure::new(
+                        FailureKind::Validation,
+                        format!("{VALIDATION_PREFIX}: authorization for {host} is {other:?}"),
+                    ));
+                }
+            }
+            let offered: Vec<ChallengeType> =
+                authz.challenges.iter().map(|c| c.r#type.clone()).collect();
+            let Some(kind) = [preferred, preferred.other()]
+                .into_iter()
+                .find(|k| offered.contains(&acme_type(*k)))
+            else {
+                return Err(Failure::new(
+                    FailureKind::Ca,
+                    format!(
+                        "the CA offers neither http-01 nor tls-alpn-01 for {host} ({offered:?})"
+                    ),
+                ));
+            };
+            let Some(mut challenge) = authz.challenge(acme_type(kind)) else {
+                return Err(Failure::new(
+                    FailureKind::Ca,
+                    "challenge vanished".to_owned(),
+                ));
+            };
+            let key_auth = challenge.key_authorization();
+            match kind {
+                ChallengeKind::Http01 => {
+                    armed.http01(challenge.token.clone(), key_auth.as_str().to_owned());
+                }
+                ChallengeKind::TlsAlpn01 => {
+                    let cert = alpn_cert(host, key_auth.digest().as_ref())
+                        .map_err(|e| Failure::new(FailureKind::Local, e))?;
+                    armed.tls_alpn01(host, Arc::new(cert));
+                }
+            }
+            challenge.set_ready().await.map_err(ca("challenge"))?;
+            used = Some(kind);
+        }
+    }
+    let retry = RetryPolicy::new().timeout(POLL_TIMEOUT);
+    let status = order.poll_ready(&retry).await.map_err(|e| {
+        // The CA puts the validation error into the order (RFC 8555 §7.1.3).
+        let mut f = Failure::ca(VALIDATION_PREFIX, &e);
+        if matches!(e, instant_acme::Error::Api(_)) {
+            f.kind = FailureKind::Validation;
+        }
+        f
+    })?;
+    drop(armed);
+    if status != OrderStatus::Ready {
+        let detail = order
+            .state()
+            .error
+            .as_ref()
+            .map_or_else(|| format!("{status:?}"), ToString::to_string);
+        return Err(Failure::new(
+            FailureKind::Validation,
+            format!("{VALIDATION_PREFIX}: order for {host} not ready: {detail}"),
+        ));
+    }
+
+    let (key_pem, csr) = csr(host, key_type).map_err(|e| Failure::new(FailureKind::Local, e))?;
+    order.finalize_csr(&csr).await.map_err(ca("finalize"))?;
+    let chain = order
+        .poll_certificate(&retry)
+        .await
+        .map_err(ca("certificate"))?;
+    let mut bundle = key_pem.into_bytes();
+    bundle.extend_from_slice(chain.as_bytes());
+    let (key, info) = inspect(host, &bundle).map_err(|e| {
+        Failure::new(
+            FailureKind::Ca,
+            format!("the CA returned an unusable certificate: {e}"),
+        )
+    })?;
+    Ok(Issued {
+        bundle,
+        key,
+        info,
+        challenge: used,
+    })
+}
+
+/// A fresh key and a CSR for exactly `host` (empty subject, one dNSName).
+fn csr(host: &str, key_type: KeyType) -> Result<(String, Vec<u8>), String> {
+    let key = match key_type {
+        KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        // aws-lc-rs generates RSA keys (ring could not).
+        KeyType::Rsa2048 => {
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+        }
+    }
+    .map_err(|e| format!("cannot generate a key: {e}"))?;
+    let mut params =
+        CertificateParams::new(vec![host.to_owned()]).map_err(|e| format!("{host}: {e}"))?;
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| format!("cannot build the CSR: {e}"))?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Parses a stored or received bundle (key + chain PEM) and checks that the
+/// key matches the leaf and the leaf names `host`. Expiry is the caller's call.
+pub fn inspect(host: &str, bundle: &[u8]) -> Result<(CertifiedKey, CertInfo), String> {
+    use rustls_pki_types::pem::{self, PemObject};
+    // Name the usual damage (a cut-off file) plainly before the detailed parse.
+    for item in rustls_pki_types::CertificateDer::pem_slice_iter(bundle) {
+        if let Err(pem::Error::MissingSectionEnd { end_marker }) = item {
+            return Err(format!(
+                "truncated PEM: no -----END {}----- line (half-written file?)",
+                String::from_utf8_lossy(&end_marker)
+            ));
+        }
+    }
+    let key = crate::tls::certified_key(host, bundle, bundle)?;
+    let leaf = key.cert.first().ok_or("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("leaf certificate does not parse: {e}"))?;
+    let names_host = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(|n| {
+                matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if d.eq_ignore_ascii_case(host))
+            })
+        });
+    if !names_host {
+        return Err(format!("the certificate does not name {host}"));
+    }
+    let issuer = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map_or_else(|| cert.issuer().to_string(), str::to_owned);
+    let info = CertInfo {
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        issuer,
+        serial: cert
+            .raw_serial_as_string()
+            .replace(':', "")
+            .to_ascii_uppercase(),
+    };
+    Ok((key, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_for_both_key_types() {
+        for kt in [KeyType::EcdsaP256, KeyType::Rsa2048] {
+            let (key_pem, csr) = csr("mta-sts.a.example", kt).expect("csr");
+            assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{kt:?}");
+            assert!(!csr.is_empty());
+        }
+    }
+
+    #[test]
+    fn inspect_rejects_wrong_host_and_garbage() {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["mta-sts.other.example".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let bundle = format!("{}{}", key.serialize_pem(), cert.pem());
+        let err = inspect("mta-sts.a.example", bundle.as_bytes()).expect_err("wrong host");
+        assert!(err.contains("does not name mta-sts.a.example"), "{err}");
+        let (_, info) = inspect("mta-sts.other.example", bundle.as_bytes()).expect("ok");
+        assert!(info.not_after > info.not_before);
+        let half = &bundle.as_bytes()[..bundle.len() - 100];
+        let err = inspect("mta-sts.other.example", half).expect_err("truncated");
+        assert!(err.starts_with("truncated PEM"), "{err}");
+        assert!(inspect("mta-sts.other.example", b"").is_err());
+    }
+}
