@@ -11,6 +11,7 @@
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
+//! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
 //! - [`store`]: atomic, permission-correct files in `state_dir`.
 //! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
@@ -27,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod mxcert;
 pub mod policy;
+pub mod retire;
 pub mod server;
 pub mod snapshot;
 pub mod store;
