@@ -85,16 +85,35 @@ impl Entry {
             .saturating_add(u64::from(self.ttl))
     }
 
-    /// The stored records as [`Record`]s of `domain` (unknown types skipped).
+    /// The stored records as [`Record`]s of `domain`, limited to what
+    /// mtasts publishes for it, so that even a damaged or edited state file
+    /// cannot make `--prune` delete anything else: the `_mta-sts` TXT
+    /// (`v=STSv1`, in the domain's zone or a delegation zone), the
+    /// `_smtp._tls` TXT (`v=TLSRPTv1`) and the `mta-sts` A/AAAA/CNAME.
     pub fn records(&self, domain: &str) -> Vec<Record> {
+        let sts = format!("_mta-sts.{domain}.");
+        let tlsrpt = format!("_smtp._tls.{domain}.");
+        let host = format!("mta-sts.{domain}.");
+        let delegated = format!("{domain}.");
         self.records
             .iter()
             .filter_map(|r| {
+                let name = r.name.to_ascii_lowercase();
+                let is_sts = r.value.starts_with("v=STSv1");
                 let rtype = match r.rtype.as_str() {
-                    "TXT" => "TXT",
-                    "A" => "A",
-                    "AAAA" => "AAAA",
-                    "CNAME" => "CNAME",
+                    "TXT" if name == sts && is_sts => "TXT",
+                    "TXT" if name == tlsrpt && r.value.starts_with("v=TLSRPTv1") => "TXT",
+                    // Delegated hosting: `<domain>.<zone>` or `h-<hash>.<zone>`.
+                    "TXT"
+                        if is_sts
+                            && name != delegated
+                            && (name.starts_with(&delegated) || name.starts_with("h-")) =>
+                    {
+                        "TXT"
+                    }
+                    "A" if name == host => "A",
+                    "AAAA" if name == host => "AAAA",
+                    "CNAME" if name == host => "CNAME",
                     _ => return None,
                 };
                 Some(Record {
@@ -486,6 +505,70 @@ mod tests {
             may_prune(&state, dir.path(), &removed, &c, 9999),
             Err(Refusal::NotRetired { .. })
         ));
+    }
+
+    #[test]
+    fn only_records_mtasts_publishes_are_pruned() {
+        let stored = |name: &str, rtype: &str, value: &str| StoredRecord {
+            name: name.into(),
+            rtype: rtype.into(),
+            value: value.into(),
+            zone: "a.example.".into(),
+        };
+        let entry = Entry {
+            since: 0,
+            old_max_age: 0,
+            ttl: 1,
+            records: vec![
+                stored("_mta-sts.a.example.", "TXT", "v=STSv1; id=1;"),
+                stored("mta-sts.a.example.", "A", "192.0.2.1"),
+                stored(
+                    "_smtp._tls.a.example.",
+                    "TXT",
+                    "v=TLSRPTv1; rua=mailto:x@a.example;",
+                ),
+                stored("a.example.sts.provider.example.", "TXT", "v=STSv1; id=1;"),
+                // Not ours to delete, whatever the file says:
+                stored("a.example.", "TXT", "v=spf1 -all"),
+                stored("a.example.", "TXT", "v=STSv1; id=1;"),
+                stored("_mta-sts.a.example.", "TXT", "google-site-verification=x"),
+                stored("www.a.example.", "A", "192.0.2.1"),
+                stored("mta-sts.a.example.", "MX", "10 mx.a.example."),
+            ],
+        };
+        let names: Vec<String> = entry
+            .records("a.example")
+            .iter()
+            .map(|r| format!("{} {}", r.name, r.rtype))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "_mta-sts.a.example. TXT",
+                "mta-sts.a.example. A",
+                "_smtp._tls.a.example. TXT",
+                "a.example.sts.provider.example. TXT"
+            ]
+        );
+    }
+
+    #[test]
+    fn status_says_what_to_do_next() {
+        let cfg = config(CFG);
+        let mut state = State::default();
+        let lines = status(&state, &cfg, 1000);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("not recorded as published"), "{lines:?}");
+        Observation::new(&cfg).apply(&mut state, &[txt("a.example", 60)], 1000);
+        let lines = status(&state, &cfg, 1000);
+        assert!(
+            lines[0].starts_with("a.example: retiring since 1970-01-01T00:16:40Z (old max_age 100 s + TTL 60 s): keep it configured until 1970-01-01T00:19:20Z (in 2m 40s)"),
+            "{lines:?}"
+        );
+        assert!(status(&state, &cfg, 1160)[0].contains("safe to remove now"));
+        let removed = config("[[domain]]\nname = \"b.example\"\nmode = \"none\"\n");
+        assert!(status(&state, &removed, 1159)[0].contains("removed from the config too early"));
+        assert!(status(&state, &removed, 1160)[0].contains("`mtasts dns push --prune` deletes"));
     }
 
     #[test]
