@@ -113,6 +113,10 @@ pub enum Command {
     Retire {
         #[arg(long, short)]
         config: PathBuf,
+        /// The named domains' previous policy had a longer max_age than
+        /// their configured one (e.g. "2w"): wait at least this long.
+        #[arg(long, value_name = "DURATION", requires = "domains", value_parser = humantime::parse_duration)]
+        old_max_age: Option<Duration>,
         /// Retiring domains whose new TXT you have just published.
         domains: Vec<String>,
     },
@@ -268,7 +272,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             check(config.as_deref(), &options, format, &domains)
         }
-        Command::Retire { config, domains } => retire(&config, &domains),
+        Command::Retire {
+            config,
+            old_max_age,
+            domains,
+        } => retire(&config, old_max_age, &domains),
         Command::Dns {
             command:
                 DnsCommand::Push {
@@ -596,7 +604,11 @@ async fn dns_prune(
 
 /// `mtasts retire`: records the named retiring domains as published now
 /// (unless already recorded) and prints where every retirement stands.
-fn retire(path: &Path, names: &[String]) -> anyhow::Result<ExitCode> {
+fn retire(
+    path: &Path,
+    old_max_age: Option<Duration>,
+    names: &[String],
+) -> anyhow::Result<ExitCode> {
     use crate::retire::{self, Observation, State};
 
     let cfg = load(path)?;
@@ -631,7 +643,18 @@ fn retire(path: &Path, names: &[String]) -> anyhow::Result<ExitCode> {
             })
             .collect()
     };
-    if Observation::new(&cfg).apply(&mut state, &records, retire::unix_now()) {
+    let mut changed = Observation::new(&cfg).apply(&mut state, &records, retire::unix_now());
+    if let Some(longer) = old_max_age {
+        for d in &only {
+            if let Some(entry) = state.domains.get_mut(d.as_str())
+                && entry.old_max_age < longer.as_secs()
+            {
+                entry.old_max_age = longer.as_secs();
+                changed = true;
+            }
+        }
+    }
+    if changed {
         state.save(&cfg.server.state_dir)?;
     }
     let lines = retire::status(&state, &cfg, retire::unix_now());

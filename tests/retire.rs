@@ -411,6 +411,17 @@ fn cli_push_starts_the_clock_and_unretiring_drops_it() {
     // A second push keeps the start.
     assert!(setup.run(&["dns", "push"]).status.success());
     assert_eq!(setup.state().expect("state")["domains"][A]["since"], since);
+    // The previous policy had a longer max_age than the configured one.
+    let out = setup.run(&["retire", "--old-max-age", "2w", A]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("(old max_age 1209600 s + TTL 2 s)"),
+        "{:?}",
+        text(&out)
+    );
+    let state = setup.state().expect("state");
+    assert_eq!(state["domains"][A]["old_max_age"], 1_209_600);
+    assert_eq!(state["domains"][A]["since"], since, "the start stays");
 
     // Changed our mind: a serves a real policy again, the clock is gone.
     setup.write(DOMAINS);
