@@ -513,6 +513,9 @@ fn dns_push(
             failed += 1;
         }
     }
+    if !prune {
+        note_prunable(&cfg);
+    }
     let pruned = if prune && report.aborted.is_none() {
         let (pruned, prune_failed) =
             runtime.block_on(dns_prune(&cfg, &mut pusher, &only, dry_run))?;
@@ -537,6 +540,29 @@ fn dns_push(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Without `--prune`: mentions retired domains that left the config and
+/// whose records are still recorded as published.
+fn note_prunable(cfg: &Config) {
+    let Ok(state) = crate::retire::State::load(&cfg.server.state_dir) else {
+        return;
+    };
+    let removed: Vec<&str> = state
+        .domains
+        .keys()
+        .filter(|d| DomainName::parse(d).is_ok_and(|d| cfg.domain(&d).is_none()))
+        .map(String::as_str)
+        .collect();
+    if let Some(first) = removed.first() {
+        let more = match removed.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        eprintln!(
+            "note: retired {first}{more} left the config; `mtasts dns push --prune` deletes the records once their period is over (`mtasts retire` shows when)"
+        );
+    }
 }
 
 /// `dns push --prune`: deletes the records of domains that left the config

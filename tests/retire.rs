@@ -270,6 +270,15 @@ fn retire_publishes_mode_none_then_prune_waits_for_the_old_max_age() {
 
     // Removed from the config at once: too early to delete anything.
     setup.write(&without_a(DOMAINS));
+    let out = setup.run(&["dns", "push"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains(
+            "note: retired a.example.test left the config; `mtasts dns push --prune` deletes"
+        ),
+        "{:?}",
+        text(&out)
+    );
     let out = setup.run(&["dns", "push", "--prune"]);
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "{stdout}");
