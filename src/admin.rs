@@ -190,6 +190,8 @@ struct DomainView {
     source: String,
     /// Whether the API may change or delete it (its own file in domains_dir).
     managed: bool,
+    /// `retire = true`: served as `mode: none` until its records may go.
+    retire: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -217,6 +219,7 @@ fn view(control: &Control, site: &Site) -> DomainView {
             d.origin.col
         ),
         managed: managed_file(control, &d.name).is_some_and(|f| d.origin.file == f),
+        retire: d.retire,
     }
 }
 
@@ -270,6 +273,7 @@ struct DomainSpec {
     host_a: Option<Vec<String>>,
     host_aaaa: Option<Vec<String>>,
     host_cname: Option<String>,
+    retire: Option<bool>,
 }
 
 impl DomainSpec {
@@ -314,6 +318,9 @@ impl DomainSpec {
         }
         if let Some(v) = &self.host_cname {
             t.insert("host_cname".into(), v.as_str().into());
+        }
+        if let Some(v) = self.retire {
+            t.insert("retire".into(), v.into());
         }
         let mut doc = toml::Table::new();
         doc.insert(

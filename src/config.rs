@@ -298,6 +298,10 @@ pub struct DomainConfig {
     pub host: HostRecord,
     /// Where the domain was defined, for duplicate and later messages.
     pub origin: Diagnostic,
+    /// `retire = true`: MTA-STS is being withdrawn (RFC 8461 §8.3), so the
+    /// policy is `mode: none` without mx, whatever `mode`/`mx` say; see
+    /// `crate::retire` for when its records may go.
+    pub retire: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -383,6 +387,7 @@ struct RawPolicy {
     host_a: Option<Spanned<Vec<Spanned<String>>>>,
     host_aaaa: Option<Spanned<Vec<Spanned<String>>>>,
     host_cname: Option<Spanned<String>>,
+    retire: Option<Spanned<bool>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -506,6 +511,12 @@ impl Config {
                     report.errors.push(main.at(
                         name.span(),
                         "`name` belongs in a [[domain]] entry, not in [defaults]",
+                    ));
+                }
+                if let Some(retire) = &d.get_ref().retire {
+                    report.errors.push(main.at(
+                        retire.span(),
+                        "`retire` belongs in the [[domain]] entry of the domain to retire, not in [defaults] (it would retire every domain)",
                     ));
                 }
                 d.into_inner()
@@ -1120,6 +1131,9 @@ fn domain_config(
 ) -> Option<DomainConfig> {
     let domain = Layer::new(source, raw);
     let errors_before = report.errors.len();
+    // RFC 8461 §8.3: a retiring domain serves `mode: none` (new id) and no
+    // mx; its mx sources are not read (the mail server may be gone).
+    let retire = raw.retire.as_ref().is_some_and(|r| *r.get_ref());
 
     let mode = match pick(&domain, defaults, |r| r.mode.as_ref()) {
         Some((src, m)) => match Mode::parse(m.get_ref()) {
@@ -1172,48 +1186,51 @@ fn domain_config(
         None => 604_800,
     };
 
+    let mode = if retire { Mode::None } else { mode };
+
     // Explicit mx wins over mx_certs at the same level; a domain's own
     // setting wins over [defaults].
-    let (mx, mx_source) =
-        if raw.mx.is_some() || (raw.mx_certs.is_none() && defaults.raw.mx.is_some()) {
-            let (src, list) = pick(&domain, defaults, |r| r.mx.as_ref())?;
-            let mut mx = Vec::new();
-            for item in list.get_ref() {
-                match MxPattern::parse(item.get_ref()) {
-                    Ok(p) => mx.push(p),
-                    Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
-                }
+    let (mx, mx_source) = if retire {
+        (Vec::new(), MxSource::Explicit)
+    } else if raw.mx.is_some() || (raw.mx_certs.is_none() && defaults.raw.mx.is_some()) {
+        let (src, list) = pick(&domain, defaults, |r| r.mx.as_ref())?;
+        let mut mx = Vec::new();
+        for item in list.get_ref() {
+            match MxPattern::parse(item.get_ref()) {
+                Ok(p) => mx.push(p),
+                Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
             }
-            (mx, MxSource::Explicit)
-        } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
-            let mut mx = Vec::new();
-            let mut paths = Vec::new();
-            for item in list.get_ref() {
-                let path = src.resolve(item.get_ref());
-                let names = cert_cache
-                    .entry(path.clone())
-                    .or_insert_with(|| mxcert::read(&path, now).map_err(|e| e.to_string()));
-                match names {
-                    Ok(names) => {
-                        mx.extend(names.patterns.iter().cloned());
-                        for (skipped, why) in &names.skipped {
-                            report.warnings.push(src.at(
-                                item.span(),
-                                format!(
-                                    "{name}: skipping {skipped:?} from {}: {why}",
-                                    path.display()
-                                ),
-                            ));
-                        }
+        }
+        (mx, MxSource::Explicit)
+    } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
+        let mut mx = Vec::new();
+        let mut paths = Vec::new();
+        for item in list.get_ref() {
+            let path = src.resolve(item.get_ref());
+            let names = cert_cache
+                .entry(path.clone())
+                .or_insert_with(|| mxcert::read(&path, now).map_err(|e| e.to_string()));
+            match names {
+                Ok(names) => {
+                    mx.extend(names.patterns.iter().cloned());
+                    for (skipped, why) in &names.skipped {
+                        report.warnings.push(src.at(
+                            item.span(),
+                            format!(
+                                "{name}: skipping {skipped:?} from {}: {why}",
+                                path.display()
+                            ),
+                        ));
                     }
-                    Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
                 }
-                paths.push(path);
+                Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
             }
-            (mx, MxSource::Certs(paths))
-        } else {
-            (Vec::new(), MxSource::Explicit)
-        };
+            paths.push(path);
+        }
+        (mx, MxSource::Certs(paths))
+    } else {
+        (Vec::new(), MxSource::Explicit)
+    };
     let mut mx = mx;
     mx.sort();
     mx.dedup();
@@ -1257,6 +1274,7 @@ fn domain_config(
         ttl,
         host,
         origin,
+        retire,
     })
 }
 
@@ -1874,6 +1892,25 @@ name = "a.example"
         let cfg =
             load("[[domain]]\nname = \"a.example\"\nmode = \"none\"\n").expect("none needs no mx");
         assert!(cfg.domains[0].policy.mx.is_empty());
+    }
+
+    #[test]
+    fn retire_serves_mode_none_without_mx() {
+        let cfg = load(
+            "[defaults]\nmx_certs = [\"/nonexistent/mx.pem\"]\nmax_age = \"2d\"\n\n[[domain]]\nname = \"a.example\"\nmode = \"enforce\"\nretire = true\n",
+        )
+        .expect("a retiring domain reads no mx sources");
+        let a = &cfg.domains[0];
+        assert!(a.retire);
+        assert_eq!(a.policy.mode, Mode::None);
+        assert!(a.policy.mx.is_empty());
+        assert_eq!(a.policy.max_age, 172_800, "max_age as configured");
+        let errs = errors("[defaults]\nretire = true\nmode = \"none\"\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("test.toml:2:10: `retire` belongs in the [[domain]]"),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
 //!   files in `state_dir` behind the `CertStore` trait.
+//! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
 //! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
 //! - [`admin`]: the token-protected admin API and `/metrics`.
@@ -30,6 +31,7 @@ pub mod http;
 pub mod metrics;
 pub mod mxcert;
 pub mod policy;
+pub mod retire;
 pub mod server;
 pub mod snapshot;
 pub mod store;

@@ -186,6 +186,27 @@ async fn admin_crud_is_persisted_and_validated() {
         .expect("still served");
     assert!(String::from_utf8_lossy(&served.body).contains("mode: testing"));
 
+    // Retire (RFC 8461 §8.3): mode none without mx, a new id.
+    let resp = api(
+        s.admin,
+        "PUT",
+        "/v1/domains/customer.example",
+        Some(r#"{"mode": "testing", "mx": ["mx1.customer.example"], "retire": true}"#),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let retired = json(&resp);
+    assert_eq!(retired["retire"], true);
+    assert_eq!(retired["mode"], "none");
+    let served = client
+        .get_policy(s.https, "customer.example")
+        .await
+        .expect("retiring domain served");
+    assert_eq!(
+        served.body,
+        b"version: STSv1\r\nmode: none\r\nmax_age: 604800\r\n"
+    );
+
     // Bad requests.
     assert_eq!(
         api(

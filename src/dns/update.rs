@@ -7,7 +7,9 @@
 //! "does not exist"), so a concurrent edit makes the server refuse instead
 //! of being overwritten; we then re-read and retry domain by domain. A TXT that is not the kind we publish (not
 //! `v=STSv1` at `_mta-sts`, not `v=TLSRPTv1` at `_smtp._tls`) is never
-//! replaced. Message building is pure; [`Transport`] does the I/O.
+//! replaced. `dns push --prune` deletes a retired domain's records the same
+//! way, record by record, leaving records of other kinds in place. Message
+//! building is pure; [`Transport`] does the I/O.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -138,6 +140,10 @@ pub enum Outcome {
     Updated(Vec<String>),
     /// `--dry-run`: these RRsets would be changed.
     WouldUpdate(Vec<String>),
+    /// `--prune`: our records were deleted from these RRsets.
+    Deleted(Vec<String>),
+    /// `--prune --dry-run`: our records would be deleted from these RRsets.
+    WouldDelete(Vec<String>),
     Failed(PushError),
 }
 
@@ -153,6 +159,15 @@ pub struct PushReport {
 }
 
 impl PushReport {
+    /// Domains whose records are in DNS now (updated or already there).
+    pub fn published(&self) -> std::collections::HashSet<&str> {
+        self.domains
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Updated(_) | Outcome::Unchanged))
+            .map(|(d, _)| d.as_str())
+            .collect()
+    }
+
     pub fn failed(&self) -> usize {
         self.domains
             .iter()
@@ -280,6 +295,57 @@ pub fn update_message(zone: &Name, changes: &[Change<'_>]) -> Message {
         }
         for data in &want.data {
             msg.add_update(Rr::from_rdata(want.name.clone(), want.ttl, data.clone()));
+        }
+    }
+    msg
+}
+
+/// Records to delete from one RRset, and what the server held for it.
+#[derive(Debug, Clone)]
+pub struct Removal<'a> {
+    pub set: &'a Rrset,
+    pub current: Vec<Rr>,
+    /// Part of `current`: the records mtasts published there.
+    pub delete: Vec<RData>,
+}
+
+/// The records of `current` that are ours to delete: at a TXT owner those
+/// of our kind (the same `v=` tag, as [`check_owned`] decides), elsewhere
+/// exactly the values we published. Everything else stays.
+pub fn ours(set: &Rrset, current: &[Rr]) -> Vec<RData> {
+    let wanted_tag = set.data.first().and_then(txt_text);
+    current
+        .iter()
+        .filter(|c| match &wanted_tag {
+            Some(want) => txt_text(&c.data).is_some_and(|t| tag(&t) == tag(want)),
+            None => set.data.contains(&c.data),
+        })
+        .map(|c| c.data.clone())
+        .collect()
+}
+
+/// The UPDATE that deletes our records (RFC 2136 §2.5.4, one RR at a time,
+/// so records of others at the same name stay), on the prerequisite that
+/// each RRset is still exactly what we read (§2.4.2).
+pub fn delete_message(zone: &Name, removals: &[Removal<'_>]) -> Message {
+    let mut msg = Message::query();
+    msg.metadata.op_code = hickory_proto::op::OpCode::Update;
+    msg.metadata.recursion_desired = false;
+    let mut z = Query::new();
+    z.set_name(zone.clone())
+        .set_query_class(DNSClass::IN)
+        .set_query_type(RecordType::SOA);
+    msg.add_zone(z);
+    for r in removals {
+        for cur in &r.current {
+            let mut exact = Rr::from_rdata(r.set.name.clone(), 0, cur.data.clone());
+            exact.dns_class = DNSClass::IN;
+            msg.add_pre_requisite(exact);
+        }
+        for data in &r.delete {
+            let mut delete = Rr::from_rdata(r.set.name.clone(), 0, data.clone());
+            delete.dns_class = DNSClass::NONE;
+            msg.add_update(delete);
         }
     }
     msg
@@ -658,6 +724,89 @@ impl Pusher {
         })
     }
 
+    /// Deletes the records mtasts published for a retired domain
+    /// (`dns push --prune`; the caller checked that the period is over):
+    /// only our records, only while each RRset is still what was just read,
+    /// re-read and retried like an update when it changed meanwhile.
+    pub async fn prune(&mut self, domain: &str, records: &[Record]) -> Outcome {
+        match self.prune_domain(domain, records).await {
+            Ok(o) => o,
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+
+    async fn prune_domain(
+        &mut self,
+        domain: &str,
+        records: &[Record],
+    ) -> Result<Outcome, PushError> {
+        let (sets, _) = rrsets(records, &self.zone, None)?;
+        for _ in 0..PREREQ_ATTEMPTS {
+            let mut removals = Vec::new();
+            for set in &sets {
+                let current = self.read(set).await?;
+                let delete = ours(set, &current);
+                if !delete.is_empty() {
+                    removals.push(Removal {
+                        set,
+                        current,
+                        delete,
+                    });
+                }
+            }
+            if removals.is_empty() {
+                return Ok(Outcome::Unchanged);
+            }
+            let names: Vec<String> = removals
+                .iter()
+                .map(|r| format!("{} {}", r.set.name.to_ascii(), r.set.rtype))
+                .collect();
+            if self.dry_run {
+                return Ok(Outcome::WouldDelete(names));
+            }
+            match self
+                .send_signed(|zone| delete_message(zone, &removals))
+                .await?
+            {
+                ResponseCode::NoError => {
+                    for r in &removals {
+                        let now = self.read(r.set).await?;
+                        let left: Vec<String> = now
+                            .iter()
+                            .filter(|c| r.delete.contains(&c.data))
+                            .map(|c| show(&c.data))
+                            .collect();
+                        if !left.is_empty() {
+                            return Err(PushError::NotApplied {
+                                name: r.set.name.to_ascii(),
+                                rtype: r.set.rtype.to_string(),
+                                found: left,
+                            });
+                        }
+                    }
+                    return Ok(Outcome::Deleted(names));
+                }
+                ResponseCode::YXRRSet | ResponseCode::NXRRSet => {
+                    tracing::info!(
+                        domain,
+                        "records changed on the server meanwhile; re-reading"
+                    );
+                }
+                other => {
+                    return Err(PushError::Unexpected {
+                        server: self.cfg.server,
+                        rcode: other.to_string(),
+                        what: "to an update",
+                    });
+                }
+            }
+        }
+        Err(PushError::Contended {
+            domain: domain.to_owned(),
+            attempts: PREREQ_ATTEMPTS,
+        })
+    }
+
     /// The RRset the server holds now (empty if none).
     async fn read(&mut self, want: &Rrset) -> Result<Vec<Rr>, PushError> {
         let (resp, id) = self
@@ -719,12 +868,20 @@ impl Pusher {
 
     /// Signs, sends and checks one UPDATE; returns the server's rcode.
     async fn send_update(&mut self, changes: &[Change<'_>]) -> Result<ResponseCode, PushError> {
+        self.send_signed(|zone| update_message(zone, changes)).await
+    }
+
+    /// Signs, sends and checks the UPDATE `build` makes for our zone.
+    async fn send_signed(
+        &mut self,
+        build: impl Fn(&Name) -> Message,
+    ) -> Result<ResponseCode, PushError> {
         let zone = self.zone.clone();
         let signer = self.signer.clone();
         let (resp, (id, mut verifier)) = self
             .transport
             .exchange(|| {
-                let mut msg = update_message(&zone, changes);
+                let mut msg = build(&zone);
                 let verifier = msg
                     .finalize(&signer, unix_now())
                     .map_err(|e| PushError::Proto(format!("TSIG signing: {e}")))?
@@ -805,6 +962,8 @@ pub fn default_side(config: &Config) -> Side {
 struct Job {
     update: DnsUpdate,
     records: Vec<Record>,
+    /// Retiring domains: their publication starts the retirement clock.
+    retire: crate::retire::Observation,
 }
 
 /// How long the automatic push waits before trying a failed push again
@@ -845,6 +1004,7 @@ impl AutoPush {
         self.tx.send_replace(Some(std::sync::Arc::new(Job {
             update: update.clone(),
             records,
+            retire: crate::retire::Observation::new(config),
         })));
         Ok(())
     }
@@ -887,8 +1047,22 @@ async fn run_auto_push(job: &Job) -> bool {
                 tracing::info!(domain = %domain, rrsets = %sets.join(", "), "dns push: updated")
             }
             Outcome::Failed(e) => tracing::error!(domain = %domain, "dns push: {e}"),
-            Outcome::Unchanged | Outcome::WouldUpdate(_) => {}
+            Outcome::Deleted(sets) => {
+                tracing::info!(domain = %domain, rrsets = %sets.join(", "), "dns push: deleted")
+            }
+            Outcome::Unchanged | Outcome::WouldUpdate(_) | Outcome::WouldDelete(_) => {}
         }
+    }
+    let published = report.published();
+    match job
+        .retire
+        .record(&job.records, &published, &job.update.zone, job.update.ttl)
+    {
+        Ok(true) => tracing::info!("dns push: retirement state updated"),
+        Ok(false) => {}
+        // A retirement whose start is not recorded cannot be pruned later:
+        // safe, but say so.
+        Err(e) => tracing::error!("dns push: cannot record retirements: {e}"),
     }
     if let Some(e) = &report.aborted {
         tracing::error!(
@@ -1026,6 +1200,50 @@ mod tests {
         )
         .expect("signer");
         assert!(other.verify_message_byte(&wire, None, true).is_err());
+    }
+
+    #[test]
+    fn delete_keeps_foreign_records() {
+        let recs = [
+            rec("_mta-sts.a.example.test.", "TXT", "v=STSv1; id=2;"),
+            rec("mta-sts.a.example.test.", "A", "192.0.2.1"),
+        ];
+        let (sets, _) = rrsets(&recs, &zone(), None).expect("valid");
+        let txt = |t: &str| {
+            Rr::from_rdata(
+                sets[0].name.clone(),
+                300,
+                RData::TXT(TXT::new(vec![t.into()])),
+            )
+        };
+        let current = vec![txt("v=STSv1; id=old;"), txt("google-site-verification=x")];
+        let delete = ours(&sets[0], &current);
+        assert_eq!(delete.len(), 1);
+        assert_eq!(txt_text(&delete[0]).as_deref(), Some("v=STSv1; id=old;"));
+        let a = |ip: [u8; 4]| Rr::from_rdata(sets[1].name.clone(), 300, RData::A(A(ip.into())));
+        let hosts = vec![a([192, 0, 2, 1]), a([192, 0, 2, 9])];
+        assert_eq!(ours(&sets[1], &hosts), [hosts[0].data.clone()]);
+
+        let msg = delete_message(
+            &zone(),
+            &[Removal {
+                set: &sets[0],
+                current,
+                delete,
+            }],
+        );
+        // Prerequisite: the RRset exactly as read (both records).
+        assert_eq!(msg.prerequisites().len(), 2);
+        assert!(
+            msg.prerequisites()
+                .iter()
+                .all(|p| p.dns_class == DNSClass::IN)
+        );
+        // Update: delete our one record (class NONE, RFC 2136 §2.5.4).
+        let upd = msg.updates();
+        assert_eq!(upd.len(), 1);
+        assert_eq!(upd[0].dns_class, DNSClass::NONE);
+        assert_eq!(upd[0].ttl, 0);
     }
 
     #[test]

@@ -1,0 +1,449 @@
+//! Retiring a domain (RFC 8461 §8.3) end to end, against a real knotd and
+//! the real binary: `retire = true` serves `mode: none` with a new id that
+//! reaches DNS; `dns push --prune` refuses before the old `max_age` has
+//! passed and then deletes only the records mtasts published. The periods
+//! are made short with short `max_age` and `ttl` values, not a fake clock.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::knot::{KEY_NAME, Knot};
+use hickory_proto::rr::RecordType;
+use sha2::{Digest, Sha256};
+
+const ZONE: &str = "example.test";
+
+/// `a` retires (max_age 3 s + TTL 2 s = a 5 s period); `b` stays.
+const DOMAINS: &str = r#"
+[defaults]
+mx = ["mx1.example.test"]
+host_a = ["127.0.0.1"]
+tlsrpt_rua = "mailto:tls@example.test"
+ttl = 2
+
+[[domain]]
+name = "a.example.test"
+mode = "enforce"
+max_age = 3
+
+[[domain]]
+name = "b.example.test"
+"#;
+
+const A: &str = "a.example.test";
+
+fn mtasts(args: &[&str]) -> Output {
+    Command::new(common::bin())
+        .args(args)
+        .output()
+        .expect("run mtasts")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    head: String,
+    tail: String,
+}
+
+impl Setup {
+    fn new(knot: &Knot, https: std::net::SocketAddr, http: std::net::SocketAddr) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let head = format!(
+            "{}behind_proxy = true\n",
+            common::server_section(https, http, &dir.path().join("state"))
+        );
+        let tail = format!(
+            "\n[dns.update]\nserver = \"{}\"\nzone = \"{ZONE}\"\nkey_name = \"{KEY_NAME}\"\nsecret = \"{}\"\nretries = 1\ntimeout = \"2s\"\n",
+            knot.addr, knot.secret
+        );
+        let config = dir.path().join("mtasts.toml");
+        let s = Setup {
+            dir,
+            config,
+            head,
+            tail,
+        };
+        s.write(DOMAINS);
+        s
+    }
+
+    fn write(&self, domains: &str) {
+        let text = format!("{}{domains}{}", self.head, self.tail);
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    fn path(&self) -> &str {
+        self.config.to_str().expect("utf-8 path")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", self.path()]);
+        mtasts(&all)
+    }
+
+    fn state(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read(self.dir.path().join("state/retire.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The `_mta-sts` TXT value `mtasts records` prints for `domain`.
+    fn records_txt(&self, domain: &str) -> String {
+        let out = self.run(&["records", "--format", "json", domain]);
+        assert!(out.status.success(), "{}", text(&out).1);
+        let recs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+        recs.iter()
+            .find(|r| r["name"] == format!("_mta-sts.{domain}."))
+            .and_then(|r| r["value"].as_str())
+            .expect("an _mta-sts record")
+            .to_owned()
+    }
+}
+
+fn id_of(body: &[u8]) -> String {
+    Sha256::digest(body)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// GET the policy over the plain listener (behind_proxy = true serves it).
+fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.{domain}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
+    resp.starts_with(b"HTTP/1.1 200")
+        .then(|| resp[split + 4..].to_vec())
+}
+
+fn txt(knot: &Knot, name: &str) -> Vec<String> {
+    knot.rrset(name, RecordType::TXT)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Adds a TXT record someone else owns (a TSIG-signed RFC 2136 UPDATE).
+fn add_foreign_txt(knot: &Knot, name: &str, value: &str) {
+    use hickory_proto::op::{Message, OpCode, Query, ResponseCode, UpdateMessage};
+    use hickory_proto::rr::rdata::TXT;
+    use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
+    use hickory_proto::rr::{DNSClass, Name, RData, Record, TSigner};
+
+    let mut msg = Message::query();
+    msg.metadata.op_code = OpCode::Update;
+    let mut zone = Query::new();
+    zone.set_name(Name::from_ascii(format!("{ZONE}.")).expect("zone"))
+        .set_query_class(DNSClass::IN)
+        .set_query_type(RecordType::SOA);
+    msg.add_zone(zone);
+    msg.add_update(Record::from_rdata(
+        Name::from_ascii(name).expect("name"),
+        300,
+        RData::TXT(TXT::new(vec![value.to_owned()])),
+    ));
+    let secret = data_encoding::BASE64
+        .decode(knot.secret.as_bytes())
+        .expect("base64");
+    let signer = TSigner::new(
+        secret,
+        TsigAlgorithm::HmacSha256,
+        Name::from_ascii(KEY_NAME).expect("key"),
+        300,
+    )
+    .expect("signer");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    msg.finalize(&signer, now).expect("sign");
+    let resp = knot
+        .exchange(&msg.to_vec().expect("wire"))
+        .expect("knot answers");
+    let resp = Message::from_vec(&resp).expect("answer");
+    assert_eq!(resp.response_code, ResponseCode::NoError);
+}
+
+fn retiring(domains: &str) -> String {
+    domains.replace(
+        "name = \"a.example.test\"\n",
+        "name = \"a.example.test\"\nretire = true\n",
+    )
+}
+
+fn without_a(domains: &str) -> String {
+    let start = domains
+        .find("[[domain]]\nname = \"a.example.test\"")
+        .expect("a");
+    let end = domains
+        .find("[[domain]]\nname = \"b.example.test\"")
+        .expect("b");
+    format!("{}{}", &domains[..start], &domains[end..])
+}
+
+#[test]
+fn retire_publishes_mode_none_then_prune_waits_for_the_old_max_age() {
+    let Some(knot) = Knot::start(ZONE, "a TXT \"v=spf1 -all\"") else {
+        return;
+    };
+    let started = Instant::now();
+    let (https, http) = (common::loopback(), common::loopback());
+    let setup = Setup::new(&knot, https, http);
+
+    // Before: a is in enforce mode, its records are in DNS.
+    let out = setup.run(&["dns", "push"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let old_txt = setup.records_txt(A);
+    assert_eq!(
+        txt(&knot, "_mta-sts.a.example.test."),
+        std::slice::from_ref(&old_txt)
+    );
+    assert!(setup.state().is_none(), "nothing retires yet");
+
+    // retire = true, served by `serve`, whose automatic push publishes the
+    // new id and starts the retirement clock.
+    let auto = setup
+        .tail
+        .replace("retries = 1", "retries = 1\nauto_push = true");
+    std::fs::write(
+        &setup.config,
+        format!("{}{}{auto}", setup.head, retiring(DOMAINS)),
+    )
+    .expect("write config");
+    let serve = common::ServeProc::start(&setup.config, https, http);
+    let body = served_body(http.port(), A).expect("policy served");
+    assert_eq!(body, b"version: STSv1\r\nmode: none\r\nmax_age: 3\r\n");
+    let new_txt = format!("v=STSv1; id={};", id_of(&body));
+    assert_ne!(new_txt, old_txt, "a new id");
+    assert_eq!(setup.records_txt(A), new_txt, "records print the new id");
+    wait_until("the new id in DNS", || {
+        txt(&knot, "_mta-sts.a.example.test.") == [new_txt.clone()]
+    });
+    wait_until("retire.json", || {
+        setup
+            .state()
+            .is_some_and(|s| s["domains"][A]["since"].is_u64())
+    });
+    let state = setup.state().expect("state");
+    assert_eq!(state["domains"][A]["old_max_age"], 3);
+    assert_eq!(state["domains"][A]["ttl"], 2);
+    assert!(
+        state["domains"].get("b.example.test").is_none(),
+        "b does not retire: {state}"
+    );
+    let out = setup.run(&["retire"]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("a.example.test: retiring since ")
+            && stdout.contains("keep it configured until"),
+        "{stdout}"
+    );
+    drop(serve);
+
+    // Removed from the config at once: too early to delete anything.
+    setup.write(&without_a(DOMAINS));
+    let out = setup.run(&["dns", "push"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains(
+            "note: retired a.example.test left the config; `mtasts dns push --prune` deletes"
+        ),
+        "{:?}",
+        text(&out)
+    );
+    let out = setup.run(&["dns", "push", "--prune"]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("error: not pruning: a.example.test: retirement period not over")
+            && stderr.contains("safe after "),
+        "{stderr}"
+    );
+    assert!(stdout.contains("1 failed, 0 pruned"), "{stdout}");
+    assert_eq!(
+        txt(&knot, "_mta-sts.a.example.test."),
+        std::slice::from_ref(&new_txt)
+    );
+    let out = setup.run(&["retire"]);
+    assert!(
+        text(&out)
+            .0
+            .contains("a.example.test: removed from the config too early"),
+        "{:?}",
+        text(&out)
+    );
+
+    // Meanwhile someone puts a verification token next to our record.
+    add_foreign_txt(
+        &knot,
+        "_mta-sts.a.example.test.",
+        "google-site-verification=abc",
+    );
+
+    // After since + max_age + TTL: pruned, and only our records.
+    let since = state["domains"][A]["since"].as_u64().expect("since");
+    let safe = std::time::UNIX_EPOCH + Duration::from_secs(since + 3 + 2);
+    if let Ok(wait) = safe.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(wait + Duration::from_millis(100));
+    }
+    let out = setup.run(&["dns", "push", "--prune", "--dry-run"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("would delete a.example.test:"), "{stdout}");
+    assert_eq!(txt(&knot, "_mta-sts.a.example.test.").len(), 2, "dry run");
+
+    let out = setup.run(&["dns", "push", "--prune"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{}", knot.log());
+    assert!(
+        stdout.contains("deleted a.example.test: _mta-sts.a.example.test. TXT, mta-sts.a.example.test. A, _smtp._tls.a.example.test. TXT"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("0 failed, 1 pruned"), "{stdout}");
+    assert_eq!(
+        txt(&knot, "_mta-sts.a.example.test."),
+        ["google-site-verification=abc"],
+        "the foreign TXT stays"
+    );
+    assert!(
+        knot.rrset("mta-sts.a.example.test.", RecordType::A)
+            .is_empty()
+    );
+    assert!(txt(&knot, "_smtp._tls.a.example.test.").is_empty());
+    assert_eq!(txt(&knot, "a.example.test."), ["v=spf1 -all"]);
+    // b is untouched.
+    assert_eq!(
+        txt(&knot, "_mta-sts.b.example.test."),
+        [setup.records_txt("b.example.test")]
+    );
+    assert_eq!(
+        knot.rrset("mta-sts.b.example.test.", RecordType::A),
+        [(2, "127.0.0.1".to_owned())]
+    );
+    let state = setup.state().expect("state");
+    assert!(state["domains"].get(A).is_none(), "{state}");
+
+    // Nothing left to prune: a no-op.
+    let out = setup.run(&["dns", "push", "--prune"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("0 failed, 0 pruned"), "{stdout}");
+    eprintln!("retire end to end: {:?}", started.elapsed());
+}
+
+#[test]
+fn prune_refuses_a_domain_that_never_retired() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let (https, http) = (common::loopback(), common::loopback());
+    let setup = Setup::new(&knot, https, http);
+    let out = setup.run(&["dns", "push"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let before = txt(&knot, "_mta-sts.a.example.test.");
+
+    // Removed without retiring: named explicitly, still refused.
+    setup.write(&without_a(DOMAINS));
+    let out = setup.run(&["dns", "push", "--prune", A]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("error: not pruning: a.example.test is not recorded as retired"),
+        "{stderr}"
+    );
+    assert_eq!(txt(&knot, "_mta-sts.a.example.test."), before);
+    assert!(
+        !knot
+            .rrset("mta-sts.a.example.test.", RecordType::A)
+            .is_empty()
+    );
+}
+
+#[test]
+fn cli_push_starts_the_clock_and_unretiring_drops_it() {
+    let Some(knot) = Knot::start(ZONE, "") else {
+        return;
+    };
+    let (https, http) = (common::loopback(), common::loopback());
+    let setup = Setup::new(&knot, https, http);
+    setup.write(&retiring(DOMAINS));
+    // `mtasts retire` before anything is published: says what to do.
+    let out = setup.run(&["retire"]);
+    assert!(
+        text(&out)
+            .0
+            .contains("not recorded as published: run `mtasts dns push`"),
+        "{:?}",
+        text(&out)
+    );
+    let out = setup.run(&["dns", "push", "--dry-run"]);
+    assert!(out.status.success());
+    assert!(setup.state().is_none(), "a dry run records nothing");
+    let out = setup.run(&["dns", "push"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let state = setup.state().expect("recorded by dns push");
+    let since = state["domains"][A]["since"].as_u64().expect("since");
+    assert!(
+        state["domains"][A]["records"]
+            .as_array()
+            .is_some_and(|r| r.len() == 3),
+        "{state}"
+    );
+    // A second push keeps the start.
+    assert!(setup.run(&["dns", "push"]).status.success());
+    assert_eq!(setup.state().expect("state")["domains"][A]["since"], since);
+    // The previous policy had a longer max_age than the configured one.
+    let out = setup.run(&["retire", "--old-max-age", "2w", A]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("(old max_age 1209600 s + TTL 2 s)"),
+        "{:?}",
+        text(&out)
+    );
+    let state = setup.state().expect("state");
+    assert_eq!(state["domains"][A]["old_max_age"], 1_209_600);
+    assert_eq!(state["domains"][A]["since"], since, "the start stays");
+
+    // Changed our mind: a serves a real policy again, the clock is gone.
+    setup.write(DOMAINS);
+    assert!(setup.run(&["dns", "push"]).status.success());
+    let state = setup.state().expect("state");
+    assert!(state["domains"].get(A).is_none(), "{state}");
+
+    // `mtasts retire DOMAIN` refuses a domain that does not retire.
+    let out = setup.run(&["retire", A]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("configured without retire = true"),
+        "{:?}",
+        text(&out)
+    );
+}
