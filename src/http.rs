@@ -135,21 +135,38 @@ impl IntoResponse for Reject {
 }
 
 async fn handle(State(state): State<AppState>, req: Request) -> Response {
-    let metrics = &state.shared.metrics;
-    match respond(&state, &req) {
+    let sni = req.extensions().get::<Sni>().map(|s| &*s.0);
+    answer(&state.shared, state.listener, sni, &req)
+}
+
+/// Answers one request: what the router's handler does, callable without
+/// the router (the HTTPS listener calls it directly: no routing, no boxed
+/// future per request). `sni` is the TLS server name of the connection.
+pub fn answer<B>(
+    shared: &Shared,
+    listener: Listener,
+    sni: Option<&str>,
+    req: &axum::http::Request<B>,
+) -> Response {
+    let metrics = &shared.metrics;
+    match respond(shared, listener, sni, req) {
         Ok((resp, outcome)) => {
-            metrics.request(state.listener, outcome);
+            metrics.request(listener, outcome);
             resp
         }
         Err(reject) => {
-            metrics.request(state.listener, reject.outcome());
+            metrics.request(listener, reject.outcome());
             reject.into_response()
         }
     }
 }
 
-fn respond(state: &AppState, req: &Request) -> Result<(Response, Outcome), Reject> {
-    let sni = req.extensions().get::<Sni>();
+fn respond<B>(
+    shared: &Shared,
+    listener: Listener,
+    sni: Option<&str>,
+    req: &axum::http::Request<B>,
+) -> Result<(Response, Outcome), Reject> {
     // HTTP/1.1 sends Host; HTTP/2 sends :authority, which hyper puts in the URI.
     let raw_host = req
         .headers()
@@ -157,12 +174,12 @@ fn respond(state: &AppState, req: &Request) -> Result<(Response, Outcome), Rejec
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let host = match (raw_host.and_then(normalize_host), sni) {
-        (Some(host), Some(sni)) if *host != *sni.0 => return Err(Reject::Misdirected),
+        (Some(host), Some(sni)) if *host != *sni => return Err(Reject::Misdirected),
         (Some(host), _) => host,
-        (None, Some(sni)) => Cow::Borrowed(&*sni.0),
+        (None, Some(sni)) => Cow::Borrowed(sni),
         (None, None) => return Err(Reject::UnknownHost),
     };
-    let snapshot = state.shared.snapshot.load();
+    let snapshot = shared.snapshot.load();
     let site = snapshot.lookup(&host).ok_or(Reject::UnknownHost)?;
     if req.uri().path() != POLICY_PATH {
         return Err(Reject::NotFound);
@@ -170,18 +187,18 @@ fn respond(state: &AppState, req: &Request) -> Result<(Response, Outcome), Rejec
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Err(Reject::Method);
     }
-    if state.listener == Listener::Http && !state.shared.behind_proxy {
+    if listener == Listener::Http && !shared.behind_proxy {
         return Err(Reject::HttpsOnly(Arc::clone(site)));
     }
     let (resp, outcome) = policy_response(site, req);
     if outcome == Outcome::Policy {
-        state.shared.metrics.fetch(site.domain.policy.mode);
+        shared.metrics.fetch(site.domain.policy.mode);
     }
     Ok((resp, outcome))
 }
 
 /// 200 with the policy; 304 when the client already holds this version.
-fn policy_response(site: &Site, req: &Request) -> (Response, Outcome) {
+fn policy_response<B>(site: &Site, req: &axum::http::Request<B>) -> (Response, Outcome) {
     let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)

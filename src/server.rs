@@ -27,7 +27,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::acme::challenge::{self, Challenges};
 use crate::acme::{Manager, Progress};
 use crate::config::{Config, Limits, TlsMode};
-use crate::http::{self, Listener, Shared, Sni};
+use crate::http::{self, Listener, Shared};
 use crate::metrics::{Handshake, Metrics};
 use crate::snapshot::Snapshot;
 use crate::store::{DirStore, StoreError};
@@ -283,6 +283,11 @@ impl Server {
 struct ConnCtx {
     kind: Listener,
     metrics: Arc<Metrics>,
+    /// For the hot path, which answers without the router.
+    shared: Arc<Shared>,
+    /// Answer with `http::answer` directly: the policy listeners when no
+    /// other route (admin API, ACME HTTP-01) is mounted.
+    direct: bool,
     router: axum::Router,
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
@@ -312,6 +317,7 @@ impl ConnCtx {
             .acme
             .as_ref()
             .map(|a| (Arc::clone(&a.challenges), Arc::clone(&a.alpn_config)));
+        let direct = router.is_none() && (kind == Listener::Https || acme.is_none());
         // The admin listener brings its own router; the public http
         // listener also answers HTTP-01 in ACME mode.
         let router = router.unwrap_or_else(|| {
@@ -326,6 +332,8 @@ impl ConnCtx {
         ConnCtx {
             kind,
             metrics: Arc::clone(&server.metrics),
+            shared: Arc::clone(&server.shared),
+            direct,
             router,
             acme,
             certs: Arc::clone(&server.certs),
@@ -370,6 +378,20 @@ async fn accept_loop(
         tokio::spawn(async move {
             match ctx.kind {
                 Listener::Https => serve_tls(ctx, tcp, peer, watcher, permit).await,
+                Listener::Http if ctx.direct => {
+                    let shared = Arc::clone(&ctx.shared);
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            std::future::ready(Ok::<_, std::convert::Infallible>(http::answer(
+                                &shared,
+                                Listener::Http,
+                                None,
+                                &req,
+                            )))
+                        },
+                    );
+                    serve_io(&ctx, tcp, svc, watcher, permit).await;
+                }
                 Listener::Http => {
                     let svc = TowerToHyperService::new(ctx.router.clone());
                     serve_io(&ctx, tcp, svc, watcher, permit).await;
@@ -448,14 +470,15 @@ async fn serve_tls(
             return;
         }
     };
-    let router = ctx.router.clone();
-    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(Sni(Arc::clone(&sni)));
-        let router = router.clone();
-        async move {
-            use tower::ServiceExt;
-            router.oneshot(req).await
-        }
+    // The hot path: straight to the handler, no router and no boxed future.
+    let shared = Arc::clone(&ctx.shared);
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(http::answer(
+            &shared,
+            Listener::Https,
+            Some(&sni),
+            &req,
+        )))
     });
     serve_io(&ctx, tls, svc, watcher, permit).await;
 }
