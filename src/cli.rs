@@ -812,10 +812,12 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let progress_bar = tokio::spawn(terminal_progress(Arc::clone(&server)));
     let result = Arc::clone(&server)
         .run(https, http, admin, shutdown_signal())
         .await;
     reloader.abort();
+    progress_bar.abort();
     result.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
@@ -870,6 +872,42 @@ fn print_banner(
     }
     print!("{out}");
     let _ = std::io::stdout().flush();
+}
+
+/// While certificates are being issued and stderr is a terminal, a
+/// progress bar on one line (the log lines every 30 s remain for journals).
+async fn terminal_progress(server: Arc<Server>) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || server.acme_progress().is_none() {
+        return;
+    }
+    let mut shown = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(p) = server.acme_progress() else {
+            return;
+        };
+        if p.pending > 0 || p.in_flight > 0 {
+            eprint!(
+                "\r{}{}/{} certificates valid, {} in flight, {} failing   ",
+                crate::acme::status::bar(p.valid, p.configured),
+                p.valid,
+                p.configured,
+                p.in_flight,
+                p.failing
+            );
+            shown = true;
+        } else if shown {
+            eprintln!(
+                "\r{}/{} certificates valid{}",
+                p.valid,
+                p.configured,
+                " ".repeat(40)
+            );
+            shown = false;
+        }
+    }
 }
 
 async fn shutdown_signal() {

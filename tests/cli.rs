@@ -358,3 +358,36 @@ fn mx_from_certificate_sans() {
     assert!(err.contains(&format!("{}:4:13:", cfg_s)), "{err}");
     assert!(err.contains("mail.pem expired on"), "{err}");
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (https, http) = (common::loopback(), common::loopback());
+    let cfg = common::write(
+        dir.path(),
+        "mtasts.toml",
+        &format!(
+            "{}[[domain]]\nname = \"a.example\"\nmx = [\"mx.a.example\"]\n",
+            common::server_section(https, http, &dir.path().join("state"))
+        ),
+    );
+    let proc = ServeProc::start_with(&cfg, https, http, &["--log-format", "json"]);
+    proc.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proc.log().contains("stopped") {
+        assert!(Instant::now() < deadline, "no stop logged: {}", proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = proc.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let serving = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "serving")
+        .expect("a serving line");
+    assert_eq!(serving["fields"]["domains"], 1);
+    assert_eq!(serving["level"], "INFO");
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "stopped"));
+}

@@ -170,7 +170,7 @@ fn row(
 
 /// `[#######-------------]  35% ` while a batch is under way; empty when
 /// everything is valid.
-fn bar(done: usize, total: usize) -> String {
+pub(crate) fn bar(done: usize, total: usize) -> String {
     const WIDTH: usize = 20;
     if total == 0 || done >= total {
         return String::new();

@@ -40,8 +40,19 @@ impl ServeProc {
     /// Starts `mtasts serve --config <config>` and waits until both
     /// listeners accept connections.
     pub fn start(config: &Path, https: SocketAddr, http: SocketAddr) -> ServeProc {
+        Self::start_with(config, https, http, &[])
+    }
+
+    /// Like `start`, with global options (e.g. `--log-format json`) first.
+    pub fn start_with(
+        config: &Path,
+        https: SocketAddr,
+        http: SocketAddr,
+        global: &[&str],
+    ) -> ServeProc {
         let stderr = config.with_extension("stderr.log");
         let child = Command::new(bin())
+            .args(global)
             .args(["serve", "--config"])
             .arg(config)
             .stdout(Stdio::null())
