@@ -411,18 +411,13 @@ async fn serve_tls(
     // One budget for reading the ClientHello and finishing the handshake.
     let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match tokio::time::timeout_at(deadline, acceptor).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(e)) => {
-            ctx.metrics.handshake(Handshake::Failed);
-            tracing::debug!(%peer, error = %e, "bad ClientHello");
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.handshake(Handshake::Timeout);
-            tracing::debug!(%peer, "handshake timed out");
-            return;
-        }
+    let Some(start) = handshake_step(
+        &ctx,
+        peer,
+        "reading the ClientHello",
+        tokio::time::timeout_at(deadline, acceptor).await,
+    ) else {
+        return;
     };
     if let Some((challenges, alpn_config)) = &ctx.acme
         && challenge::offers_acme_alpn(&start.client_hello())
@@ -454,22 +449,15 @@ async fn serve_tls(
     // if the cache evicts it meanwhile.
     let mut config = (*ctx.tls_config).clone();
     config.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
-    let tls = match tokio::time::timeout_at(deadline, start.into_stream(Arc::new(config))).await {
-        Ok(Ok(tls)) => {
-            ctx.metrics.handshake(Handshake::Ok);
-            tls
-        }
-        Ok(Err(e)) => {
-            ctx.metrics.handshake(Handshake::Failed);
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.handshake(Handshake::Timeout);
-            tracing::debug!(%peer, "handshake timed out");
-            return;
-        }
+    let Some(tls) = handshake_step(
+        &ctx,
+        peer,
+        "TLS handshake",
+        tokio::time::timeout_at(deadline, start.into_stream(Arc::new(config))).await,
+    ) else {
+        return;
     };
+    ctx.metrics.handshake(Handshake::Ok);
     // The hot path: straight to the handler, no router and no boxed future.
     let shared = Arc::clone(&ctx.shared);
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -481,6 +469,29 @@ async fn serve_tls(
         )))
     });
     serve_io(&ctx, tls, svc, watcher, permit).await;
+}
+
+/// The value of a handshake step that succeeded in time; a failure or a
+/// timeout is counted and logged (at debug: clients fail handshakes all day).
+fn handshake_step<T, E: std::fmt::Display>(
+    ctx: &ConnCtx,
+    peer: SocketAddr,
+    what: &str,
+    result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+) -> Option<T> {
+    match result {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            ctx.metrics.handshake(Handshake::Failed);
+            tracing::debug!(%peer, error = %e, "{what} failed");
+            None
+        }
+        Err(_) => {
+            ctx.metrics.handshake(Handshake::Timeout);
+            tracing::debug!(%peer, "{what} timed out");
+            None
+        }
+    }
 }
 
 /// A TLS-ALPN-01 validation (RFC 8737 §3): show the challenge certificate
