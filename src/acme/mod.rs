@@ -535,9 +535,9 @@ impl<S: CertStore> Manager<S> {
                 Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
             }
         }
-        // No request of the ACME client has its own timeout: bound the
-        // whole exchange, so a CA that stops answering cannot hold a
-        // concurrency slot forever.
+        // Each request is bounded in `order` (30 s); this bounds the whole
+        // exchange, so a CA that answers slowly but never finishes cannot
+        // hold a concurrency slot forever.
         let exchange = async {
             let account = self.account().await?;
             order::issue(

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use instant_acme::{
     Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
-    OrderStatus, RetryPolicy,
+    Order, OrderStatus,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::sign::CertifiedKey;
 
 use super::challenge::{Challenges, alpn_cert};
-use super::schedule::VALIDATION_PREFIX;
+use super::schedule::{self, VALIDATION_PREFIX};
 use super::{Failure, FailureKind};
 use crate::config::{ChallengeKind, KeyType};
 
@@ -49,6 +49,78 @@ fn acme_type(kind: ChallengeKind) -> ChallengeType {
 /// How long to wait for the CA to validate, and for the certificate.
 const POLL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest one request to the CA may take. The ACME client has no timeout
+/// of its own: without this, one request the CA never answers held a
+/// concurrency slot until the whole attempt's cap (3 minutes).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request to the CA, bounded by [`REQUEST_TIMEOUT`]; failures are
+/// reported as step `what`.
+async fn request<T>(
+    what: &str,
+    fut: impl Future<Output = Result<T, instant_acme::Error>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(|e| Failure::ca(what, &e)),
+        Err(_) => Err(Failure::new(
+            FailureKind::Ca,
+            format!(
+                "{what}: no answer from the CA within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// How a wait for the order ended without reaching a wanted status.
+enum PollEnd {
+    /// The CA put an error into the order (RFC 8555 §7.1.3).
+    Problem(instant_acme::Error),
+    /// A request failed or went unanswered.
+    Failed(Failure),
+    /// [`POLL_TIMEOUT`] passed (the last look was at the deadline).
+    TimedOut,
+}
+
+/// Looks at `order` until its status is one of `wanted` (or `invalid`), at
+/// the pauses of [`schedule::poll_delay`], for at most [`POLL_TIMEOUT`].
+///
+/// Not instant-acme's `poll_ready`/`poll_certificate`: their pause doubles
+/// (0.25, 0.5, 1, 2, 4, 8, 16 s), so an order the CA finished just after a
+/// look waits as long again as it took, and the last look before a 60 s
+/// timeout is at 15.75 s. Pauses here stop growing at 2 s.
+async fn wait_for(order: &mut Order, wanted: &[OrderStatus]) -> Result<OrderStatus, PollEnd> {
+    let deadline = tokio::time::Instant::now() + POLL_TIMEOUT;
+    let mut looks = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(PollEnd::TimedOut);
+        }
+        tokio::time::sleep(schedule::poll_delay(looks).min(left)).await;
+        looks = looks.saturating_add(1);
+        let state = match tokio::time::timeout(REQUEST_TIMEOUT, order.refresh()).await {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => return Err(PollEnd::Failed(Failure::ca("order status", &e))),
+            Err(_) => {
+                return Err(PollEnd::Failed(Failure::new(
+                    FailureKind::Ca,
+                    format!(
+                        "order status: no answer from the CA within {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    ),
+                )));
+            }
+        };
+        if let Some(problem) = &state.error {
+            return Err(PollEnd::Problem(instant_acme::Error::Api(problem.clone())));
+        }
+        if state.status == OrderStatus::Invalid || wanted.contains(&state.status) {
+            return Ok(state.status);
+        }
+    }
+}
+
 /// Orders a certificate for `host`, preferring the `preferred` challenge and
 /// falling back to the other one when the CA does not offer it. `replaces`
 /// names the certificate being renewed (ARI, RFC 9773 §5).
@@ -60,22 +132,20 @@ pub async fn issue(
     challenges: &Arc<Challenges>,
     replaces: Option<CertificateIdentifier<'static>>,
 ) -> Result<Issued, Failure> {
-    let ca = |what: &'static str| move |e: instant_acme::Error| Failure::ca(what, &e);
     let ids = [Identifier::Dns(host.to_owned())];
     let mut new_order = NewOrder::new(&ids);
     if let Some(id) = replaces {
         new_order = new_order.replaces(id);
     }
-    let mut order = account
-        .new_order(&new_order)
-        .await
-        .map_err(ca("new order"))?;
+    let mut order = request("new order", account.new_order(&new_order)).await?;
     let mut armed = challenges.arm();
     let mut used = None;
     {
         let mut authzs = order.authorizations();
-        while let Some(authz) = authzs.next().await {
-            let mut authz = authz.map_err(ca("authorization"))?;
+        while let Some(authz) =
+            request("authorization", async { authzs.next().await.transpose() }).await?
+        {
+            let mut authz = authz;
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
@@ -116,19 +186,28 @@ pub async fn issue(
                     armed.tls_alpn01(host, Arc::new(cert));
                 }
             }
-            challenge.set_ready().await.map_err(ca("challenge"))?;
+            request("challenge", challenge.set_ready()).await?;
             used = Some(kind);
         }
     }
-    let retry = RetryPolicy::new().timeout(POLL_TIMEOUT);
-    let status = order.poll_ready(&retry).await.map_err(|e| {
-        // The CA puts the validation error into the order (RFC 8555 §7.1.3).
-        let mut f = Failure::ca(VALIDATION_PREFIX, &e);
-        if matches!(e, instant_acme::Error::Api(_)) {
-            f.kind = FailureKind::Validation;
-        }
-        f
-    })?;
+    let status = wait_for(&mut order, &[OrderStatus::Ready])
+        .await
+        .map_err(|end| match end {
+            // The CA puts the validation error into the order (RFC 8555 §7.1.3).
+            PollEnd::Problem(e) => {
+                let mut f = Failure::ca(VALIDATION_PREFIX, &e);
+                f.kind = FailureKind::Validation;
+                f
+            }
+            PollEnd::Failed(f) => f,
+            PollEnd::TimedOut => Failure::new(
+                FailureKind::Ca,
+                format!(
+                    "{VALIDATION_PREFIX}: the CA did not finish validating {host} within {} s",
+                    POLL_TIMEOUT.as_secs()
+                ),
+            ),
+        })?;
     drop(armed);
     if status != OrderStatus::Ready {
         let detail = order
@@ -143,11 +222,28 @@ pub async fn issue(
     }
 
     let (key_pem, csr) = csr(host, key_type).map_err(|e| Failure::new(FailureKind::Local, e))?;
-    order.finalize_csr(&csr).await.map_err(ca("finalize"))?;
-    let chain = order
-        .poll_certificate(&retry)
+    request("finalize", order.finalize_csr(&csr)).await?;
+    wait_for(&mut order, &[OrderStatus::Valid])
         .await
-        .map_err(ca("certificate"))?;
+        .map_err(|end| match end {
+            PollEnd::Problem(e) => Failure::ca("certificate", &e),
+            PollEnd::Failed(f) => f,
+            PollEnd::TimedOut => Failure::new(
+                FailureKind::Ca,
+                format!(
+                    "certificate: the CA did not issue within {} s",
+                    POLL_TIMEOUT.as_secs()
+                ),
+            ),
+        })?;
+    let chain = request("certificate", order.certificate())
+        .await?
+        .ok_or_else(|| {
+            Failure::new(
+                FailureKind::Ca,
+                "certificate: the CA sent no certificate".to_owned(),
+            )
+        })?;
     let mut bundle = key_pem.into_bytes();
     bundle.extend_from_slice(chain.as_bytes());
     let (key, info) = inspect(host, &bundle).map_err(|e| {

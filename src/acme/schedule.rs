@@ -46,6 +46,21 @@ pub fn backoff(failures: u32, initial: Duration, max: Duration, unit: f64) -> Du
     base.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
 }
 
+/// First pause before looking at an order the CA is working on.
+pub const POLL_FIRST: Duration = Duration::from_millis(250);
+/// Longest pause between two looks at an order.
+pub const POLL_MAX: Duration = Duration::from_secs(2);
+
+/// Pause before look number `looks + 1` at an order while the CA validates
+/// or issues: [`POLL_FIRST`], half as long again each time, at most
+/// [`POLL_MAX`]. A CA that takes `t` is noticed by `t + POLL_MAX` at the
+/// latest, not by about `2 t` as with a doubling pause; a busy CA that
+/// takes a few seconds (loaded test machine) costs little extra.
+pub fn poll_delay(looks: u32) -> Duration {
+    let factor = 1.5f64.powi(i32::try_from(looks.min(64)).unwrap_or(64));
+    POLL_FIRST.mul_f64(factor).min(POLL_MAX)
+}
+
 /// A sliding one-hour window of order start times: at most `per_hour`
 /// orders in any hour.
 #[derive(Debug)]
@@ -269,6 +284,32 @@ mod tests {
             let d = backoff(2, s(60), s(3600), u);
             assert!(d >= s(60) && d < s(120), "{d:?}");
         }
+    }
+
+    #[test]
+    fn polling_pause_grows_then_stays_capped() {
+        let ms = |d: Duration| d.as_millis();
+        assert_eq!(ms(poll_delay(0)), 250);
+        assert_eq!(ms(poll_delay(1)), 375);
+        assert_eq!(ms(poll_delay(2)), 562);
+        assert_eq!(ms(poll_delay(5)), 1898);
+        assert_eq!(poll_delay(6), POLL_MAX);
+        assert_eq!(poll_delay(u32::MAX), POLL_MAX);
+        // An order the CA finishes at `t` is seen by `t + POLL_MAX`: the
+        // looks cover 60 s without a gap wider than the cap.
+        let mut at = Duration::ZERO;
+        let mut looks = 0;
+        while at < Duration::from_secs(60) {
+            let pause = poll_delay(looks);
+            assert!(pause <= POLL_MAX, "{pause:?}");
+            assert!(
+                pause >= poll_delay(looks.saturating_sub(1)),
+                "never shrinks"
+            );
+            at += pause;
+            looks += 1;
+        }
+        assert!(looks < 40, "{looks} looks in a minute");
     }
 
     #[test]
