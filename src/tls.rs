@@ -240,6 +240,18 @@ impl CertIndex {
     }
 }
 
+/// Whether a certificate's subjectAltName lists `host` as a DNS name.
+pub fn names_host(cert: &x509_parser::certificate::X509Certificate<'_>, host: &str) -> bool {
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(|n| {
+                matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if d.eq_ignore_ascii_case(host))
+            })
+        })
+}
+
 /// Expiry (Unix seconds) of a certificate's leaf.
 pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
     let leaf = ck.cert.first()?;
@@ -415,15 +427,7 @@ impl LocalCa {
         let fresh = cert.validity().not_after.to_datetime()
             > time::OffsetDateTime::now_utc() + RENEW_BEFORE;
         let ours = cert.issuer().as_raw() == self.subject_der.as_slice();
-        let named = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .is_some_and(|san| {
-                san.value.general_names.iter().any(|n| {
-                    matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if d.eq_ignore_ascii_case(host))
-                })
-            });
+        let named = names_host(&cert, host);
         fresh && ours && named
     }
 }

@@ -296,15 +296,7 @@ pub fn inspect(host: &str, bundle: &[u8]) -> Result<(CertifiedKey, CertInfo), St
     let leaf = key.cert.first().ok_or("no certificate")?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| format!("leaf certificate does not parse: {e}"))?;
-    let names_host = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|san| {
-            san.value.general_names.iter().any(|n| {
-                matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if d.eq_ignore_ascii_case(host))
-            })
-        });
+    let names_host = crate::tls::names_host(&cert, host);
     if !names_host {
         return Err(format!("the certificate does not name {host}"));
     }
