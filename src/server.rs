@@ -434,7 +434,7 @@ async fn serve_tls(
         Some(name) => ctx.certs.obtain(name).await,
         None => None,
     };
-    let (Some(sni), Some(_loaded)) = (sni, key) else {
+    let (Some(sni), Some(key)) = (sni, key) else {
         // Never fall back to another domain's certificate.
         ctx.metrics.handshake(Handshake::UnknownSni);
         let mut io = start.io;
@@ -445,18 +445,19 @@ async fn serve_tls(
         .await;
         return;
     };
-    // The shared config's resolver finds the key just obtained: the
-    // handshake's first poll (below, with no await in between) resolves it
-    // from the cache. A per-connection config holding the key would survive
-    // even an eviction in those microseconds, but cloning a ServerConfig per
-    // connection cost a third of the handshake rate (10,000 names, new
-    // connection per request: 1,946-2,361/s with the clone, 3,041-3,054/s
-    // without).
+    // The shared config's resolver hands out exactly the key obtained above
+    // (tls::with_handshake_key), not whatever the cache holds by now. A
+    // per-connection ServerConfig holding the key would do the same, but
+    // cloning it per connection cost a third of the handshake rate (10,000
+    // names, new connection per request: 1,946-2,361/s with the clone,
+    // 3,041-3,054/s without).
+    let accept =
+        tls::with_handshake_key(&sni, key, || start.into_stream(Arc::clone(&ctx.tls_config)));
     let Some(tls) = handshake_step(
         &ctx,
         peer,
         "TLS handshake",
-        tokio::time::timeout_at(deadline, start.into_stream(Arc::clone(&ctx.tls_config))).await,
+        tokio::time::timeout_at(deadline, accept).await,
     ) else {
         return;
     };

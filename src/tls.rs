@@ -259,10 +259,48 @@ pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+thread_local! {
+    /// The certificate chosen for the handshake being set up on this thread
+    /// (see [`with_handshake_key`]).
+    static HANDSHAKE_KEY: std::cell::RefCell<Option<(Arc<str>, Arc<CertifiedKey>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Clears the slot even when the closure unwinds, so a key can never be
+/// handed to a later handshake of another host.
+struct SlotGuard;
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        HANDSHAKE_KEY.with(|slot| slot.borrow_mut().take());
+    }
+}
+
+/// Runs `f` with `key` as the certificate the resolver returns for `host`.
+///
+/// `f` is rustls' `Accepted::into_connection` (through tokio-rustls'
+/// `StartHandshake::into_stream`), which resolves the certificate
+/// synchronously, on this thread. The resolver must not depend on the cache
+/// still holding the key `CertIndex::obtain` returned a moment before: the
+/// cache may evict it, and quick_cache wakes the handshakes that waited for
+/// a load before the loaded value replaces its placeholder — a woken
+/// handshake on the other worker thread then found nothing and failed with
+/// `access_denied` (1 to 5 of ~1,000 first handshakes, seen in CI).
+pub fn with_handshake_key<R>(host: &Arc<str>, key: Arc<CertifiedKey>, f: impl FnOnce() -> R) -> R {
+    HANDSHAKE_KEY.with(|slot| *slot.borrow_mut() = Some((Arc::clone(host), key)));
+    let _clear = SlotGuard;
+    f()
+}
+
 impl ResolvesServerCert for CertIndex {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = crate::http::normalize_host(hello.server_name()?)?;
-        self.lookup(&name)
+        let chosen = HANDSHAKE_KEY.with(|slot| {
+            slot.borrow_mut()
+                .take_if(|(host, _)| **host == *name)
+                .map(|(_, key)| key)
+        });
+        chosen.or_else(|| self.lookup(&name))
     }
 }
 
@@ -489,6 +527,56 @@ mod tests {
         std::fs::write(&cert_path, b"garbage").expect("corrupt");
         let second = ca.leaf("mta-sts.example.com").expect("reissued");
         assert_ne!(first.cert, second.cert);
+    }
+
+    /// A ClientHello for `sni`, as bytes on the wire.
+    fn client_hello(sni: &str) -> Vec<u8> {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+        let mut wire = Vec::new();
+        conn.write_tls(&mut wire).expect("hello");
+        wire
+    }
+
+    /// Whether a server with `config` accepts the ClientHello for `sni`,
+    /// i.e. its resolver found a certificate.
+    fn accepts(config: &Arc<rustls::ServerConfig>, sni: &str) -> bool {
+        let mut acceptor = rustls::server::Acceptor::default();
+        acceptor
+            .read_tls(&mut client_hello(sni).as_slice())
+            .expect("read");
+        let accepted = acceptor.accept().expect("parse").expect("complete hello");
+        accepted.into_connection(Arc::clone(config)).is_ok()
+    }
+
+    #[test]
+    fn handshake_key_is_used_only_for_its_host_and_only_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let key = Arc::new(ca.leaf("mta-sts.a.example").expect("leaf"));
+        // An index that holds nothing, as after an eviction.
+        let config = server_config(Arc::new(CertIndex::default()));
+        let host: Arc<str> = Arc::from("mta-sts.a.example");
+        assert!(!accepts(&config, "mta-sts.a.example"));
+        assert!(with_handshake_key(&host, Arc::clone(&key), || accepts(
+            &config,
+            "mta-sts.a.example"
+        )));
+        // Never handed to another name, and gone once the closure returns.
+        assert!(!with_handshake_key(&host, Arc::clone(&key), || accepts(
+            &config,
+            "mta-sts.b.example"
+        )));
+        assert!(!accepts(&config, "mta-sts.a.example"));
+        // Cleared even when the closure unwinds.
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_handshake_key(&host, Arc::clone(&key), || panic!("boom"))
+        }));
+        assert!(unwound.is_err());
+        assert!(!accepts(&config, "mta-sts.a.example"));
     }
 
     #[test]

@@ -444,24 +444,30 @@ async fn zero_failed_requests_during_reloads() {
     .await;
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let (client, ok, failed, stop, https) = (
+        let (client, ok, failed, errors, stop, https) = (
             client.clone(),
             Arc::clone(&ok),
             Arc::clone(&failed),
+            Arc::clone(&errors),
             Arc::clone(&stop),
             s.https,
         );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match client.get_policy(https, "main.example").await {
+                let what = match client.get_policy(https, "main.example").await {
                     Ok(r) if r.status == 200 && r.body.starts_with(b"version: STSv1") => {
-                        ok.fetch_add(1, Ordering::Relaxed)
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        continue;
                     }
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) => format!("status {}: {}", r.status, String::from_utf8_lossy(&r.body)),
+                    Err(e) => format!("{:?}: {e}", e.kind()),
                 };
+                failed.fetch_add(1, Ordering::Relaxed);
+                errors.lock().expect("errors").push(what);
             }
         }));
     }
@@ -486,8 +492,10 @@ async fn zero_failed_requests_during_reloads() {
     assert_eq!(
         failed,
         0,
-        "{failed} of {} requests failed during reloads",
-        ok + failed
+        "{failed} of {} requests failed during reloads: {:?}\nserver log:\n{}",
+        ok + failed,
+        errors.lock().expect("errors"),
+        _proc.log()
     );
     assert_eq!(
         client
