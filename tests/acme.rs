@@ -3,17 +3,16 @@
 //! that trusts only pebble's root fetches the policy. No validation is
 //! skipped (never PEBBLE_VA_ALWAYS_VALID).
 
-#[path = "common/pebble.rs"]
-mod pebble;
+mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::pebble::{self, Pebble, https_get, serial};
 use mtasts::config::Config;
 use mtasts::server::Server;
-use pebble::{Pebble, https_get, serial};
 use tokio::net::TcpListener;
 
 const POLICY: &str = "/.well-known/mta-sts.txt";
@@ -509,7 +508,7 @@ async fn many_domains_with_bounded_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_binary_in_acme_mode() {
     init();
-    let (http_port, tls_port) = (pebble::free_port(), pebble::free_port());
+    let (http_port, tls_port) = (common::free_port(), common::free_port());
     let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
         return;
     };
@@ -756,7 +755,7 @@ async fn failed_http01_falls_back_to_tls_alpn01() {
     init();
     let listeners = Listeners::bind().await;
     let (_, tls_port) = listeners.ports();
-    let closed = pebble::free_port();
+    let closed = common::free_port();
     let Some(pebble) = Pebble::start(closed, tls_port, 0) else {
         return;
     };

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod knot;
+pub mod pebble;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -14,13 +15,28 @@ pub fn init_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// A loopback port that was free a moment ago (for the binary, which binds
-/// by itself; in-process tests bind port 0 directly).
+/// A loopback port, free for TCP and UDP a moment ago, for a server that
+/// binds by itself (the binary, pebble, knotd).
+///
+/// Taken below the kernel's ephemeral range (32768-60999 on Linux) so that
+/// no client connection of a concurrent test can grab it as its source port
+/// between this check and the server's bind (that race made a pebble test
+/// fail with "address already in use"), and handed out once per process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % SPAN).expect("port range");
+        let addr = ("127.0.0.1", port);
+        if TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN);
 }
 
 /// The `mtasts` binary built for these tests.

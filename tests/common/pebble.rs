@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::{SocketAddr, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -46,14 +46,6 @@ fn find(name: &str) -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-}
-
-/// A free loopback TCP port (bound and released; the race is harmless here).
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn wait_tcp(addr: SocketAddr, what: &str, log: &Path) {
@@ -105,10 +97,14 @@ impl Pebble {
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let (ca_roots, cert, key) = write_tls_files(dir.path());
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mgmt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let dns_port = free_port();
-        let cts_mgmt = free_port();
+        let listen: SocketAddr = format!("127.0.0.1:{}", super::free_port())
+            .parse()
+            .expect("addr");
+        let mgmt: SocketAddr = format!("127.0.0.1:{}", super::free_port())
+            .parse()
+            .expect("addr");
+        let dns_port = super::free_port();
+        let cts_mgmt = super::free_port();
         let config = dir.path().join("pebble.json");
         let json = serde_json::json!({"pebble": {
             "listenAddress": listen.to_string(),
