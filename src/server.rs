@@ -21,13 +21,13 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::acme::challenge::{self, Challenges};
 use crate::acme::{Manager, Progress};
 use crate::config::{Config, Limits, TlsMode};
 use crate::http::{self, Listener, Shared};
+use crate::idle::IdleTimeout;
 use crate::metrics::{Handshake, Metrics};
 use crate::snapshot::Snapshot;
 use crate::store::{DirStore, StoreError};
@@ -549,11 +549,10 @@ async fn serve_io<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    // Idle limit: a connection that sends nothing for idle_timeout is closed,
-    // between keep-alive requests as well as mid-request.
-    let mut io = TimeoutStream::new(io);
-    io.set_read_timeout(Some(ctx.limits.idle_timeout));
-    let io = TokioIo::new(Box::pin(io));
+    // Idle limit: a connection on which no byte moves for idle_timeout is
+    // closed, between keep-alive requests, mid-request, or while the client
+    // does not read its response.
+    let io = TokioIo::new(IdleTimeout::new(io, ctx.limits.idle_timeout));
     let conn = ctx.builder.serve_connection(io, svc).into_owned();
     ctx.metrics.connections_open.inc();
     if let Err(e) = watcher.watch(conn).await {
