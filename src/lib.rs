@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod mxcert;
 pub mod policy;
