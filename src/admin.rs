@@ -450,6 +450,8 @@ async fn delete(
 struct ReloadView {
     domains: usize,
     generation: u64,
+    /// `false`: nothing changed since the last applied reload; nothing was swapped.
+    changed: bool,
 }
 
 async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadView>, ApiError> {
@@ -457,5 +459,6 @@ async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadView>, Api
     Ok(Json(ReloadView {
         domains: r.domains,
         generation: r.generation,
+        changed: r.changed,
     }))
 }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::admin;
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, Loader};
 use crate::control::{self, Control};
 use crate::dns;
 use crate::policy::DomainName;
@@ -737,24 +737,40 @@ fn policy(path: &Path, name: &str) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let cfg = match path {
-        Some(p) => load(p)?,
+    let (cfg, loader) = match path {
+        Some(p) => {
+            // The loader keeps what it validated: reloads re-read only what changed.
+            let mut loader = Loader::new(p);
+            match loader.load() {
+                Ok(cfg) => {
+                    for w in &cfg.warnings {
+                        eprintln!("{w}");
+                    }
+                    (cfg, Some(loader))
+                }
+                Err(e) => return Err(print_config_errors(e)),
+            }
+        }
         None => {
             eprintln!(
                 "no --config given: running the embedded example config (config.example.toml)"
             );
-            Config::example().map_err(print_config_errors)?
+            (Config::example().map_err(print_config_errors)?, None)
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve_async(cfg, path.map(Path::to_owned)))?;
+    runtime.block_on(serve_async(cfg, loader, path.map(Path::to_owned)))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve_async(
+    cfg: Config,
+    loader: Option<Loader>,
+    path: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let setup = cfg.clone();
     let server = tokio::task::spawn_blocking(move || Server::new(&setup))
@@ -787,8 +803,11 @@ async fn serve_async(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let auto_push = dns::update::AutoPush::start();
     auto_push.submit(&cfg, &snapshot)?;
     let control = Arc::new(
-        Control::new(Arc::clone(&server), path.clone(), cfg.clone()).with_auto_push(auto_push),
+        Control::new(Arc::clone(&server), path.clone(), cfg.clone(), loader)
+            .with_auto_push(auto_push),
     );
+    // The first load's parse is freed by now.
+    tokio::task::spawn_blocking(crate::memory::release_free_memory).await?;
     let reloader = tokio::spawn(control::reload_on_sighup(Arc::clone(&control)));
     // Keep the watcher alive while serving.
     let _watcher = match &path {

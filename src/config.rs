@@ -16,7 +16,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::mxcert;
+mod loader;
+use loader::CertReader;
+pub use loader::Loader;
+
 use crate::policy::{DomainName, MAX_AGE_LIMIT, MAX_AGE_RECOMMENDED_MIN, Mode, MxPattern, Policy};
 
 /// The example configuration, embedded so `mtasts serve` runs without any
@@ -450,156 +453,19 @@ struct Report {
 
 impl Config {
     /// Reads and validates `path` and every `*.toml` in its `domains_dir`.
+    ///
+    /// A server that reloads keeps a [`Loader`] instead, which re-reads
+    /// only the files that changed.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = read_limited(path).map_err(|message| ConfigErrors {
-            errors: vec![Diagnostic {
-                file: path.to_owned(),
-                line: 1,
-                col: 1,
-                message,
-            }],
-            warnings: vec![],
-        })?;
-        let base = path
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_else(|| PathBuf::from("."));
-        Self::from_source(path, &base, text)
+        Loader::new(path).load()
     }
 
     /// Validates config text as if it were the file `path`, resolving
     /// relative paths against `base`.
     pub fn from_source(path: &Path, base: &Path, text: String) -> Result<Config, ConfigErrors> {
-        let main = Source {
-            path: path.to_owned(),
-            base: if base.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                base.to_owned()
-            },
-            line_starts: line_starts(&text),
-            text,
-        };
-        let mut report = Report::default();
-        let raw: RawMain = match toml::from_str(&main.text) {
-            Ok(raw) => raw,
-            Err(e) => {
-                report.errors.push(toml_error(&main, &e));
-                return Err(ConfigErrors {
-                    errors: report.errors,
-                    warnings: report.warnings,
-                });
-            }
-        };
-
-        let server = server_config(&main, raw.server, &mut report);
-        let tls = tls_config(&main, raw.tls, &mut report);
-        let delegation = raw
-            .delegation
-            .as_ref()
-            .and_then(|d| delegation_config(&main, d, &mut report));
-        let dns_update = raw
-            .dns
-            .as_ref()
-            .and_then(|d| d.update.as_ref())
-            .and_then(|u| dns_update_config(&main, u, &mut report));
-        let admin = admin_config(&main, raw.admin, &mut report);
-
-        let defaults = match raw.defaults {
-            Some(d) => {
-                if let Some(name) = &d.get_ref().name {
-                    report.errors.push(main.at(
-                        name.span(),
-                        "`name` belongs in a [[domain]] entry, not in [defaults]",
-                    ));
-                }
-                if let Some(retire) = &d.get_ref().retire {
-                    report.errors.push(main.at(
-                        retire.span(),
-                        "`retire` belongs in the [[domain]] entry of the domain to retire, not in [defaults] (it would retire every domain)",
-                    ));
-                }
-                d.into_inner()
-            }
-            None => RawPolicy::default(),
-        };
-        let defaults = Layer::new(&main, &defaults);
-
-        // Domain entries: main file first, then domains_dir files in name order.
-        let mut sources: Vec<(Source, Vec<Spanned<RawPolicy>>)> = Vec::new();
-        let domains_dir = raw.domains_dir.as_ref().map(|d| main.resolve(d.get_ref()));
-        let main_domains = raw.domain;
-        if let (Some(dir), Some(spanned)) = (&domains_dir, &raw.domains_dir) {
-            match domain_files(dir) {
-                Ok(files) => {
-                    for file in files {
-                        match load_domain_file(&file) {
-                            Ok(pair) => sources.push(pair),
-                            Err(d) => report.errors.push(d),
-                        }
-                    }
-                }
-                Err(message) => report.errors.push(main.at(spanned.span(), message)),
-            }
-        }
-
-        let now = time::OffsetDateTime::now_utc();
-        let mut cert_cache = HashMap::new();
-        let mut domains: Vec<Arc<DomainConfig>> = Vec::new();
-        let mut seen: HashMap<DomainName, Diagnostic> = HashMap::new();
-        let all = std::iter::once((&main, main_domains.as_slice()))
-            .chain(sources.iter().map(|(s, d)| (s, d.as_slice())));
-        for (source, entries) in all {
-            for entry in entries {
-                let Some((name, origin)) = domain_name(source, entry, &mut report) else {
-                    continue;
-                };
-                if let Some(first) = seen.get(&name) {
-                    let mut dup = origin;
-                    dup.message = format!(
-                        "duplicate domain {name} (first defined at {}:{}:{})",
-                        first.file.display(),
-                        first.line,
-                        first.col
-                    );
-                    report.errors.push(dup);
-                    continue;
-                }
-                seen.insert(name.clone(), origin.clone());
-                if let Some(domain) = domain_config(
-                    source,
-                    entry.get_ref(),
-                    name,
-                    origin,
-                    &defaults,
-                    &mut cert_cache,
-                    now,
-                    &mut report,
-                ) {
-                    domains.push(Arc::new(domain));
-                }
-            }
-        }
-        domains.sort_by(|a, b| a.name.cmp(&b.name));
-
-        if report.errors.is_empty() {
-            Ok(Config {
-                path: main.path,
-                server,
-                tls,
-                domains_dir,
-                admin,
-                domains,
-                warnings: report.warnings,
-                delegation,
-                dns_update,
-            })
-        } else {
-            Err(ConfigErrors {
-                errors: report.errors,
-                warnings: report.warnings,
-            })
-        }
+        let mut loader = Loader::new(path);
+        let main = parse_main(path, base, text)?;
+        loader.load_parsed(main)
     }
 
     /// The embedded example config; relative paths resolve against the
@@ -619,6 +485,253 @@ impl Config {
             .and_then(|i| self.domains.get(i))
             .map(|d| &**d)
     }
+
+    /// Whether `other` would serve and publish exactly what `self` does:
+    /// every setting and every domain equal (warnings aside). Domains shared
+    /// between the two (the same `Arc`, as an incremental reload leaves
+    /// them) compare by pointer, so this is cheap for 100,000 domains.
+    pub fn same_as(&self, other: &Config) -> bool {
+        self.server == other.server
+            && self.tls == other.tls
+            && self.domains_dir == other.domains_dir
+            && self.admin == other.admin
+            && self.delegation == other.delegation
+            && self.dns_update == other.dns_update
+            && self.domains.len() == other.domains.len()
+            && self
+                .domains
+                .iter()
+                .zip(&other.domains)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
+}
+
+/// The main file, parsed, with its own sections validated; its `[[domain]]`
+/// entries and `domains_dir` are left to the [`Loader`].
+struct MainParts {
+    source: Source,
+    server: ServerConfig,
+    tls: TlsConfig,
+    admin: Option<AdminConfig>,
+    delegation: Option<Delegation>,
+    dns_update: Option<DnsUpdate>,
+    /// `domains_dir`, resolved, and where the main file names it.
+    domains_dir: Option<(PathBuf, Range<usize>)>,
+    defaults: RawPolicy,
+    entries: Vec<Spanned<RawPolicy>>,
+    report: Report,
+}
+
+fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, ConfigErrors> {
+    let main = Source {
+        path: path.to_owned(),
+        base: if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base.to_owned()
+        },
+        line_starts: line_starts(&text),
+        text,
+    };
+    let mut report = Report::default();
+    let raw: RawMain = match toml::from_str(&main.text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            report.errors.push(toml_error(&main, &e));
+            return Err(ConfigErrors {
+                errors: report.errors,
+                warnings: report.warnings,
+            });
+        }
+    };
+
+    let server = server_config(&main, raw.server, &mut report);
+    let tls = tls_config(&main, raw.tls, &mut report);
+    let delegation = raw
+        .delegation
+        .as_ref()
+        .and_then(|d| delegation_config(&main, d, &mut report));
+    let dns_update = raw
+        .dns
+        .as_ref()
+        .and_then(|d| d.update.as_ref())
+        .and_then(|u| dns_update_config(&main, u, &mut report));
+    let admin = admin_config(&main, raw.admin, &mut report);
+
+    let defaults = match raw.defaults {
+        Some(d) => {
+            if let Some(name) = &d.get_ref().name {
+                report.errors.push(main.at(
+                    name.span(),
+                    "`name` belongs in a [[domain]] entry, not in [defaults]",
+                ));
+            }
+            if let Some(retire) = &d.get_ref().retire {
+                report.errors.push(main.at(
+                    retire.span(),
+                    "`retire` belongs in the [[domain]] entry of the domain to retire, not in [defaults] (it would retire every domain)",
+                ));
+            }
+            d.into_inner()
+        }
+        None => RawPolicy::default(),
+    };
+    let domains_dir = raw
+        .domains_dir
+        .as_ref()
+        .map(|d| (main.resolve(d.get_ref()), d.span()));
+    Ok(MainParts {
+        source: main,
+        server,
+        tls,
+        admin,
+        delegation,
+        dns_update,
+        domains_dir,
+        defaults,
+        entries: raw.domain,
+        report,
+    })
+}
+
+/// Checks every entry of one file on its own (all but the cross-file rule
+/// that names are unique). An entry whose domain is equal to one in
+/// `previous` (the same file's entries last time) gets that `Arc` back, so
+/// an unchanged domain stays one shared value across reloads.
+fn validate_entries(
+    source: &Source,
+    raw: &[Spanned<RawPolicy>],
+    defaults: &Layer<'_>,
+    certs: &mut CertReader,
+    previous: &[Entry],
+) -> Vec<Entry> {
+    let by_name: HashMap<&DomainName, &Arc<DomainConfig>> = if previous.len() > 8 {
+        previous
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Valid { domain, .. } => Some((&domain.name, domain)),
+                Entry::Invalid(_) => None,
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let reuse = |d: &DomainConfig| -> Option<Arc<DomainConfig>> {
+        let old = if previous.len() > 8 {
+            by_name.get(&d.name).copied()
+        } else {
+            previous.iter().find_map(|e| match e {
+                Entry::Valid { domain, .. } if domain.name == d.name => Some(domain),
+                _ => None,
+            })
+        };
+        old.filter(|o| ***o == *d).cloned()
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let mut report = Report::default();
+        let Some((name, origin)) = domain_name(source, entry, &mut report) else {
+            out.push(Entry::Invalid(Box::new(InvalidEntry {
+                name: None,
+                errors: report.errors,
+                warnings: report.warnings,
+            })));
+            continue;
+        };
+        match domain_config(
+            source,
+            entry.get_ref(),
+            name,
+            origin,
+            defaults,
+            certs,
+            &mut report,
+        ) {
+            Ok(domain) if report.errors.is_empty() => {
+                let domain = reuse(&domain).unwrap_or_else(|| Arc::new(domain));
+                out.push(Entry::Valid {
+                    domain,
+                    warnings: report.warnings.into_boxed_slice(),
+                });
+            }
+            Ok(DomainConfig { name, origin, .. }) | Err((name, origin)) => {
+                out.push(Entry::Invalid(Box::new(InvalidEntry {
+                    name: Some((name, origin)),
+                    errors: report.errors,
+                    warnings: report.warnings,
+                })))
+            }
+        }
+    }
+    out
+}
+
+/// One `[[domain]]` entry after [`validate_entries`] (kept small: a
+/// reloading server keeps one per domain).
+#[derive(Debug)]
+enum Entry {
+    Valid {
+        domain: Arc<DomainConfig>,
+        warnings: Box<[Diagnostic]>,
+    },
+    Invalid(Box<InvalidEntry>),
+}
+
+/// Errors (and the name, when it could be read, for the duplicate check).
+#[derive(Debug)]
+struct InvalidEntry {
+    name: Option<(DomainName, Diagnostic)>,
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+}
+
+impl Entry {
+    fn name(&self) -> Option<(&DomainName, &Diagnostic)> {
+        match self {
+            Entry::Valid { domain, .. } => Some((&domain.name, &domain.origin)),
+            Entry::Invalid(e) => e.name.as_ref().map(|(n, o)| (n, o)),
+        }
+    }
+}
+
+/// The cross-file part of validation: names are unique over the main file
+/// and every `domains_dir` file (first definition wins, in file order), and
+/// the errors and warnings of every entry, in file order.
+fn merge<'a>(
+    files: impl Iterator<Item = &'a [Entry]>,
+    count: usize,
+    report: &mut Report,
+) -> Vec<Arc<DomainConfig>> {
+    let mut domains: Vec<Arc<DomainConfig>> = Vec::with_capacity(count);
+    let mut seen: HashMap<&DomainName, &Diagnostic> = HashMap::with_capacity(count);
+    for entry in files.flat_map(|f| f.iter()) {
+        if let Some((name, origin)) = entry.name() {
+            if let Some(first) = seen.get(name) {
+                let mut dup = origin.clone();
+                dup.message = format!(
+                    "duplicate domain {name} (first defined at {}:{}:{})",
+                    first.file.display(),
+                    first.line,
+                    first.col
+                );
+                report.errors.push(dup);
+                continue;
+            }
+            seen.insert(name, origin);
+        }
+        match entry {
+            Entry::Valid { domain, warnings } => {
+                report.warnings.extend(warnings.iter().cloned());
+                domains.push(Arc::clone(domain));
+            }
+            Entry::Invalid(e) => {
+                report.errors.extend(e.errors.iter().cloned());
+                report.warnings.extend(e.warnings.iter().cloned());
+            }
+        }
+    }
+    domains.sort_by(|a, b| a.name.cmp(&b.name));
+    domains
 }
 
 fn read_limited(path: &Path) -> Result<String, String> {
@@ -631,26 +744,9 @@ fn read_limited(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read config: {e}"))
 }
 
-fn domain_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read domains_dir {}: {e}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-fn load_domain_file(path: &Path) -> Result<(Source, Vec<Spanned<RawPolicy>>), Diagnostic> {
-    let text = read_limited(path).map_err(|message| Diagnostic {
-        file: path.to_owned(),
-        line: 1,
-        col: 1,
-        message,
-    })?;
-    let source = Source {
+/// A `domains_dir` file's text as a [`Source`].
+fn domain_source(path: &Path, text: String) -> Source {
+    Source {
         path: path.to_owned(),
         base: path
             .parent()
@@ -658,10 +754,6 @@ fn load_domain_file(path: &Path) -> Result<(Source, Vec<Spanned<RawPolicy>>), Di
             .unwrap_or_else(|| PathBuf::from(".")),
         line_starts: line_starts(&text),
         text,
-    };
-    match toml::from_str::<RawDomainFile>(&source.text) {
-        Ok(raw) => Ok((source, raw.domain)),
-        Err(e) => Err(toml_error(&source, &e)),
     }
 }
 
@@ -1092,8 +1184,6 @@ fn pick<'a, T>(
         .or_else(|| f(defaults.raw).map(|v| (defaults.source, v)))
 }
 
-type CertCache = HashMap<PathBuf, Result<mxcert::CertNames, String>>;
-
 /// The `name` of a `[[domain]]` entry and where it stands.
 fn domain_name(
     source: &Source,
@@ -1118,17 +1208,17 @@ fn domain_name(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One domain's settings over `defaults`. On an error the name and origin
+/// come back (the errors are in `report`).
 fn domain_config(
     source: &Source,
     raw: &RawPolicy,
     name: DomainName,
     origin: Diagnostic,
     defaults: &Layer<'_>,
-    cert_cache: &mut CertCache,
-    now: time::OffsetDateTime,
+    certs: &mut CertReader,
     report: &mut Report,
-) -> Option<DomainConfig> {
+) -> Result<DomainConfig, (DomainName, Diagnostic)> {
     let domain = Layer::new(source, raw);
     let errors_before = report.errors.len();
     // RFC 8461 §8.3: a retiring domain serves `mode: none` (new id) and no
@@ -1193,7 +1283,9 @@ fn domain_config(
     let (mx, mx_source) = if retire {
         (Vec::new(), MxSource::Explicit)
     } else if raw.mx.is_some() || (raw.mx_certs.is_none() && defaults.raw.mx.is_some()) {
-        let (src, list) = pick(&domain, defaults, |r| r.mx.as_ref())?;
+        let Some((src, list)) = pick(&domain, defaults, |r| r.mx.as_ref()) else {
+            return Err((name, origin));
+        };
         let mut mx = Vec::new();
         for item in list.get_ref() {
             match MxPattern::parse(item.get_ref()) {
@@ -1207,10 +1299,7 @@ fn domain_config(
         let mut paths = Vec::new();
         for item in list.get_ref() {
             let path = src.resolve(item.get_ref());
-            let names = cert_cache
-                .entry(path.clone())
-                .or_insert_with(|| mxcert::read(&path, now).map_err(|e| e.to_string()));
-            match names {
+            match certs.read(&path) {
                 Ok(names) => {
                     mx.extend(names.patterns.iter().cloned());
                     for (skipped, why) in &names.skipped {
@@ -1264,9 +1353,9 @@ fn domain_config(
     let host = host_record(&domain, defaults, report);
 
     if report.errors.len() > errors_before {
-        return None;
+        return Err((name, origin));
     }
-    Some(DomainConfig {
+    Ok(DomainConfig {
         name,
         policy: Policy { mode, mx, max_age },
         mx_source,

@@ -2,17 +2,25 @@
 //! file or `domains_dir` (file watch, debounced), or the admin API. Reloads
 //! are serialised; a config that fails validation is logged with
 //! `file:line:col` and the running snapshot keeps serving.
+//!
+//! Reloads are incremental ([`Loader`]): only the `domains_dir` files that
+//! changed are parsed again. A reload that finds nothing changed applies
+//! nothing (same snapshot, same generation, no DNS push); it is logged at
+//! debug level and counted as `result="unchanged"`. A file-watch event that
+//! a reload started after has already covered (a SIGHUP or an admin write
+//! for the same change) causes no second reload.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::config::{Config, ConfigErrors, ServerConfig, TlsConfig};
+use crate::config::{Config, ConfigErrors, Loader, ServerConfig, TlsConfig};
 use crate::dns::update::AutoPush;
-use crate::metrics::Trigger;
+use crate::metrics::{ReloadResult, Trigger};
 use crate::server::{ServeError, Server};
 
 /// Why a reload was rejected.
@@ -28,11 +36,13 @@ pub enum ReloadError {
     Task(String),
 }
 
-/// A reload that was applied.
+/// A reload that was applied, or found nothing to apply.
 #[derive(Debug, Clone, Copy)]
 pub struct Reloaded {
     pub domains: usize,
     pub generation: u64,
+    /// `false`: the config was as applied before; nothing was swapped.
+    pub changed: bool,
 }
 
 /// Owns reloading for one running server.
@@ -46,6 +56,14 @@ pub struct Control {
     /// `[tls]` as the server was started with (changes need a restart).
     running_tls: TlsConfig,
     lock: Mutex<()>,
+    /// Keeps what the last load validated, so a reload re-reads only what
+    /// changed. Used under `lock`, on a blocking thread.
+    loader: Arc<std::sync::Mutex<Loader>>,
+    /// File-watch events seen (counted as they arrive).
+    changes: AtomicU64,
+    /// `changes` when the latest reload started reading the files: events
+    /// up to it are covered by that reload.
+    covered: AtomicU64,
     /// `[dns.update] auto_push`: told about every applied snapshot.
     auto_push: Option<AutoPush>,
 }
@@ -55,7 +73,16 @@ pub struct Control {
 pub struct ReloadLock<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
 
 impl Control {
-    pub fn new(server: Arc<Server>, path: Option<PathBuf>, config: Config) -> Control {
+    /// `config` is what `server` serves; `loader`, when given, is the one
+    /// that loaded it (so the first reload is incremental too).
+    pub fn new(
+        server: Arc<Server>,
+        path: Option<PathBuf>,
+        config: Config,
+        loader: Option<Loader>,
+    ) -> Control {
+        let loader = loader
+            .unwrap_or_else(|| Loader::new(path.as_deref().unwrap_or(Path::new("<embedded>"))));
         Control {
             server,
             path,
@@ -63,6 +90,9 @@ impl Control {
             running_tls: config.tls.clone(),
             config: ArcSwap::from_pointee(config),
             lock: Mutex::new(()),
+            loader: Arc::new(std::sync::Mutex::new(loader)),
+            changes: AtomicU64::new(0),
+            covered: AtomicU64::new(0),
             auto_push: None,
         }
     }
@@ -99,33 +129,76 @@ impl Control {
         _lock: &ReloadLock<'_>,
         trigger: Trigger,
     ) -> Result<Reloaded, ReloadError> {
+        let started = Instant::now();
         let result = self.load_and_apply().await;
-        self.server.metrics().reload(trigger, result.is_ok());
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let outcome = match &result {
+            Ok(r) if r.changed => ReloadResult::Ok,
+            Ok(_) => ReloadResult::Unchanged,
+            Err(_) => ReloadResult::Error,
+        };
+        self.server.metrics().reload(trigger, outcome);
+        let stats = self.loader.lock().map(|l| l.stats()).unwrap_or_default();
         match &result {
-            Ok(r) => tracing::info!(
+            Ok(r) if r.changed => tracing::info!(
                 trigger = trigger.as_str(),
                 domains = r.domains,
                 generation = r.generation,
+                files = stats.files,
+                files_parsed = stats.parsed,
+                elapsed_ms,
                 "reloaded"
+            ),
+            Ok(r) => tracing::debug!(
+                trigger = trigger.as_str(),
+                domains = r.domains,
+                generation = r.generation,
+                files = stats.files,
+                files_read = stats.read,
+                elapsed_ms,
+                "reload: nothing changed"
             ),
             Err(e) => tracing::error!(
                 trigger = trigger.as_str(),
                 "reload rejected, previous config keeps serving: {e:#}"
             ),
         }
+        // A reload frees the previous snapshot's and the parse's memory;
+        // glibc keeps freed memory in its arenas unless told otherwise.
+        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
         result
     }
 
     async fn load_and_apply(&self) -> Result<Reloaded, ReloadError> {
-        let path = self.path.clone().ok_or(ReloadError::Embedded)?;
+        if self.path.is_none() {
+            return Err(ReloadError::Embedded);
+        }
+        // Every change seen so far is read by this reload.
+        self.covered
+            .store(self.changes.load(Ordering::SeqCst), Ordering::SeqCst);
         let server = Arc::clone(&self.server);
-        let cfg = tokio::task::spawn_blocking(move || -> Result<Config, ReloadError> {
-            let cfg = Config::load(&path)?;
+        let loader = Arc::clone(&self.loader);
+        let applied = self.config.load_full();
+        let cfg = tokio::task::spawn_blocking(move || -> Result<Option<Config>, ReloadError> {
+            let cfg = loader
+                .lock()
+                .map_err(|_| ReloadError::Task("config loader poisoned".into()))?
+                .load()?;
+            if cfg.same_as(&applied) {
+                return Ok(None);
+            }
             server.apply(&cfg)?;
-            Ok(cfg)
+            Ok(Some(cfg))
         })
         .await
         .map_err(|e| ReloadError::Task(e.to_string()))??;
+        let Some(cfg) = cfg else {
+            return Ok(Reloaded {
+                domains: self.config.load().domains.len(),
+                generation: self.server.generation(),
+                changed: false,
+            });
+        };
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
@@ -146,7 +219,18 @@ impl Control {
         Ok(Reloaded {
             domains,
             generation: self.server.generation(),
+            changed: true,
         })
+    }
+
+    /// Notes a file-watch event (called as events arrive).
+    fn saw_change(&self) -> u64 {
+        self.changes.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Whether a reload started after file-watch event number `seen`.
+    fn covers(&self, seen: u64) -> bool {
+        self.covered.load(Ordering::SeqCst) >= seen
     }
 }
 
@@ -180,7 +264,7 @@ pub fn watch(
     let cfg = control.config();
     let config_path = control.path.clone();
     let domains_dir = cfg.domains_dir.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let relevant = {
         let config_path = config_path.clone();
         let domains_dir = domains_dir.clone();
@@ -192,6 +276,7 @@ pub fn watch(
                 })
         }
     };
+    let counter = Arc::clone(&control);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res
             && matches!(
@@ -200,7 +285,7 @@ pub fn watch(
             )
             && event.paths.iter().any(|p| relevant(p))
         {
-            let _ = tx.send(());
+            let _ = tx.send(counter.saw_change());
         }
     })?;
     if let Some(dir) = config_path.as_deref().and_then(Path::parent).map(|p| {
@@ -216,17 +301,24 @@ pub fn watch(
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
+        while let Some(mut last) = rx.recv().await {
             // Debounce: wait until no change arrived for `debounce`.
             loop {
                 tokio::time::sleep(debounce).await;
                 let mut more = false;
-                while rx.try_recv().is_ok() {
+                while let Ok(n) = rx.try_recv() {
+                    last = n;
                     more = true;
                 }
                 if !more {
                     break;
                 }
+            }
+            // A reload (SIGHUP, admin API) that started after the last
+            // event has read these changes already.
+            if control.covers(last) {
+                tracing::debug!("file change already reloaded");
+                continue;
             }
             let _ = control.reload(Trigger::Watch).await;
         }

@@ -29,6 +29,7 @@ pub mod control;
 pub mod dns;
 pub mod http;
 pub mod idle;
+pub mod memory;
 pub mod metrics;
 pub mod mxcert;
 pub mod policy;

@@ -77,6 +77,27 @@ impl Trigger {
     }
 }
 
+/// What became of a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// A changed config was applied (new snapshot generation).
+    Ok,
+    /// The config was as applied before: nothing was swapped.
+    Unchanged,
+    /// Rejected; the previous snapshot keeps serving.
+    Error,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Unchanged => "unchanged",
+            ReloadResult::Error => "error",
+        }
+    }
+}
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// All metrics of one process.
@@ -153,7 +174,7 @@ impl Metrics {
         let reloads = Family::<Labels, Counter>::default();
         registry.register(
             "reloads",
-            "Configuration reloads by trigger and result",
+            "Configuration reloads by trigger and result (ok: applied, unchanged: nothing to apply, error: rejected)",
             reloads.clone(),
         );
         let connections_refused = Counter::default();
@@ -242,11 +263,11 @@ impl Metrics {
         }
     }
 
-    pub fn reload(&self, trigger: Trigger, ok: bool) {
+    pub fn reload(&self, trigger: Trigger, result: ReloadResult) {
         self.reloads
             .get_or_create(&vec![
                 ("trigger", trigger.as_str()),
-                ("result", if ok { "ok" } else { "error" }),
+                ("result", result.as_str()),
             ])
             .inc();
     }
@@ -279,7 +300,7 @@ mod tests {
         m.request(Listener::Http, Outcome::UnknownHost);
         m.fetch(Mode::Enforce);
         m.handshake(Handshake::UnknownSni);
-        m.reload(Trigger::Admin, false);
+        m.reload(Trigger::Admin, ReloadResult::Error);
         let text = m.render();
         assert!(
             text.contains("mtasts_http_requests_total{listener=\"https\",outcome=\"policy\"} 2"),

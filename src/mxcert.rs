@@ -45,6 +45,9 @@ pub struct CertNames {
     pub skipped: Vec<(String, NameError)>,
     /// RFC 3339 expiry of the leaf, for logs and `check`.
     pub not_after: String,
+    /// The same instant: from then on the names no longer count (a reload
+    /// re-reads the file).
+    pub expires: time::OffsetDateTime,
 }
 
 /// Reads `path` (at most 1 MiB) and extracts the leaf's names.
@@ -135,6 +138,7 @@ pub fn names_from_pem(
         patterns,
         skipped,
         not_after: rfc3339(validity.not_after.to_datetime()),
+        expires: validity.not_after.to_datetime(),
     })
 }
 

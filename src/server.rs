@@ -165,7 +165,8 @@ impl Server {
     /// In ACME mode the snapshot is served at once: hosts without a
     /// certificate yet fail the handshake cleanly until theirs lands.
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
-        let snapshot = Snapshot::build(config);
+        // Unchanged domains keep their rendered sites.
+        let snapshot = Snapshot::build_from(config, &self.snapshot());
         // Self-signed certificates are loaded (or issued) on the first
         // handshake of each host: nothing to read here, however many hosts.
         self.certs.set_lazy_hosts(

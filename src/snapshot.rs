@@ -1,8 +1,15 @@
 //! The immutable view the server answers from: policy host → pre-rendered
 //! site. Built once per validated config and swapped in whole, so a request
 //! only does a map lookup and clones reference-counted bytes.
+//!
+//! A reload builds the next snapshot from the previous one: a domain whose
+//! config is the same `Arc` keeps its site (rendered body, id, ETag), one
+//! whose policy is equal keeps the rendered bytes, so a reload renders and
+//! allocates in proportion to the change, not to the number of domains.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use axum::http::HeaderValue;
@@ -26,6 +33,23 @@ pub struct Site {
 }
 
 impl Site {
+    /// `domain`'s site, reusing `previous`'s rendering when the policy is the same.
+    fn renew(domain: &Arc<DomainConfig>, previous: &Arc<Site>) -> Arc<Site> {
+        if Arc::ptr_eq(domain, &previous.domain) {
+            Arc::clone(previous)
+        } else if domain.name == previous.domain.name && domain.policy == previous.domain.policy {
+            Arc::new(Site {
+                domain: Arc::clone(domain),
+                host: previous.host.clone(),
+                body: previous.body.clone(),
+                id: previous.id.clone(),
+                etag: previous.etag.clone(),
+            })
+        } else {
+            Arc::new(Site::new(Arc::clone(domain)))
+        }
+    }
+
     pub fn new(domain: Arc<DomainConfig>) -> Site {
         let body = domain.policy.render();
         let id = PolicyId::for_body(&body);
@@ -42,32 +66,66 @@ impl Site {
     }
 }
 
+/// A site in the host index, found by its host (no second copy of the name).
+#[derive(Debug)]
+struct ByHost(Arc<Site>);
+
+impl Borrow<str> for ByHost {
+    fn borrow(&self) -> &str {
+        &self.0.host
+    }
+}
+
+impl PartialEq for ByHost {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.host == other.0.host
+    }
+}
+
+impl Eq for ByHost {}
+
+impl Hash for ByHost {
+    // Must hash as the `str` it borrows as.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (*self.0.host).hash(state);
+    }
+}
+
 /// One consistent generation of all sites.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    by_host: HashMap<Box<str>, Arc<Site>>,
+    by_host: HashSet<ByHost>,
     /// Sites in domain-name order (for records output and listings).
     ordered: Vec<Arc<Site>>,
 }
 
 impl Snapshot {
     pub fn build(config: &Config) -> Snapshot {
+        Self::build_from(config, &Snapshot::default())
+    }
+
+    /// The snapshot of `config`, keeping `previous`'s sites of unchanged
+    /// domains. Both are in domain-name order, so this is one merge walk.
+    pub fn build_from(config: &Config, previous: &Snapshot) -> Snapshot {
+        let mut old = previous.ordered.iter().peekable();
         let ordered: Vec<Arc<Site>> = config
             .domains
             .iter()
-            .cloned()
-            .map(|d| Arc::new(Site::new(d)))
+            .map(|d| {
+                while old.next_if(|s| s.domain.name < d.name).is_some() {}
+                match old.next_if(|s| s.domain.name == d.name) {
+                    Some(prev) => Site::renew(d, prev),
+                    None => Arc::new(Site::new(Arc::clone(d))),
+                }
+            })
             .collect();
-        let by_host = ordered
-            .iter()
-            .map(|s| (s.host.clone(), Arc::clone(s)))
-            .collect();
+        let by_host = ordered.iter().map(|s| ByHost(Arc::clone(s))).collect();
         Snapshot { by_host, ordered }
     }
 
     /// Looks up a normalised policy host (`mta-sts.<domain>`, lowercase).
     pub fn lookup(&self, host: &str) -> Option<&Arc<Site>> {
-        self.by_host.get(host)
+        self.by_host.get(host).map(|s| &s.0)
     }
 
     pub fn sites(&self) -> &[Arc<Site>] {

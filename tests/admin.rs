@@ -355,15 +355,16 @@ async fn metrics_count_requests_handshakes_and_reloads() {
         ),
         1.0
     );
+    // Nothing changed: counted, but no new snapshot.
     assert_eq!(
         metric(
             &text,
-            "mtasts_reloads_total{trigger=\"admin\",result=\"ok\"}"
+            "mtasts_reloads_total{trigger=\"admin\",result=\"unchanged\"}"
         ),
         1.0
     );
     assert_eq!(metric(&text, "mtasts_domains"), 1.0);
-    assert_eq!(metric(&text, "mtasts_snapshot_generation"), 2.0);
+    assert_eq!(metric(&text, "mtasts_snapshot_generation"), 1.0);
     let expiry = metric(&text, "mtasts_cert_expiry_soonest_timestamp_seconds");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,0 +1,716 @@
+//! Incremental loading for reloads: a [`Loader`] keeps, between loads, the
+//! validated entries of every `domains_dir` file, and re-reads only what
+//! changed.
+//!
+//! A file is taken as unchanged when its size, mtime, ctime and inode are
+//! what they were (one `stat`, which listing the directory needs anyway),
+//! unless it was modified within [`RACY`] of being read: a rewrite within the
+//! file system's timestamp granularity can leave the stamp as it was, so such
+//! a file's content is compared (SHA-256) at the next load, as git does for
+//! "racily clean" index entries. A file whose stamp changed is read, and
+//! parsed only if its content did. Its entries also depend on
+//! - the main file (`[defaults]`, `domains_dir`): when the main file's text
+//!   changes, every file is validated again (a full reload);
+//! - the mail server certificates its `mx_certs` name: when one changes (its
+//!   stamp), expires, or could not be read, the files naming it are
+//!   validated again.
+//!
+//! The main file is read and validated at every load (its own sections
+//! read other files, e.g. `secret_file`); its `[[domain]]` entries too, so
+//! domains belong in `domains_dir` when there are many.
+//!
+//! Unchanged domains keep their `Arc<DomainConfig>`, which lets the snapshot
+//! keep their rendered sites and [`Config::same_as`] compare by pointer.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest as _, Sha256};
+
+use super::{
+    Config, ConfigErrors, Diagnostic, Entry, Layer, MainParts, RawDomainFile, domain_source, merge,
+    parse_main, read_limited, toml_error, validate_entries,
+};
+use crate::mxcert;
+
+/// A file modified this shortly before it was read is compared by content
+/// at the next load, whatever its stamp says (coarse or 2 s timestamps).
+const RACY: Duration = Duration::from_secs(2);
+
+/// What `stat` says about a file, enough to notice a rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: Option<SystemTime>,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        #[cfg(unix)]
+        let (ino, ctime) = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.ino(), (meta.ctime(), meta.ctime_nsec()))
+        };
+        #[cfg(not(unix))]
+        let (ino, ctime) = (0, (0, 0));
+        Stamp {
+            len: meta.len(),
+            mtime: meta.modified().ok(),
+            ino,
+            ctime,
+        }
+    }
+
+    fn of_path(path: &Path) -> Option<Stamp> {
+        std::fs::metadata(path).ok().map(|m| Stamp::of(&m))
+    }
+
+    /// Modified so shortly before `read_at` that a later rewrite might not
+    /// change the stamp.
+    fn racy(&self, read_at: SystemTime) -> bool {
+        self.mtime
+            .is_none_or(|m| m.checked_add(RACY).is_none_or(|t| t >= read_at))
+    }
+}
+
+/// The first half of a SHA-256 of a file's bytes.
+type Digest = [u8; 16];
+
+fn digest(bytes: &[u8]) -> Digest {
+    let full = Sha256::digest(bytes);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// One `domains_dir` file as last validated.
+#[derive(Debug)]
+struct CachedFile {
+    /// The file's name in `domains_dir`.
+    name: OsString,
+    /// `None`: the file could not be read; it is tried again every time.
+    stamp: Option<Stamp>,
+    digest: Digest,
+    /// Compare the content at the next load even if the stamp is the same.
+    racy: bool,
+    /// Certificate files its entries' `mx_certs` named.
+    deps: Box<[PathBuf]>,
+    /// The file cannot be read or parsed (then there are no entries).
+    failed: Option<Box<Diagnostic>>,
+    entries: Vec<Entry>,
+}
+
+/// A mail server certificate file as last read.
+#[derive(Debug)]
+struct CertState {
+    stamp: Option<Stamp>,
+    /// Read it again at the next load (unreadable or invalid, or racy).
+    always: bool,
+    /// From then on its names no longer count.
+    expires: Option<time::OffsetDateTime>,
+}
+
+impl CertState {
+    fn stale(&self, path: &Path, now: time::OffsetDateTime) -> bool {
+        self.always || self.expires.is_some_and(|e| now >= e) || Stamp::of_path(path) != self.stamp
+    }
+}
+
+/// Reads each mail server certificate once per load, and notes which ones
+/// the entries of the file being validated used.
+pub(super) struct CertReader {
+    now: time::OffsetDateTime,
+    read: HashMap<PathBuf, (Option<Stamp>, Result<mxcert::CertNames, String>)>,
+    touched: Vec<PathBuf>,
+}
+
+impl CertReader {
+    fn new(now: time::OffsetDateTime) -> CertReader {
+        CertReader {
+            now,
+            read: HashMap::new(),
+            touched: Vec::new(),
+        }
+    }
+
+    pub(super) fn read(&mut self, path: &Path) -> &Result<mxcert::CertNames, String> {
+        if !self.touched.iter().any(|p| p == path) {
+            self.touched.push(path.to_owned());
+        }
+        let now = self.now;
+        &self
+            .read
+            .entry(path.to_owned())
+            .or_insert_with(|| {
+                // Stamp first: a change after it shows at the next load.
+                let stamp = Stamp::of_path(path);
+                (stamp, mxcert::read(path, now).map_err(|e| e.to_string()))
+            })
+            .1
+    }
+
+    fn take_touched(&mut self) -> Box<[PathBuf]> {
+        std::mem::take(&mut self.touched).into_boxed_slice()
+    }
+}
+
+/// What the last load did, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadStats {
+    /// `*.toml` files in `domains_dir`.
+    pub files: usize,
+    /// Files read and compared by content (stamp changed or racy).
+    pub read: usize,
+    /// Files parsed and validated (content changed, new, or dependencies changed).
+    pub parsed: usize,
+}
+
+/// Loads a config again and again, re-reading only the `domains_dir` files
+/// that changed (see the module documentation).
+#[derive(Debug)]
+pub struct Loader {
+    path: PathBuf,
+    base: PathBuf,
+    /// The main file's text the cached files were validated against.
+    main_text: Option<String>,
+    main_entries: Vec<Entry>,
+    /// Sorted by name, as the directory listing is.
+    files: Vec<CachedFile>,
+    certs: HashMap<PathBuf, CertState>,
+    stats: LoadStats,
+}
+
+impl Loader {
+    pub fn new(path: &Path) -> Loader {
+        Loader {
+            path: path.to_owned(),
+            base: path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_owned),
+            main_text: None,
+            main_entries: Vec::new(),
+            files: Vec::new(),
+            certs: HashMap::new(),
+            stats: LoadStats::default(),
+        }
+    }
+
+    /// What the last load read and parsed.
+    pub fn stats(&self) -> LoadStats {
+        self.stats
+    }
+
+    /// Reads and validates the config, like [`Config::load`], reusing what
+    /// the previous load of this loader validated for unchanged files.
+    pub fn load(&mut self) -> Result<Config, ConfigErrors> {
+        let text = read_limited(&self.path).map_err(|message| ConfigErrors {
+            errors: vec![Diagnostic {
+                file: self.path.clone(),
+                line: 1,
+                col: 1,
+                message,
+            }],
+            warnings: vec![],
+        })?;
+        let main = parse_main(&self.path, &self.base, text)?;
+        self.load_parsed(main)
+    }
+
+    pub(super) fn load_parsed(&mut self, main: MainParts) -> Result<Config, ConfigErrors> {
+        let read_at = SystemTime::now();
+        let t0 = std::time::Instant::now();
+        let now = time::OffsetDateTime::now_utc();
+        let MainParts {
+            source,
+            server,
+            tls,
+            admin,
+            delegation,
+            dns_update,
+            domains_dir,
+            defaults,
+            entries,
+            mut report,
+        } = main;
+        let defaults = Layer::new(&source, &defaults);
+        // Cached entries were validated against the main file's [defaults]
+        // and domains_dir: any change of its text validates everything again.
+        let main_same = self.main_text.as_deref() == Some(source.text.as_str());
+        let stale_certs: HashSet<&Path> = self
+            .certs
+            .iter()
+            .filter(|(p, st)| st.stale(p, now))
+            .map(|(p, _)| p.as_path())
+            .collect();
+        let mut certs = CertReader::new(now);
+        let mut stats = LoadStats::default();
+
+        let listing = match &domains_dir {
+            Some((dir, span)) => match list_dir(dir) {
+                Ok(files) => files,
+                Err(message) => {
+                    report.errors.push(source.at(span.clone(), message));
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        stats.files = listing.len();
+        let t_list = t0.elapsed();
+        // Which files are kept as they are, and which must be read.
+        let mut old = std::mem::take(&mut self.files).into_iter().peekable();
+        let mut slots: Vec<Option<CachedFile>> = Vec::with_capacity(listing.len());
+        let mut work = Vec::new();
+        for (name, stamp) in listing {
+            let mut previous = None;
+            while let Some(o) = old.peek() {
+                match o.name.cmp(&name) {
+                    std::cmp::Ordering::Less => {
+                        old.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        previous = old.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            let reusable = previous.as_ref().is_some_and(|f| {
+                main_same
+                    && f.stamp.is_some()
+                    && f.deps
+                        .iter()
+                        .all(|d| self.certs.contains_key(d) && !stale_certs.contains(d.as_path()))
+            });
+            match previous {
+                Some(f) if reusable && f.stamp == Some(stamp) && !f.racy => slots.push(Some(f)),
+                previous => {
+                    work.push(Work {
+                        slot: slots.len(),
+                        name,
+                        stamp,
+                        previous,
+                        reusable,
+                    });
+                    slots.push(None);
+                }
+            }
+        }
+        drop(old);
+        stats.read = work.len();
+        let dir = domains_dir
+            .as_ref()
+            .map_or(Path::new("."), |(d, _)| d.as_path());
+        let refresh_all = |work: Vec<Work>, certs: &mut CertReader| {
+            work.into_iter()
+                .map(|w| (w.slot, refresh(w, dir, &defaults, certs, read_at)))
+                .collect::<Vec<_>>()
+        };
+        // A full load (start, main file changed) reads and parses every
+        // file: spread it over the cores. A reload of a few files stays here.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let results = if threads > 1 && work.len() >= 1024 {
+            let chunk = work.len().div_ceil(threads);
+            let mut chunks = Vec::new();
+            while work.len() > chunk {
+                let rest = work.split_off(chunk);
+                chunks.push(std::mem::replace(&mut work, rest));
+            }
+            chunks.push(work);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunks
+                    .into_iter()
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            let mut own = CertReader::new(now);
+                            let done = refresh_all(chunk, &mut own);
+                            (done, own.read)
+                        })
+                    })
+                    .collect();
+                let mut results = Vec::new();
+                for h in handles {
+                    match h.join() {
+                        Ok((done, read)) => {
+                            results.extend(done);
+                            for (path, state) in read {
+                                certs.read.entry(path).or_insert(state);
+                            }
+                        }
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                results
+            })
+        } else {
+            refresh_all(work, &mut certs)
+        };
+        for (slot, (file, parsed)) in results {
+            stats.parsed += usize::from(parsed);
+            if let Some(s) = slots.get_mut(slot) {
+                *s = Some(file);
+            }
+        }
+        let files: Vec<CachedFile> = slots.into_iter().flatten().collect();
+        let t_files = t0.elapsed();
+
+        let main_entries =
+            validate_entries(&source, &entries, &defaults, &mut certs, &self.main_entries);
+        certs.take_touched();
+
+        // Certificates read now replace what was known of them; keep only
+        // those that cached files depend on.
+        drop(stale_certs);
+        for (path, (stamp, result)) in certs.read {
+            let state = CertState {
+                always: result.is_err() || stamp.is_none_or(|s| s.racy(read_at)),
+                expires: result.ok().map(|n| n.expires),
+                stamp,
+            };
+            self.certs.insert(path, state);
+        }
+        if !self.certs.is_empty() {
+            let used: HashSet<&Path> = files
+                .iter()
+                .flat_map(|f| f.deps.iter().map(PathBuf::as_path))
+                .collect();
+            self.certs.retain(|p, _| used.contains(p.as_path()));
+        }
+
+        for f in &files {
+            if let Some(d) = &f.failed {
+                report.errors.push(Diagnostic::clone(d));
+            }
+        }
+        let count = main_entries.len() + files.iter().map(|f| f.entries.len()).sum::<usize>();
+        let all = std::iter::once(main_entries.as_slice())
+            .chain(files.iter().map(|f| f.entries.as_slice()));
+        let domains = merge(all, count, &mut report);
+        tracing::debug!(?t_list, ?t_files, t_merge = ?t0.elapsed(), "load phases");
+
+        self.files = files;
+        self.main_entries = main_entries;
+        self.stats = stats;
+        let path = source.path.clone();
+        self.main_text = Some(source.text);
+        if report.errors.is_empty() {
+            Ok(Config {
+                path,
+                server,
+                tls,
+                domains_dir: domains_dir.map(|(d, _)| d),
+                admin,
+                domains,
+                warnings: report.warnings,
+                delegation,
+                dns_update,
+            })
+        } else {
+            Err(ConfigErrors {
+                errors: report.errors,
+                warnings: report.warnings,
+            })
+        }
+    }
+}
+
+/// A `domains_dir` file to read (its stamp changed, it is new, racy, or
+/// what it depends on changed).
+struct Work {
+    slot: usize,
+    name: OsString,
+    stamp: Stamp,
+    previous: Option<CachedFile>,
+    /// `previous` still holds if the content is the same.
+    reusable: bool,
+}
+
+/// Reads one file; parses and validates it unless its content is what
+/// `previous` was validated from. `true` when it was parsed.
+fn refresh(
+    w: Work,
+    dir: &Path,
+    defaults: &Layer<'_>,
+    certs: &mut CertReader,
+    read_at: SystemTime,
+) -> (CachedFile, bool) {
+    let path = dir.join(&w.name);
+    let text = match read_limited(&path) {
+        Ok(text) => text,
+        Err(message) => {
+            let file = CachedFile {
+                failed: Some(Box::new(Diagnostic {
+                    file: path,
+                    line: 1,
+                    col: 1,
+                    message,
+                })),
+                name: w.name,
+                stamp: None,
+                digest: [0; 16],
+                racy: true,
+                deps: Box::default(),
+                entries: Vec::new(),
+            };
+            return (file, false);
+        }
+    };
+    let digest = digest(text.as_bytes());
+    let racy = w.stamp.racy(read_at);
+    let previous = match w.previous {
+        Some(mut f) if w.reusable && f.digest == digest => {
+            f.stamp = Some(w.stamp);
+            f.racy = racy;
+            return (f, false);
+        }
+        other => other.map(|f| f.entries).unwrap_or_default(),
+    };
+    let source = domain_source(&path, text);
+    let (failed, entries, deps) = match toml::from_str::<RawDomainFile>(&source.text) {
+        Ok(raw) => {
+            let entries = validate_entries(&source, &raw.domain, defaults, certs, &previous);
+            (None, entries, certs.take_touched())
+        }
+        Err(e) => (
+            Some(Box::new(toml_error(&source, &e))),
+            Vec::new(),
+            Box::default(),
+        ),
+    };
+    let file = CachedFile {
+        name: w.name,
+        stamp: Some(w.stamp),
+        digest,
+        racy,
+        deps,
+        failed,
+        entries,
+    };
+    (file, true)
+}
+
+/// The `*.toml` files of `domains_dir` (symlinks followed), sorted by name,
+/// with their stamps. One `fstatat` per file, relative to the directory.
+fn list_dir(dir: &Path) -> Result<Vec<(OsString, Stamp)>, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read domains_dir {}: {e}", dir.display()))?;
+    let entries: Vec<(std::fs::DirEntry, OsString)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name();
+            Path::new(&name)
+                .extension()
+                .is_some_and(|x| x == "toml")
+                .then_some((e, name))
+        })
+        .collect();
+    let stat = |entries: Vec<(std::fs::DirEntry, OsString)>| -> Vec<(OsString, Stamp)> {
+        entries
+            .into_iter()
+            .filter_map(|(e, name)| {
+                let meta = if e.file_type().ok()?.is_symlink() {
+                    std::fs::metadata(e.path()).ok()?
+                } else {
+                    e.metadata().ok()?
+                };
+                meta.is_file().then(|| (name, Stamp::of(&meta)))
+            })
+            .collect()
+    };
+    // One stat per file is most of a reload's time at 100,000 files (a
+    // few µs each): spread it over the cores.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut files = if threads > 1 && entries.len() >= 4096 {
+        let mut entries = entries;
+        let chunk = entries.len().div_ceil(threads);
+        let mut chunks = Vec::new();
+        while entries.len() > chunk {
+            let rest = entries.split_off(chunk);
+            chunks.push(std::mem::replace(&mut entries, rest));
+        }
+        chunks.push(entries);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|c| scope.spawn(move || stat(c)))
+                .collect();
+            let mut files = Vec::new();
+            for h in handles {
+                match h.join() {
+                    Ok(part) => files.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            files
+        })
+    } else {
+        stat(entries)
+    };
+    files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    struct Dir {
+        tmp: tempfile::TempDir,
+    }
+
+    impl Dir {
+        fn new(defaults: &str) -> Dir {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir(tmp.path().join("d")).expect("mkdir");
+            let d = Dir { tmp };
+            d.main(defaults);
+            d
+        }
+        fn main(&self, defaults: &str) {
+            std::fs::write(
+                self.tmp.path().join("m.toml"),
+                format!("domains_dir = \"d\"\n[defaults]\n{defaults}"),
+            )
+            .expect("write main");
+        }
+        fn file(&self, name: &str, text: &str) {
+            std::fs::write(self.tmp.path().join("d").join(name), text).expect("write");
+        }
+        fn loader(&self) -> Loader {
+            Loader::new(&self.tmp.path().join("m.toml"))
+        }
+    }
+
+    fn entry(name: &str, extra: &str) -> String {
+        format!("[[domain]]\nname = \"{name}\"\n{extra}\n")
+    }
+
+    fn find<'a>(cfg: &'a Config, name: &str) -> &'a Arc<crate::config::DomainConfig> {
+        cfg.domains
+            .iter()
+            .find(|d| d.name.as_str() == name)
+            .expect("domain")
+    }
+
+    #[test]
+    fn only_changed_files_are_parsed_and_unchanged_domains_are_shared() {
+        let dir = Dir::new("mx = [\"mx.example.net\"]\n");
+        for i in 0..20 {
+            dir.file(
+                &format!("f{i:02}.toml"),
+                &entry(&format!("d{i}.example"), ""),
+            );
+        }
+        let mut loader = dir.loader();
+        let first = loader.load().expect("valid");
+        assert_eq!(loader.stats().parsed, 20);
+        assert_eq!(first.domains.len(), 20);
+
+        // Nothing changed (files may be racy: read, but not parsed).
+        let again = loader.load().expect("valid");
+        assert_eq!(loader.stats().parsed, 0);
+        assert!(again.same_as(&first));
+        assert!(Arc::ptr_eq(
+            find(&again, "d3.example"),
+            find(&first, "d3.example")
+        ));
+
+        // An identical rewrite is no change either.
+        dir.file("f03.toml", &entry("d3.example", ""));
+        let same = loader.load().expect("valid");
+        assert_eq!(loader.stats().parsed, 0);
+        assert!(same.same_as(&first));
+
+        // One file changed, one added, one removed.
+        dir.file("f05.toml", &entry("d5.example", "mode = \"enforce\""));
+        dir.file("f99.toml", &entry("new.example", ""));
+        std::fs::remove_file(dir.tmp.path().join("d/f07.toml")).expect("rm");
+        let next = loader.load().expect("valid");
+        assert_eq!(loader.stats().parsed, 2);
+        assert!(!next.same_as(&first));
+        assert_eq!(next.domains.len(), 20);
+        assert!(next.domains.iter().all(|d| d.name.as_str() != "d7.example"));
+        assert_eq!(
+            find(&next, "d5.example").policy.mode,
+            crate::policy::Mode::Enforce
+        );
+        assert!(Arc::ptr_eq(
+            find(&next, "d3.example"),
+            find(&first, "d3.example")
+        ));
+
+        // The main file changed: everything is validated again, and equal
+        // domains still keep their Arc.
+        dir.main("mx = [\"mx.example.net\"]\nttl = 3600\n");
+        let full = loader.load().expect("valid");
+        assert_eq!(loader.stats().parsed, 20);
+        assert!(Arc::ptr_eq(
+            find(&full, "d3.example"),
+            find(&first, "d3.example")
+        ));
+        dir.main("mx = [\"mx2.example.net\"]\n");
+        let other = loader.load().expect("valid");
+        assert!(!Arc::ptr_eq(
+            find(&other, "d3.example"),
+            find(&first, "d3.example")
+        ));
+    }
+
+    #[test]
+    fn cross_file_rules_see_cached_files() {
+        let dir = Dir::new("mode = \"none\"\n");
+        dir.file("b.toml", &entry("dup.example", ""));
+        let mut loader = dir.loader();
+        loader.load().expect("valid");
+        dir.file("c.toml", &entry("Dup.example", ""));
+        let errs = loader.load().expect_err("duplicate").errors;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let msg = errs[0].to_string();
+        assert!(msg.contains("c.toml:2:8: duplicate domain dup.example (first defined at"));
+        assert!(msg.contains("b.toml:2:8)"), "{msg}");
+        std::fs::remove_file(dir.tmp.path().join("d/c.toml")).expect("rm");
+        dir.file("a.toml", &entry("dup.example", ""));
+        let errs = loader.load().expect_err("duplicate").errors;
+        assert!(errs[0].to_string().contains("b.toml:2:8: duplicate domain"));
+        // A broken file is reported again while unchanged.
+        std::fs::remove_file(dir.tmp.path().join("d/a.toml")).expect("rm");
+        dir.file("x.toml", "[[domain]\n");
+        for _ in 0..2 {
+            let errs = loader.load().expect_err("broken").errors;
+            assert!(errs[0].to_string().contains("x.toml:1:"), "{errs:?}");
+        }
+    }
+
+    #[test]
+    fn a_changed_mx_certificate_revalidates_its_domains() {
+        let dir = Dir::new("mode = \"enforce\"\nmx_certs = [\"mx.pem\"]\n");
+        let pem = |san: &str| {
+            let mut params = rcgen::CertificateParams::new(vec![san.to_owned()]).expect("params");
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::days(1);
+            params.not_after = now + time::Duration::days(30);
+            let key = rcgen::KeyPair::generate().expect("key");
+            params.self_signed(&key).expect("sign").pem()
+        };
+        std::fs::write(dir.tmp.path().join("mx.pem"), pem("mx1.example.net")).expect("pem");
+        dir.file("a.toml", &entry("a.example", ""));
+        dir.file("b.toml", &entry("b.example", "mx = [\"mx.b.example\"]"));
+        let mut loader = dir.loader();
+        let first = loader.load().expect("valid");
+        let mx = |c: &Config| find(c, "a.example").policy.mx[0].as_str().to_owned();
+        assert_eq!(mx(&first), "mx1.example.net");
+        std::fs::write(dir.tmp.path().join("mx.pem"), pem("mx2.example.net")).expect("pem");
+        let next = loader.load().expect("valid");
+        assert_eq!(mx(&next), "mx2.example.net");
+        assert!(Arc::ptr_eq(
+            find(&next, "b.example"),
+            find(&first, "b.example")
+        ));
+    }
+}
