@@ -3,6 +3,11 @@
 //! listeners ([`challenge`]), certificates kept in a [`CertStore`] and put
 //! into the SNI index the moment they land.
 //!
+//! Certificates are not kept in memory: the SNI index serves a host once its
+//! stored certificate is known, and [`StoreLoader`] reads it from the store
+//! on the host's first handshake into the index's bounded cache. A
+//! certificate that lands replaces the cached one at once.
+//!
 //! The [`Manager`] is one task: it keeps a due time per host (missing
 //! certificate: now; valid: its renewal time; failed: now + backoff) and
 //! runs due hosts with bounded concurrency and a per-hour pacing window.
@@ -24,6 +29,7 @@ use instant_acme::{
     Account, AccountCredentials, CertificateIdentifier, ExternalAccountKey, NewAccount,
 };
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -32,7 +38,7 @@ use crate::snapshot::Snapshot;
 use crate::store::{CertState, CertStore};
 use crate::tls::CertIndex;
 use challenge::Challenges;
-use order::{CertInfo, Issued};
+use order::Issued;
 use schedule::{AriDecision, Pacer, unix};
 
 /// What went wrong in one attempt, and whose move it is.
@@ -129,17 +135,63 @@ enum Outcome {
     Later(SystemTime),
 }
 
+/// What the scheduler keeps per host: small, since there is one per
+/// configured domain (100,000 of them and more).
 struct Entry {
     target: Target,
-    cert: Option<CertInfo>,
+    /// Expiry (unix seconds) of the stored, usable certificate.
+    expires: Option<i64>,
     /// Our own renewal time of the stored certificate (unix seconds).
     renew_at: Option<i64>,
-    state: CertState,
+    /// The state of a host whose attempts fail (or whose stored files are
+    /// broken); `None` for a healthy host, whose state is the stored one
+    /// and is read again when it is needed (after an attempt).
+    state: Option<Box<CertState>>,
     due: SystemTime,
 }
 
-/// The hosts loaded by [`Manager::prepare`], handed to [`Manager::run`].
-pub struct Prepared(HashMap<Box<str>, Entry>);
+impl Entry {
+    /// Keeps `state` in memory only where the scheduler needs it.
+    fn keep(state: CertState) -> Option<Box<CertState>> {
+        (state.failures > 0 || state.last_error.is_some()).then(|| Box::new(state))
+    }
+}
+
+/// What [`Manager::prepare`] saw, handed to [`Manager::run`]: the snapshot
+/// whose hosts `run` reads from the store first.
+pub struct Prepared(Arc<Snapshot>);
+
+/// The TLS certificate loader of ACME mode: reads a host's bundle from the
+/// store on its first handshake, and refuses one that does not name the
+/// host, whose key does not match, or that has expired.
+pub struct StoreLoader<S: CertStore> {
+    store: Arc<S>,
+}
+
+impl<S: CertStore> StoreLoader<S> {
+    pub fn new(store: Arc<S>) -> StoreLoader<S> {
+        StoreLoader { store }
+    }
+}
+
+impl<S: CertStore> crate::tls::CertLoader for StoreLoader<S> {
+    fn load(&self, host: &str) -> Result<CertifiedKey, String> {
+        let bundle = self
+            .store
+            .load_cert_blocking(host)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no stored certificate".to_owned())?;
+        let (key, info) = order::inspect(host, &bundle)
+            .map_err(|reason| format!("stored certificate is unusable: {reason}"))?;
+        if info.not_after <= unix(SystemTime::now()) {
+            return Err(format!(
+                "stored certificate expired at {}",
+                status::fmt_time(info.not_after)
+            ));
+        }
+        Ok(key)
+    }
+}
 
 /// The certificate manager of `tls.mode = "acme"`.
 pub struct Manager<S: CertStore> {
@@ -165,9 +217,6 @@ const ARI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a CA with ARI is asked whether a certificate should be renewed
 /// early (Let's Encrypt suggests about every 6 hours).
 const ARI_POLL: Duration = Duration::from_secs(6 * 3600);
-
-/// Stored certificates put into the SNI index per map copy at start.
-const LOAD_BATCH: usize = 1024;
 
 /// Logs progress this often while work is queued.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -228,18 +277,29 @@ impl<S: CertStore> Manager<S> {
             .collect()
     }
 
-    /// Loads what the store holds for the hosts of `snapshot`: stored
-    /// certificates go into the SNI index before this returns, so a
-    /// restarted server serves them from its first connection.
-    pub async fn prepare(&self, snapshot: &Snapshot) -> Prepared {
-        let mut entries = HashMap::new();
-        self.reconcile(&mut entries, snapshot).await;
-        let seed: Vec<i64> = entries
-            .values()
-            .filter_map(|e| e.state.last_order_at)
-            .collect();
-        self.pacer_lock().seed(seed, unix(SystemTime::now()));
-        Prepared(entries)
+    /// Makes the hosts of `snapshot` with a stored certificate servable
+    /// before this returns, so a restarted server serves them from its
+    /// first connection. Reads no certificate: one listing of the store
+    /// (each certificate is checked by the loader on its host's first
+    /// handshake, and by [`Manager::run`] as it reads the store).
+    pub async fn prepare(&self, snapshot: Arc<Snapshot>) -> Prepared {
+        match self.store.cert_hosts().await {
+            Ok(stored) => {
+                let stored: HashSet<String> = stored.into_iter().collect();
+                self.index.add_unverified(
+                    snapshot
+                        .sites()
+                        .iter()
+                        .filter(|site| stored.contains(&*site.host))
+                        .map(|site| site.host.clone()),
+                );
+            }
+            Err(e) => {
+                // Not fatal: each host is served once `run` has read it.
+                tracing::error!(error = %e, "cannot list stored certificates");
+            }
+        }
+        Prepared(snapshot)
     }
 
     /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
@@ -250,7 +310,20 @@ impl<S: CertStore> Manager<S> {
         mut sites: watch::Receiver<Arc<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let Prepared(mut entries) = prepared;
+        let Prepared(first) = prepared;
+        // Everything the store holds for the configured hosts: their state
+        // (backoff, order times) and each certificate's validity.
+        let mut entries = HashMap::new();
+        let started = std::time::Instant::now();
+        let seed = self.reconcile(&mut entries, &first).await;
+        drop(first);
+        tracing::info!(
+            hosts = entries.len(),
+            valid = entries.values().filter(|e| e.expires.is_some()).count(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "read the certificate store"
+        );
+        self.pacer_lock().seed(seed, unix(SystemTime::now()));
         let mut tasks: JoinSet<Attempted> = JoinSet::new();
         // Hosts with an attempt running (also ones removed meanwhile, so a
         // removed-and-re-added host never gets two orders at once).
@@ -276,15 +349,19 @@ impl<S: CertStore> Manager<S> {
                     busy.insert(host.clone());
                     let me = Arc::clone(&self);
                     let target = entry.target.clone();
-                    let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
-                    // The served leaf (for ARI) comes from the SNI index:
-                    // no second copy of every certificate in memory.
-                    let leaf = self
-                        .index
-                        .lookup(&host)
-                        .and_then(|key| key.cert.first().map(|c| c.to_vec()))
-                        .zip(entry.renew_at);
+                    let kind = entry.state.as_deref().map_or(self.cfg.challenge, |state| {
+                        schedule::challenge_for(self.cfg.challenge, state)
+                    });
+                    let renew_at = entry.renew_at;
                     let handle = tasks.spawn(async move {
+                        // The served leaf (for ARI): from the SNI index's
+                        // cache, else from the store.
+                        let leaf = match renew_at {
+                            Some(renew_at) => {
+                                me.served_leaf(&target.host).await.map(|l| (l, renew_at))
+                            }
+                            None => None,
+                        };
                         let (ordered, result) = me.attempt(&target, kind, leaf).await;
                         Attempted {
                             host: target.host,
@@ -323,7 +400,7 @@ impl<S: CertStore> Manager<S> {
                         break;
                     }
                     let snapshot = Arc::clone(&sites.borrow_and_update());
-                    self.reconcile(&mut entries, &snapshot).await;
+                    let _ = self.reconcile(&mut entries, &snapshot).await;
                 }
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match done {
@@ -364,8 +441,13 @@ impl<S: CertStore> Manager<S> {
     }
 
     /// Brings `entries` in line with the snapshot: loads newly wanted hosts
-    /// from the store, forgets removed ones (their files stay).
-    async fn reconcile(&self, entries: &mut HashMap<Box<str>, Entry>, snapshot: &Snapshot) {
+    /// from the store, forgets removed ones (their files stay). Returns the
+    /// stored order times of the newly loaded hosts (for pacing).
+    async fn reconcile(
+        &self,
+        entries: &mut HashMap<Box<str>, Entry>,
+        snapshot: &Snapshot,
+    ) -> Vec<i64> {
         let targets = self.targets(snapshot);
         let wanted: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.host).collect();
         let removed: Vec<Box<str>> = entries
@@ -375,33 +457,46 @@ impl<S: CertStore> Manager<S> {
             .collect();
         for host in &removed {
             entries.remove(host);
+            self.index.remove(host);
             tracing::info!(host = %host, "no longer configured: not renewing; stored files kept");
         }
-        self.index.update(Vec::new(), &removed);
         let now = SystemTime::now();
-        // Loaded certificates go into the index in batches: one map copy per
-        // batch, and the first hosts are served before the last are read.
-        let mut batch = Vec::new();
+        let mut orders = Vec::new();
         for target in targets {
             if let Some(entry) = entries.get_mut(&target.host) {
                 entry.target = target;
                 continue;
             }
-            let (entry, key) = self.load(target, now).await;
-            if let Some(key) = key {
-                batch.push((entry.target.host.clone(), key));
+            let (entry, last_order) = self.load(target, now).await;
+            orders.extend(last_order);
+            // Served from now on only if its stored certificate is usable
+            // (the index may have it as "stored, not read yet").
+            match entry.expires {
+                Some(not_after) => self.index.verified(&entry.target.host, not_after),
+                None => self.index.remove(&entry.target.host),
             }
             entries.insert(entry.target.host.clone(), entry);
-            if batch.len() >= LOAD_BATCH {
-                self.index.update(std::mem::take(&mut batch), &[]);
-            }
         }
-        self.index.update(batch, &[]);
+        orders
     }
 
-    /// A host's entry from the store: a usable stored certificate goes into
-    /// the SNI index at once; a broken one is reported and replaced.
-    async fn load(&self, target: Target, now: SystemTime) -> (Entry, Option<Arc<CertifiedKey>>) {
+    /// The DER leaf of the certificate `host` is served with: from the SNI
+    /// index's cache, else read from the store.
+    async fn served_leaf(&self, host: &str) -> Option<Vec<u8>> {
+        if let Some(key) = self.index.lookup(host) {
+            return key.cert.first().map(|c| c.to_vec());
+        }
+        let bundle = self.store.load_cert(host).await.ok()??;
+        rustls_pki_types::CertificateDer::pem_slice_iter(&bundle)
+            .next()?
+            .ok()
+            .map(|c| c.to_vec())
+    }
+
+    /// A host's entry from the store: a usable stored certificate is
+    /// recorded (and served); a broken one is reported and replaced.
+    /// Also returns the stored time of its last order.
+    async fn load(&self, target: Target, now: SystemTime) -> (Entry, Option<i64>) {
         let host = &*target.host;
         let mut state = match self.store.load_state(host).await {
             Ok(s) => s.unwrap_or_default(),
@@ -411,12 +506,10 @@ impl<S: CertStore> Manager<S> {
             }
         };
         let mut cert = None;
-        let mut serve = None;
         match self.store.load_cert(host).await {
             Ok(None) => {}
             Ok(Some(bundle)) => match order::inspect(host, &bundle) {
-                Ok((key, info)) if info.not_after > unix(now) => {
-                    serve = Some(Arc::new(key));
+                Ok((_, info)) if info.not_after > unix(now) => {
                     cert = Some(info);
                 }
                 Ok((_, info)) => {
@@ -473,14 +566,15 @@ impl<S: CertStore> Manager<S> {
             // Restart mid-batch: hosts that failed keep their backoff.
             None => retry_at.unwrap_or(now),
         };
+        let last_order = state.last_order_at;
         let entry = Entry {
             target,
-            cert,
+            expires: cert.map(|info| info.not_after),
             renew_at,
-            state,
+            state: Entry::keep(state),
             due,
         };
-        (entry, serve)
+        (entry, last_order)
     }
 
     /// When to look at a stored certificate first: its renewal time, or
@@ -721,8 +815,8 @@ impl<S: CertStore> Manager<S> {
             result,
         } = done;
         let now = SystemTime::now();
-        let mut state = match entries.get(&host) {
-            Some(e) => e.state.clone(),
+        let mut state = match entries.get(&host).and_then(|e| e.state.as_deref()) {
+            Some(state) => state.clone(),
             None => self
                 .store
                 .load_state(&host)
@@ -789,7 +883,7 @@ impl<S: CertStore> Manager<S> {
                     // its state is recorded).
                     entry.renew_at = Some(renew);
                     serve = Some(Arc::new(issued.key));
-                    entry.cert = Some(info);
+                    entry.expires = Some(info.not_after);
                     self.progress_lock().issued += 1;
                 }
                 self.first_check(renew, now, 1.0)
@@ -807,7 +901,7 @@ impl<S: CertStore> Manager<S> {
                 );
                 let retry = now + delay;
                 state.next_attempt = Some(unix(retry));
-                let serving = entry.as_ref().is_some_and(|e| e.cert.is_some());
+                let serving = entry.as_ref().is_some_and(|e| e.expires.is_some());
                 tracing::warn!(
                     host = %host,
                     failures = state.failures,
@@ -827,10 +921,10 @@ impl<S: CertStore> Manager<S> {
         // Served last: whoever sees the new certificate also finds its
         // state (and `mtasts certs` never shows a stale error for it).
         if let Some(key) = serve {
-            self.index.insert(&host, key);
+            self.index.land(&host, key);
         }
         if let Some(entry) = entries.get_mut(&host) {
-            entry.state = state;
+            entry.state = Entry::keep(state);
             entry.due = due;
         }
     }
@@ -844,9 +938,12 @@ impl<S: CertStore> Manager<S> {
     fn update_progress(&self, entries: &HashMap<Box<str>, Entry>, in_flight: usize) {
         let mut p = self.progress_lock();
         p.configured = entries.len();
-        p.valid = entries.values().filter(|e| e.cert.is_some()).count();
-        p.pending = entries.values().filter(|e| e.cert.is_none()).count();
-        p.failing = entries.values().filter(|e| e.state.failures > 0).count();
+        p.valid = entries.values().filter(|e| e.expires.is_some()).count();
+        p.pending = entries.values().filter(|e| e.expires.is_none()).count();
+        p.failing = entries
+            .values()
+            .filter(|e| e.state.as_ref().is_some_and(|s| s.failures > 0))
+            .count();
         p.in_flight = in_flight;
         p.peak_in_flight = p.peak_in_flight.max(in_flight);
     }
