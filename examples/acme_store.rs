@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! acme_store --dir /tmp/acme100k --domains 100000 [--https 29443] [--http 29080]
-//!            [--cert-cache 10000] [--threads 2]
+//!            [--cert-cache 10000] [--threads 2] [--no-record]
 //! ```
+//!
+//! `--no-record` writes state files as stores from before the certificate's
+//! validity was recorded in them (the manager then reads every certificate).
 //!
 //! Layout written under `--dir`:
 //! - `mtasts.toml` (ACME mode; the directory URL points at a closed port,
@@ -33,6 +36,7 @@ struct Args {
     http: u16,
     cert_cache: usize,
     threads: usize,
+    record: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -43,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         http: 29080,
         cert_cache: 10_000,
         threads: 2,
+        record: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -54,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
             "--http" => args.http = val()?.parse().map_err(|e| format!("{a}: {e}"))?,
             "--cert-cache" => args.cert_cache = val()?.parse().map_err(|e| format!("{a}: {e}"))?,
             "--threads" => args.threads = val()?.parse().map_err(|e| format!("{a}: {e}"))?,
+            "--no-record" => args.record = false,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -130,9 +136,10 @@ mx = ["mx1.provider.example"]
                 let issuer = Arc::clone(&issuer);
                 let (certs, states, ca_pem) = (&certs, &states, &ca_pem);
                 let n = args.domains;
+                let record = args.record;
                 scope.spawn(move || -> Result<(), String> {
                     for i in (t..n).step_by(threads) {
-                        write_one(i, &issuer, ca_pem, certs, states, now)
+                        write_one(i, &issuer, ca_pem, certs, states, now, record)
                             .map_err(|e| format!("domain {i}: {e}"))?;
                     }
                     Ok(())
@@ -160,14 +167,19 @@ fn write_one(
     certs: &Path,
     states: &Path,
     now: time::OffsetDateTime,
+    record: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::os::unix::fs::OpenOptionsExt;
     let host = format!("mta-sts.d{i}.bench.test");
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![host.clone()])?;
     // Issued 10 days ago, 90-day lifetime: nothing is due for renewal.
-    params.not_before = now - time::Duration::days(10);
-    params.not_after = now + time::Duration::days(80);
+    let (not_before, not_after) = (
+        now - time::Duration::days(10),
+        now + time::Duration::days(80),
+    );
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params.signed_by(&key, issuer)?;
     let bundle = format!("{}{}{}", key.serialize_pem(), cert.pem(), ca_pem);
     let mut file = std::fs::OpenOptions::new()
@@ -177,9 +189,17 @@ fn write_one(
         .mode(0o600)
         .open(certs.join(format!("{host}.pem")))?;
     std::io::Write::write_all(&mut file, bundle.as_bytes())?;
-    let issued = (now - time::Duration::days(10)).unix_timestamp();
+    let issued = not_before.unix_timestamp();
+    let validity = if record {
+        format!(
+            r#","cert_not_before":{issued},"cert_not_after":{}"#,
+            not_after.unix_timestamp()
+        )
+    } else {
+        String::new()
+    };
     let state = format!(
-        r#"{{"failures":0,"last_order_at":{issued},"last_challenge":"http-01","issued_at":{issued},"directory":"{DIRECTORY}"}}"#
+        r#"{{"failures":0,"last_order_at":{issued},"last_challenge":"http-01","issued_at":{issued},"directory":"{DIRECTORY}"{validity}}}"#
     );
     std::fs::write(states.join(format!("{host}.json")), state)?;
     Ok(())

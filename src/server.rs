@@ -85,8 +85,9 @@ impl Server {
                 // Loaded from the store on each host's first handshake; the
                 // manager says which hosts have one and hands over new ones.
                 let store = Arc::new(DirStore::open(&config.server.state_dir)?);
+                let (loader, unusable) = StoreLoader::new(Arc::clone(&store));
                 let certs = Arc::new(CertIndex::lazy(
-                    Arc::new(StoreLoader::new(Arc::clone(&store))) as Arc<dyn tls::CertLoader>,
+                    Arc::new(loader) as Arc<dyn tls::CertLoader>,
                     config.server.cert_cache,
                 ));
                 let challenges = Arc::new(Challenges::default());
@@ -95,6 +96,7 @@ impl Server {
                     store,
                     Arc::clone(&certs),
                     Arc::clone(&challenges),
+                    unusable,
                 );
                 let acme = AcmeParts {
                     manager: Arc::new(manager),

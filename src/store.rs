@@ -119,6 +119,12 @@ pub struct CertState {
     /// ACME directory that issued the stored certificate (a certificate
     /// from another directory, e.g. staging, is replaced).
     pub directory: Option<String>,
+    /// Unix seconds: validity of the stored certificate, recorded when it
+    /// was stored, so that a restart schedules renewals without reading
+    /// every certificate (absent in stores written before: then the
+    /// certificate is read).
+    pub cert_not_before: Option<i64>,
+    pub cert_not_after: Option<i64>,
 }
 
 /// Storage of ACME account credentials, certificates (private key + chain in

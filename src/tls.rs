@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rcgen::{
@@ -73,6 +73,21 @@ struct Served {
     /// Expiry (Unix seconds) of the host's certificate as last seen, or
     /// [`UNVERIFIED`] / [`UNBOUNDED`]. Updated on load under the read lock.
     not_after: AtomicI64,
+    /// The loader gave an expired certificate for this version: loading
+    /// again would not help (a renewal comes through [`CertIndex::land`]),
+    /// so handshakes are refused without touching disk. A loader that
+    /// renews on load (the local CA) never sets it.
+    expired: AtomicBool,
+}
+
+impl Served {
+    fn new(version: u64, not_after: i64) -> Served {
+        Served {
+            version,
+            not_after: AtomicI64::new(not_after),
+            expired: AtomicBool::new(false),
+        }
+    }
 }
 
 /// A certificate in the cache, with what it was loaded for.
@@ -158,16 +173,20 @@ impl CertIndex {
         self.versions.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// `(version, not_after)` of a served host.
-    fn served(&self, host: &str) -> Option<(u64, i64)> {
-        self.read()
-            .get(host)
-            .map(|s| (s.version, s.not_after.load(Ordering::Relaxed)))
+    /// `(version, not_after, expired)` of a served host.
+    fn served(&self, host: &str) -> Option<(u64, i64, bool)> {
+        self.read().get(host).map(|s| {
+            (
+                s.version,
+                s.not_after.load(Ordering::Relaxed),
+                s.expired.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// The certificate of `host` if it is in memory and current.
     pub fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        let (version, _) = self.served(host)?;
+        let (version, _, _) = self.served(host)?;
         self.cache
             .get(host)
             .filter(|c| c.version == version && c.not_after > unix_now())
@@ -180,7 +199,7 @@ impl CertIndex {
     /// handshake or the certificate manager has read it.
     pub fn contains(&self, host: &str) -> bool {
         self.served(host)
-            .is_some_and(|(_, t)| t != UNVERIFIED && t > unix_now())
+            .is_some_and(|(_, t, _)| t != UNVERIFIED && t > unix_now())
     }
 
     /// The certificate for a handshake: from memory, else loaded (once,
@@ -188,12 +207,12 @@ impl CertIndex {
     /// is not served, whose certificate expired, or whose certificate cannot
     /// be loaded (logged).
     pub async fn obtain(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        let (version, known) = self.served(host)?;
-        let now = unix_now();
-        if known != UNVERIFIED && known <= now {
+        let (version, _, expired) = self.served(host)?;
+        if expired {
             // Expired and not renewed (yet): refused without touching disk.
             return None;
         }
+        let now = unix_now();
         if let Some(c) = self.cache.get(host) {
             if c.version >= version && c.not_after > now {
                 return Some(c.key);
@@ -212,12 +231,14 @@ impl CertIndex {
                     .map_err(|e| e.to_string())??;
                 self.loads.fetch_add(1, Ordering::Relaxed);
                 let not_after = not_after(&key).unwrap_or(UNBOUNDED);
+                let expired = not_after <= unix_now();
                 if let Some(served) = self.read().get(host)
                     && served.version == version
                 {
                     served.not_after.store(not_after, Ordering::Relaxed);
+                    served.expired.store(expired, Ordering::Relaxed);
                 }
-                if not_after <= unix_now() {
+                if expired {
                     return Err("the certificate has expired".to_owned());
                 }
                 Ok::<_, String>(Cached {
@@ -278,31 +299,29 @@ impl CertIndex {
                 not_after,
             },
         );
-        self.write().insert(
-            host.into(),
-            Served {
-                version,
-                not_after: AtomicI64::new(not_after),
-            },
-        );
+        self.write()
+            .insert(host.into(), Served::new(version, not_after));
     }
 
     /// `host`'s stored certificate was read and is valid until `not_after`:
     /// serve the host (added if it was not yet). O(1).
     pub fn verified(&self, host: &str, not_after: i64) {
-        if let Some(served) = self.read().get(host) {
+        let record = |served: &Served| {
             served.not_after.store(not_after, Ordering::Relaxed);
+            served
+                .expired
+                .store(not_after <= unix_now(), Ordering::Relaxed);
+        };
+        if let Some(served) = self.read().get(host) {
+            record(served);
             return;
         }
         let version = self.next_version();
-        self.write()
-            .entry(host.into())
-            .or_insert_with(|| Served {
-                version,
-                not_after: AtomicI64::new(UNVERIFIED),
-            })
-            .not_after
-            .store(not_after, Ordering::Relaxed);
+        record(
+            self.write()
+                .entry(host.into())
+                .or_insert_with(|| Served::new(version, UNVERIFIED)),
+        );
     }
 
     /// Hosts whose stored certificate exists but was not read yet: served
@@ -312,10 +331,8 @@ impl CertIndex {
         let mut map = self.write();
         for host in hosts {
             let version = self.next_version();
-            map.entry(host).or_insert_with(|| Served {
-                version,
-                not_after: AtomicI64::new(UNVERIFIED),
-            });
+            map.entry(host)
+                .or_insert_with(|| Served::new(version, UNVERIFIED));
         }
     }
 
@@ -346,10 +363,8 @@ impl CertIndex {
             }
             for host in new {
                 let version = self.next_version();
-                map.entry(host).or_insert_with(|| Served {
-                    version,
-                    not_after: AtomicI64::new(UNBOUNDED),
-                });
+                map.entry(host)
+                    .or_insert_with(|| Served::new(version, UNBOUNDED));
             }
         }
         for host in &gone {
@@ -838,6 +853,24 @@ mod tests {
         // The manager's verdict from the store counts too.
         index.verified("mta-sts.gone.example", unix_now() - 10);
         assert!(!index.contains("mta-sts.gone.example"));
+    }
+
+    /// A cached certificate that expires is loaded again (the local CA
+    /// issues a new one then), not refused for good.
+    #[tokio::test]
+    async fn expired_cached_certificate_is_loaded_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let loader = Arc::new(MapLoader::default());
+        let host = "mta-sts.a.example";
+        let fresh = leaf_until(&ca, host, 30);
+        loader.put(host, Arc::clone(&fresh));
+        let index = CertIndex::lazy(Arc::clone(&loader) as Arc<dyn CertLoader>, 10);
+        index.land(host, leaf_until(&ca, host, -1));
+        assert!(!index.contains(host));
+        assert_eq!(index.obtain(host).await.expect("reloaded").cert, fresh.cert);
+        assert!(index.contains(host));
+        assert_eq!(loader.loads.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -1085,3 +1085,75 @@ async fn restart_serves_stored_certificates_through_a_small_cache() {
     assert_eq!(running.policy(&hosts[1], &root).await.status, 200);
     running.stop().await;
 }
+
+/// A restart does not read the certificates (their validity is recorded in
+/// the state), so one broken behind the server's back is found by the
+/// first handshake that loads it: that handshake gets unrecognized_name,
+/// never another certificate, and the manager orders a replacement, which
+/// is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_broken_after_restart_is_refused_and_replaced() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec![
+        "broken.example.com".to_owned(),
+        "fine.example.com".to_owned(),
+    ];
+    let hosts = policy_hosts(&domains);
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &domains,
+    );
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root = pebble.root().await;
+    let first = serial(&running.policy(&hosts[0], &root).await.chain[0]);
+    running.stop().await;
+    let state = state_json(dir.path(), &hosts[0]);
+    assert!(state["cert_not_after"].is_i64(), "{state}");
+
+    // The key of another host: the bundle parses, but the key does not
+    // match the certificate.
+    let bundle = std::fs::read_to_string(cert_file(dir.path(), &hosts[0])).expect("bundle");
+    let other = std::fs::read_to_string(cert_file(dir.path(), &hosts[1])).expect("bundle");
+    let key_end = |b: &str| b.find("-----BEGIN CERTIFICATE-----").expect("chain");
+    let swapped = format!(
+        "{}{}",
+        &other[..key_end(&other)],
+        &bundle[key_end(&bundle)..]
+    );
+    std::fs::write(cert_file(dir.path(), &hosts[0]), swapped).expect("break");
+
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    assert_eq!(running.policy(&hosts[1], &root).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match https_get(running.https, &hosts[0], POLICY, &root, &[]).await {
+            Ok(resp) => {
+                assert_eq!(resp.status, 200);
+                assert_ne!(serial(&resp.chain[0]), first, "a new certificate");
+                break;
+            }
+            Err(e) => assert!(e.contains("UnrecognisedName"), "{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not replaced; progress {:?}\n{}",
+            running.server.acme_progress(),
+            tail(&pebble.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(pebble.orders(), 3, "two first orders, one replacement");
+    running.stop().await;
+}

@@ -158,38 +158,56 @@ impl Entry {
 }
 
 /// What [`Manager::prepare`] saw, handed to [`Manager::run`]: the snapshot
-/// whose hosts `run` reads from the store first.
-pub struct Prepared(Arc<Snapshot>);
+/// whose hosts `run` reads from the store first, and the hosts with a
+/// stored certificate (`None`: the listing failed).
+pub struct Prepared(Arc<Snapshot>, Option<HashSet<String>>);
+
+/// A host's stored certificate as [`Manager::load`] sees it.
+enum Stored {
+    Bundle(Vec<u8>),
+    /// (not_before, not_after) recorded in the state when it was stored.
+    Recorded((i64, i64)),
+}
 
 /// The TLS certificate loader of ACME mode: reads a host's bundle from the
 /// store on its first handshake, and refuses one that does not name the
 /// host, whose key does not match, or that has expired.
 pub struct StoreLoader<S: CertStore> {
     store: Arc<S>,
+    /// Hosts whose stored bundle turned out unusable (missing, broken):
+    /// the manager reads them again and orders a new certificate.
+    unusable: tokio::sync::mpsc::UnboundedSender<Box<str>>,
 }
+
+/// The receiving end of [`StoreLoader`]'s reports, for [`Manager::new`].
+pub type Unusable = tokio::sync::mpsc::UnboundedReceiver<Box<str>>;
 
 impl<S: CertStore> StoreLoader<S> {
-    pub fn new(store: Arc<S>) -> StoreLoader<S> {
-        StoreLoader { store }
+    /// A loader over `store`, and where it reports unusable certificates.
+    pub fn new(store: Arc<S>) -> (StoreLoader<S>, Unusable) {
+        let (unusable, rx) = tokio::sync::mpsc::unbounded_channel();
+        (StoreLoader { store, unusable }, rx)
     }
-}
 
-impl<S: CertStore> crate::tls::CertLoader for StoreLoader<S> {
-    fn load(&self, host: &str) -> Result<CertifiedKey, String> {
+    fn read(&self, host: &str) -> Result<CertifiedKey, String> {
         let bundle = self
             .store
             .load_cert_blocking(host)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "no stored certificate".to_owned())?;
-        let (key, info) = order::inspect(host, &bundle)
+        let (key, _) = order::inspect(host, &bundle)
             .map_err(|reason| format!("stored certificate is unusable: {reason}"))?;
-        if info.not_after <= unix(SystemTime::now()) {
-            return Err(format!(
-                "stored certificate expired at {}",
-                status::fmt_time(info.not_after)
-            ));
-        }
         Ok(key)
+    }
+}
+
+impl<S: CertStore> crate::tls::CertLoader for StoreLoader<S> {
+    /// The stored bundle, checked (name, key). Expiry is checked by the
+    /// index, which refuses an expired certificate and remembers it.
+    fn load(&self, host: &str) -> Result<CertifiedKey, String> {
+        self.read(host).inspect_err(|_| {
+            let _ = self.unusable.send(host.into());
+        })
     }
 }
 
@@ -206,6 +224,8 @@ pub struct Manager<S: CertStore> {
     ari_unsupported: std::sync::atomic::AtomicBool,
     pacer: Mutex<Pacer>,
     progress: Mutex<Progress>,
+    /// Reports of [`StoreLoader`]; taken by [`Manager::run`].
+    unusable: Mutex<Option<Unusable>>,
 }
 
 /// Longest one exchange with the CA (account, order, validation,
@@ -231,8 +251,10 @@ impl<S: CertStore> Manager<S> {
         store: Arc<S>,
         index: Arc<CertIndex>,
         challenges: Arc<Challenges>,
+        unusable: Unusable,
     ) -> Manager<S> {
         Manager {
+            unusable: Mutex::new(Some(unusable)),
             pacer: Mutex::new(Pacer::new(cfg.orders_per_hour)),
             cfg,
             store,
@@ -283,7 +305,7 @@ impl<S: CertStore> Manager<S> {
     /// (each certificate is checked by the loader on its host's first
     /// handshake, and by [`Manager::run`] as it reads the store).
     pub async fn prepare(&self, snapshot: Arc<Snapshot>) -> Prepared {
-        match self.store.cert_hosts().await {
+        let listed = match self.store.cert_hosts().await {
             Ok(stored) => {
                 let stored: HashSet<String> = stored.into_iter().collect();
                 self.index.add_unverified(
@@ -293,13 +315,15 @@ impl<S: CertStore> Manager<S> {
                         .filter(|site| stored.contains(&*site.host))
                         .map(|site| site.host.clone()),
                 );
+                Some(stored)
             }
             Err(e) => {
                 // Not fatal: each host is served once `run` has read it.
                 tracing::error!(error = %e, "cannot list stored certificates");
+                None
             }
-        }
-        Prepared(snapshot)
+        };
+        Prepared(snapshot, listed)
     }
 
     /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
@@ -310,13 +334,22 @@ impl<S: CertStore> Manager<S> {
         mut sites: watch::Receiver<Arc<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let Prepared(first) = prepared;
+        let Prepared(first, listed) = prepared;
+        let unusable = self
+            .unusable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        // A second `run` (not done) would get no reports: a channel that
+        // stays open and empty.
+        let (_open, empty) = tokio::sync::mpsc::unbounded_channel();
+        let mut unusable = unusable.unwrap_or(empty);
         // Everything the store holds for the configured hosts: their state
         // (backoff, order times) and each certificate's validity.
         let mut entries = HashMap::new();
         let started = std::time::Instant::now();
-        let seed = self.reconcile(&mut entries, &first).await;
-        drop(first);
+        let seed = self.reconcile(&mut entries, &first, listed.as_ref()).await;
+        drop((first, listed));
         tracing::info!(
             hosts = entries.len(),
             valid = entries.values().filter(|e| e.expires.is_some()).count(),
@@ -400,7 +433,24 @@ impl<S: CertStore> Manager<S> {
                         break;
                     }
                     let snapshot = Arc::clone(&sites.borrow_and_update());
-                    let _ = self.reconcile(&mut entries, &snapshot).await;
+                    let _ = self.reconcile(&mut entries, &snapshot, None).await;
+                }
+                Some(host) = unusable.recv() => {
+                    // A handshake found the stored certificate broken or
+                    // gone: read it again; if it is, stop serving it and
+                    // order a new one now (an attempt under way lands its
+                    // own).
+                    if !busy.contains(&host)
+                        && let Some(entry) = entries.get(&host)
+                        && entry.expires.is_some()
+                    {
+                        let target = entry.target.clone();
+                        let (entry, _) = self.load(target, SystemTime::now(), None).await;
+                        if entry.expires.is_none() {
+                            self.index.remove(&host);
+                        }
+                        entries.insert(host, entry);
+                    }
                 }
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match done {
@@ -443,10 +493,15 @@ impl<S: CertStore> Manager<S> {
     /// Brings `entries` in line with the snapshot: loads newly wanted hosts
     /// from the store, forgets removed ones (their files stay). Returns the
     /// stored order times of the newly loaded hosts (for pacing).
+    ///
+    /// `listed`: the hosts with a stored certificate (from the start-up
+    /// listing); a host with its certificate's validity recorded in its
+    /// state is then not read. Without it every certificate is read.
     async fn reconcile(
         &self,
         entries: &mut HashMap<Box<str>, Entry>,
         snapshot: &Snapshot,
+        listed: Option<&HashSet<String>>,
     ) -> Vec<i64> {
         let targets = self.targets(snapshot);
         let wanted: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.host).collect();
@@ -467,7 +522,7 @@ impl<S: CertStore> Manager<S> {
                 entry.target = target;
                 continue;
             }
-            let (entry, last_order) = self.load(target, now).await;
+            let (entry, last_order) = self.load(target, now, listed).await;
             orders.extend(last_order);
             // Served from now on only if its stored certificate is usable
             // (the index may have it as "stored, not read yet").
@@ -496,7 +551,12 @@ impl<S: CertStore> Manager<S> {
     /// A host's entry from the store: a usable stored certificate is
     /// recorded (and served); a broken one is reported and replaced.
     /// Also returns the stored time of its last order.
-    async fn load(&self, target: Target, now: SystemTime) -> (Entry, Option<i64>) {
+    async fn load(
+        &self,
+        target: Target,
+        now: SystemTime,
+        listed: Option<&HashSet<String>>,
+    ) -> (Entry, Option<i64>) {
         let host = &*target.host;
         let mut state = match self.store.load_state(host).await {
             Ok(s) => s.unwrap_or_default(),
@@ -505,17 +565,39 @@ impl<S: CertStore> Manager<S> {
                 CertState::default()
             }
         };
+        // (not_before, not_after) of a usable stored certificate.
         let mut cert = None;
-        match self.store.load_cert(host).await {
+        let recorded = state.cert_not_before.zip(state.cert_not_after);
+        let stored = match (listed, recorded) {
+            // Recorded when stored, and the file is there: not read now
+            // (the loader checks it on its first handshake, and reports it
+            // if it is unusable).
+            (Some(listed), Some(validity)) if listed.contains(host) => {
+                Ok(Some(Stored::Recorded(validity)))
+            }
+            (Some(listed), _) if !listed.contains(host) => Ok(None),
+            _ => self
+                .store
+                .load_cert(host)
+                .await
+                .map(|b| b.map(Stored::Bundle)),
+        };
+        let inspected = |stored: Stored| match stored {
+            Stored::Bundle(bundle) => {
+                order::inspect(host, &bundle).map(|(_, i)| (i.not_before, i.not_after))
+            }
+            Stored::Recorded(validity) => Ok(validity),
+        };
+        match stored {
             Ok(None) => {}
-            Ok(Some(bundle)) => match order::inspect(host, &bundle) {
-                Ok((_, info)) if info.not_after > unix(now) => {
-                    cert = Some(info);
+            Ok(Some(bundle)) => match inspected(bundle) {
+                Ok((not_before, not_after)) if not_after > unix(now) => {
+                    cert = Some((not_before, not_after));
                 }
-                Ok((_, info)) => {
+                Ok((_, not_after)) => {
                     let msg = format!(
                         "stored certificate expired at {}; ordering a new one",
-                        status::fmt_time(info.not_after)
+                        status::fmt_time(not_after)
                     );
                     tracing::warn!(host, "{msg}");
                     state.last_error = Some(msg);
@@ -544,11 +626,11 @@ impl<S: CertStore> Manager<S> {
             .directory
             .as_ref()
             .is_some_and(|d| *d != self.cfg.directory);
-        let renew_at = cert.as_ref().map(|info| {
+        let renew_at = cert.map(|(not_before, not_after)| {
             if foreign {
                 unix(now)
             } else {
-                schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before)
+                schedule::renew_at(not_before, not_after, self.cfg.renew_before)
             }
         });
         let due = match &cert {
@@ -569,7 +651,7 @@ impl<S: CertStore> Manager<S> {
         let last_order = state.last_order_at;
         let entry = Entry {
             target,
-            expires: cert.map(|info| info.not_after),
+            expires: cert.map(|(_, not_after)| not_after),
             renew_at,
             state: Entry::keep(state),
             due,
@@ -861,6 +943,8 @@ impl<S: CertStore> Manager<S> {
                 state.next_attempt = None;
                 state.issued_at = Some(unix(now));
                 state.directory = Some(self.cfg.directory.clone());
+                state.cert_not_before = Some(info.not_before);
+                state.cert_not_after = Some(info.not_after);
                 if let Some(used) = issued.challenge {
                     state.last_challenge = Some(used.as_str().to_owned());
                 }
