@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::acme::challenge::{self, Challenges};
-use crate::acme::{Manager, Progress};
+use crate::acme::{Manager, Progress, StoreLoader};
 use crate::config::{Config, Limits, TlsMode};
 use crate::http::{self, Listener, Shared};
 use crate::idle::IdleTimeout;
@@ -82,16 +82,21 @@ impl Server {
                 (Some(ca), certs, None)
             }
             TlsMode::Acme => {
-                // ACME certificates are pinned: the manager hands them over
-                // as they land.
-                let certs = Arc::new(CertIndex::default());
+                // Loaded from the store on each host's first handshake; the
+                // manager says which hosts have one and hands over new ones.
                 let store = Arc::new(DirStore::open(&config.server.state_dir)?);
+                let (loader, unusable) = StoreLoader::new(Arc::clone(&store));
+                let certs = Arc::new(CertIndex::lazy(
+                    Arc::new(loader) as Arc<dyn tls::CertLoader>,
+                    config.server.cert_cache,
+                ));
                 let challenges = Arc::new(Challenges::default());
                 let manager = Manager::new(
                     config.tls.acme.clone(),
                     store,
                     Arc::clone(&certs),
                     Arc::clone(&challenges),
+                    unusable,
                 );
                 let acme = AcmeParts {
                     manager: Arc::new(manager),
@@ -169,13 +174,16 @@ impl Server {
         let snapshot = Snapshot::build_from(config, &self.snapshot());
         // Self-signed certificates are loaded (or issued) on the first
         // handshake of each host: nothing to read here, however many hosts.
-        self.certs.set_lazy_hosts(
-            snapshot
-                .sites()
-                .iter()
-                .map(|s| s.host.clone())
-                .collect::<HashSet<_>>(),
-        );
+        // In ACME mode the manager says which hosts have a certificate.
+        if self.acme.is_none() {
+            self.certs.set_lazy_hosts(
+                snapshot
+                    .sites()
+                    .iter()
+                    .map(|s| s.host.clone())
+                    .collect::<HashSet<_>>(),
+            );
+        }
         let domains = snapshot.len();
         let snapshot = Arc::new(snapshot);
         self.shared.snapshot.store(Arc::clone(&snapshot));
@@ -225,10 +233,11 @@ impl Server {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let manager = match &self.acme {
             Some(acme) => {
-                // Stored certificates are in the index before the first accept.
+                // Hosts with a stored certificate are in the index before
+                // the first accept (their certificates are read on use).
                 let mut sites = acme.sites.subscribe();
                 let first = Arc::clone(&sites.borrow_and_update());
-                let prepared = acme.manager.prepare(&first).await;
+                let prepared = acme.manager.prepare(first).await;
                 let manager = Arc::clone(&acme.manager);
                 Some(tokio::spawn(manager.run(prepared, sites, stop_rx.clone())))
             }

@@ -119,6 +119,12 @@ pub struct CertState {
     /// ACME directory that issued the stored certificate (a certificate
     /// from another directory, e.g. staging, is replaced).
     pub directory: Option<String>,
+    /// Unix seconds: validity of the stored certificate, recorded when it
+    /// was stored, so that a restart schedules renewals without reading
+    /// every certificate (absent in stores written before: then the
+    /// certificate is read).
+    pub cert_not_before: Option<i64>,
+    pub cert_not_after: Option<i64>,
 }
 
 /// Storage of ACME account credentials, certificates (private key + chain in
@@ -146,6 +152,13 @@ pub trait CertStore: Send + Sync + 'static {
         host: &str,
         bundle: Vec<u8>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// [`CertStore::load_cert`] for the TLS certificate loader, which runs
+    /// on a blocking thread (`spawn_blocking`) during a handshake.
+    fn load_cert_blocking(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every host with a stored certificate, from names alone (nothing is
+    /// read or parsed): what a restarted server may serve before the
+    /// certificates themselves are looked at.
+    fn cert_hosts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     fn load_state(
         &self,
         host: &str,
@@ -264,6 +277,30 @@ impl DirStore {
         write_atomic(&path, credentials, KEY_MODE).map_err(|source| StoreError::Io { path, source })
     }
 
+    /// Every host with a stored certificate (`certs/<host>.pem`), unsorted:
+    /// one directory listing, no file is opened.
+    pub fn cert_hosts(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("certs");
+        let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut hosts = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if let Some(host) = name.strip_suffix(".pem").and_then(|s| file_stem(s).ok()) {
+                hosts.push(host.to_owned());
+            }
+        }
+        Ok(hosts)
+    }
+
     /// Every host with a stored certificate or state, sorted (includes hosts
     /// no longer configured: their files stay until removed by hand).
     pub fn hosts(&self) -> Vec<String> {
@@ -315,6 +352,14 @@ impl CertStore for DirStore {
     async fn save_cert(&self, host: &str, bundle: Vec<u8>) -> Result<(), StoreError> {
         let host = host.to_owned();
         self.blocking(move |s| s.write_cert(&host, &bundle)).await
+    }
+
+    fn load_cert_blocking(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_cert(host)
+    }
+
+    async fn cert_hosts(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(DirStore::cert_hosts).await
     }
 
     async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
@@ -404,6 +449,23 @@ mod tests {
             None
         );
         assert_eq!(store.hosts(), ["mta-sts.a.example", "mta-sts.b.example"]);
+        // Certificates only, from names: a state file or an unfinished
+        // write is not a certificate.
+        fs::write(
+            dir.path().join("acme/certs/.mta-sts.c.example.pem.tmp1.0"),
+            b"half",
+        )
+        .expect("tmp");
+        assert_eq!(
+            CertStore::cert_hosts(&store).await.expect("list"),
+            ["mta-sts.a.example"]
+        );
+        assert_eq!(
+            store
+                .load_cert_blocking("mta-sts.a.example")
+                .expect("blocking"),
+            Some(b"KEY+CHAIN".to_vec())
+        );
         #[cfg(unix)]
         assert_eq!(
             fs::metadata(dir.path().join("acme/certs/mta-sts.a.example.pem"))

@@ -1,13 +1,14 @@
-//! TLS for the HTTPS listener: the SNI → certificate index (lock-free reads
-//! over an `ArcSwap` map), the rustls server config, and the local CA of
+//! TLS for the HTTPS listener: the SNI → certificate index (the hosts that
+//! may complete a handshake, and a bounded cache of their certificates
+//! loaded on first use), the rustls server config, and the local CA of
 //! `tls.mode = "self-signed"` that issues one certificate per
 //! `mta-sts.<domain>` and keeps it in `state_dir` across restarts.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
-use arc_swap::ArcSwap;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -56,112 +57,210 @@ pub trait CertLoader: Send + Sync {
     fn load(&self, host: &str) -> Result<CertifiedKey, String>;
 }
 
-/// The SNI index: which hosts may complete a handshake, and their
-/// certificates (host names lowercase, no trailing dot).
-///
-/// Two tiers: `pinned` certificates are always in memory (ACME hands them
-/// over as they land); `lazy` hosts have their certificate loaded from disk
-/// on first use into a bounded cache, so start-up reads no certificate and
-/// memory stays flat however many domains there are.
-#[derive(Default)]
-pub struct CertIndex {
-    pinned: ArcSwap<HashMap<Box<str>, Arc<CertifiedKey>>>,
-    lazy: Option<LazyTier>,
+/// `Served::not_after` of a host whose stored certificate exists but has
+/// not been read yet (ACME mode right after start): a handshake loads it,
+/// and it counts as served only once it proved valid.
+const UNVERIFIED: i64 = i64::MIN;
+/// `Served::not_after` of a host whose loader makes a certificate whenever
+/// asked (self-signed mode, before the first load).
+const UNBOUNDED: i64 = i64::MAX;
+
+/// One host that may complete a handshake.
+struct Served {
+    /// Changes whenever the host's certificate is replaced or the host is
+    /// added again: a cached key of another version is not served.
+    version: u64,
+    /// Expiry (Unix seconds) of the host's certificate as last seen, or
+    /// [`UNVERIFIED`] / [`UNBOUNDED`]. Updated on load under the read lock.
+    not_after: AtomicI64,
+    /// The loader gave an expired certificate for this version: loading
+    /// again would not help (a renewal comes through [`CertIndex::land`]),
+    /// so handshakes are refused without touching disk. A loader that
+    /// renews on load (the local CA) never sets it.
+    expired: AtomicBool,
 }
 
-struct LazyTier {
-    /// Hosts the loader may be asked for (the current snapshot's hosts).
-    hosts: ArcSwap<HashSet<Box<str>>>,
-    cache: quick_cache::sync::Cache<String, Arc<CertifiedKey>>,
-    loader: Arc<dyn CertLoader>,
-    /// Certificates loaded from the loader since start (cache misses).
-    loads: std::sync::atomic::AtomicU64,
-    /// Earliest expiry (Unix seconds) of any certificate loaded so far.
-    soonest: std::sync::atomic::AtomicI64,
+impl Served {
+    fn new(version: u64, not_after: i64) -> Served {
+        Served {
+            version,
+            not_after: AtomicI64::new(not_after),
+            expired: AtomicBool::new(false),
+        }
+    }
 }
+
+/// A certificate in the cache, with what it was loaded for.
+#[derive(Clone)]
+struct Cached {
+    key: Arc<CertifiedKey>,
+    version: u64,
+    not_after: i64,
+}
+
+/// The SNI index: which hosts may complete a handshake, and a bounded cache
+/// of their certificates (host names lowercase, no trailing dot).
+///
+/// Certificates are loaded on a host's first handshake (through the
+/// [`CertLoader`]: the local CA in self-signed mode, the certificate store
+/// in ACME mode) into a cache of at most `capacity` entries, so start-up
+/// reads no certificate and memory stays flat however many domains there
+/// are. The host set is a map behind a `RwLock`: a handshake takes the read
+/// lock for one lookup; a certificate that lands ([`CertIndex::land`]) or a
+/// host that goes ([`CertIndex::remove`]) costs one insert or remove, never
+/// a copy of the whole set.
+pub struct CertIndex {
+    hosts: RwLock<HashMap<Box<str>, Served>>,
+    cache: quick_cache::sync::Cache<String, Cached>,
+    loader: Option<Arc<dyn CertLoader>>,
+    /// Certificates loaded from the loader since start (cache misses).
+    loads: AtomicU64,
+    versions: AtomicU64,
+}
+
+impl Default for CertIndex {
+    /// An index without a loader: it serves only certificates handed to
+    /// [`CertIndex::land`].
+    fn default() -> CertIndex {
+        CertIndex::new(None, DEFAULT_CAPACITY)
+    }
+}
+
+/// Cache size of an index built with `default()`.
+const DEFAULT_CAPACITY: usize = 1024;
 
 impl std::fmt::Debug for CertIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertIndex")
-            .field("pinned", &self.pinned.load().len())
-            .field("lazy", &self.lazy.is_some())
+            .field("hosts", &self.len())
+            .field("cached", &self.cache.len())
+            .field("loader", &self.loader.is_some())
             .finish()
     }
 }
 
+/// Now, in Unix seconds.
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 impl CertIndex {
+    fn new(loader: Option<Arc<dyn CertLoader>>, capacity: usize) -> CertIndex {
+        CertIndex {
+            hosts: RwLock::default(),
+            cache: quick_cache::sync::Cache::new(capacity.max(1)),
+            loader,
+            loads: AtomicU64::new(0),
+            versions: AtomicU64::new(1),
+        }
+    }
+
     /// An index that loads certificates on demand, keeping at most
     /// `capacity` of them in memory.
     pub fn lazy(loader: Arc<dyn CertLoader>, capacity: usize) -> CertIndex {
-        CertIndex {
-            pinned: ArcSwap::default(),
-            lazy: Some(LazyTier {
-                hosts: ArcSwap::default(),
-                cache: quick_cache::sync::Cache::new(capacity.max(1)),
-                loader,
-                loads: std::sync::atomic::AtomicU64::new(0),
-                soonest: std::sync::atomic::AtomicI64::new(i64::MAX),
-            }),
-        }
+        CertIndex::new(Some(loader), capacity)
     }
 
-    /// The certificate of `host` if it is in memory.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Box<str>, Served>> {
+        self.hosts.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Served>> {
+        self.hosts.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn next_version(&self) -> u64 {
+        self.versions.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `(version, not_after, expired)` of a served host.
+    fn served(&self, host: &str) -> Option<(u64, i64, bool)> {
+        self.read().get(host).map(|s| {
+            (
+                s.version,
+                s.not_after.load(Ordering::Relaxed),
+                s.expired.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// The certificate of `host` if it is in memory and current.
     pub fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(ck) = self.pinned.load().get(host) {
-            return Some(Arc::clone(ck));
-        }
-        self.lazy.as_ref()?.cache.get(host)
+        let (version, _, _) = self.served(host)?;
+        self.cache
+            .get(host)
+            .filter(|c| c.version == version && c.not_after > unix_now())
+            .map(|c| c.key)
     }
 
-    /// Whether a handshake for `host` can get a certificate.
+    /// Whether a handshake for `host` gets a certificate: the host is
+    /// served and its certificate is known to be valid (or is made on
+    /// demand). A stored certificate not read yet does not count until a
+    /// handshake or the certificate manager has read it.
     pub fn contains(&self, host: &str) -> bool {
-        self.pinned.load().contains_key(host)
-            || self
-                .lazy
-                .as_ref()
-                .is_some_and(|l| l.hosts.load().contains(host))
+        self.served(host)
+            .is_some_and(|(_, t, _)| t != UNVERIFIED && t > unix_now())
     }
 
     /// The certificate for a handshake: from memory, else loaded (once,
     /// however many handshakes ask at the same time). `None` for a host that
-    /// is not served or whose certificate cannot be loaded (logged).
+    /// is not served, whose certificate expired, or whose certificate cannot
+    /// be loaded (logged).
     pub async fn obtain(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(ck) = self.pinned.load().get(host) {
-            return Some(Arc::clone(ck));
-        }
-        let lazy = self.lazy.as_ref()?;
-        if !lazy.hosts.load().contains(host) {
+        let (version, _, expired) = self.served(host)?;
+        if expired {
+            // Expired and not renewed (yet): refused without touching disk.
             return None;
         }
-        let loaded = lazy
+        let now = unix_now();
+        if let Some(c) = self.cache.get(host) {
+            if c.version >= version && c.not_after > now {
+                return Some(c.key);
+            }
+            // Replaced, re-added or expired since it was cached.
+            self.cache.remove(host);
+        }
+        let loader = self.loader.as_ref()?;
+        let loaded = self
             .cache
             .get_or_insert_async(host, async {
-                let loader = Arc::clone(&lazy.loader);
+                let loader = Arc::clone(loader);
                 let owned = host.to_owned();
-                let ck = tokio::task::spawn_blocking(move || loader.load(&owned))
+                let key = tokio::task::spawn_blocking(move || loader.load(&owned))
                     .await
                     .map_err(|e| e.to_string())??;
-                lazy.loads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let Some(t) = not_after(&ck) {
-                    lazy.soonest
-                        .fetch_min(t, std::sync::atomic::Ordering::Relaxed);
+                self.loads.fetch_add(1, Ordering::Relaxed);
+                let not_after = not_after(&key).unwrap_or(UNBOUNDED);
+                let expired = not_after <= unix_now();
+                if let Some(served) = self.read().get(host)
+                    && served.version == version
+                {
+                    served.not_after.store(not_after, Ordering::Relaxed);
+                    served.expired.store(expired, Ordering::Relaxed);
                 }
-                Ok::<_, String>(Arc::new(ck))
+                if expired {
+                    return Err("the certificate has expired".to_owned());
+                }
+                Ok::<_, String>(Cached {
+                    key: Arc::new(key),
+                    version,
+                    not_after,
+                })
             })
             .await;
         match loaded {
-            Ok(ck) => Some(ck),
+            Ok(c) => Some(c.key),
             Err(e) => {
-                tracing::error!(host, "cannot load certificate: {e}");
+                tracing::warn!(host, "cannot load certificate: {e}");
                 None
             }
         }
     }
 
-    /// Number of hosts that can complete a handshake.
+    /// Number of hosts that may complete a handshake (including stored
+    /// certificates not read yet).
     pub fn len(&self) -> usize {
-        self.pinned.load().len() + self.lazy.as_ref().map_or(0, |l| l.hosts.load().len())
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -170,73 +269,107 @@ impl CertIndex {
 
     /// Certificates loaded on demand since start.
     pub fn loads(&self) -> u64 {
-        self.lazy
-            .as_ref()
-            .map_or(0, |l| l.loads.load(std::sync::atomic::Ordering::Relaxed))
+        self.loads.load(Ordering::Relaxed)
     }
 
-    /// Earliest expiry (Unix seconds) among the certificates in memory or
+    /// Earliest expiry (Unix seconds) among the served certificates whose
+    /// expiry is known: in ACME mode every stored certificate once the
+    /// certificate manager has read the store; in self-signed mode those
     /// loaded since start.
     pub fn soonest_expiry(&self) -> Option<i64> {
-        let pinned = self
-            .pinned
-            .load()
+        self.read()
             .values()
-            .filter_map(|ck| not_after(ck))
-            .min();
-        let lazy = self
-            .lazy
-            .as_ref()
-            .map(|l| l.soonest.load(std::sync::atomic::Ordering::Relaxed))
-            .filter(|t| *t != i64::MAX);
-        pinned.into_iter().chain(lazy).min()
+            .map(|s| s.not_after.load(Ordering::Relaxed))
+            .filter(|t| *t != UNVERIFIED && *t != UNBOUNDED)
+            .min()
     }
 
-    /// Adds or replaces one host's certificate (ACME: a certificate landed).
-    /// Copies the map: fine at the rate certificates arrive.
-    pub fn insert(&self, host: &str, key: Arc<CertifiedKey>) {
-        self.pinned.rcu(|map| {
-            let mut map = HashMap::clone(map);
-            map.insert(host.into(), Arc::clone(&key));
-            map
-        });
+    /// A certificate landed for `host` (new or renewed): the host is served
+    /// from now on, with this certificate, whatever the cache held. O(1).
+    pub fn land(&self, host: &str, key: Arc<CertifiedKey>) {
+        let version = self.next_version();
+        let not_after = not_after(&key).unwrap_or(UNBOUNDED);
+        // The cache first: once the host is visible with the new version,
+        // its key is already there.
+        self.cache.insert(
+            host.to_owned(),
+            Cached {
+                key,
+                version,
+                not_after,
+            },
+        );
+        self.write()
+            .insert(host.into(), Served::new(version, not_after));
     }
 
-    /// Adds (or replaces) and removes many hosts in one map copy.
-    pub fn update(&self, insert: Vec<(Box<str>, Arc<CertifiedKey>)>, remove: &[Box<str>]) {
-        if insert.is_empty() && remove.is_empty() {
+    /// `host`'s stored certificate was read and is valid until `not_after`:
+    /// serve the host (added if it was not yet). O(1).
+    pub fn verified(&self, host: &str, not_after: i64) {
+        let record = |served: &Served| {
+            served.not_after.store(not_after, Ordering::Relaxed);
+            served
+                .expired
+                .store(not_after <= unix_now(), Ordering::Relaxed);
+        };
+        if let Some(served) = self.read().get(host) {
+            record(served);
             return;
         }
-        self.pinned.rcu(|map| {
-            let mut map = HashMap::clone(map);
-            for host in remove {
-                map.remove(host);
-            }
-            map.extend(insert.iter().map(|(h, k)| (h.clone(), Arc::clone(k))));
-            map
-        });
+        let version = self.next_version();
+        record(
+            self.write()
+                .entry(host.into())
+                .or_insert_with(|| Served::new(version, UNVERIFIED)),
+        );
     }
 
-    /// Sets the hosts served through the loader; certificates of hosts that
-    /// are no longer served leave the cache.
-    pub fn set_lazy_hosts(&self, hosts: HashSet<Box<str>>) {
-        if let Some(lazy) = &self.lazy {
-            let old = lazy.hosts.swap(Arc::new(hosts));
-            let new = lazy.hosts.load();
-            for gone in old.iter().filter(|h| !new.contains(*h)) {
-                lazy.cache.remove(&**gone);
-            }
+    /// Hosts whose stored certificate exists but was not read yet: served
+    /// through the loader, which checks each certificate on its first
+    /// handshake. Hosts already served are left alone.
+    pub fn add_unverified(&self, hosts: impl IntoIterator<Item = Box<str>>) {
+        let mut map = self.write();
+        for host in hosts {
+            let version = self.next_version();
+            map.entry(host)
+                .or_insert_with(|| Served::new(version, UNVERIFIED));
         }
     }
 
-    /// The pinned map, for building the next one.
-    pub fn snapshot(&self) -> Arc<HashMap<Box<str>, Arc<CertifiedKey>>> {
-        self.pinned.load_full()
+    /// Stops serving `host` and drops its cached certificate. O(1).
+    pub fn remove(&self, host: &str) {
+        self.write().remove(host);
+        self.cache.remove(host);
     }
 
-    /// Replaces all pinned certificates.
-    pub fn replace(&self, map: HashMap<Box<str>, Arc<CertifiedKey>>) {
-        self.pinned.store(Arc::new(map));
+    /// Sets the hosts served through the loader (self-signed mode: every
+    /// configured host); hosts no longer served leave the cache. Costs the
+    /// size of the change under the write lock, not the size of the set.
+    pub fn set_lazy_hosts(&self, hosts: HashSet<Box<str>>) {
+        let (gone, new): (Vec<Box<str>>, Vec<Box<str>>) = {
+            let map = self.read();
+            let gone = map
+                .keys()
+                .filter(|h| !hosts.contains(*h))
+                .cloned()
+                .collect();
+            let new = hosts.into_iter().filter(|h| !map.contains_key(h)).collect();
+            (gone, new)
+        };
+        if !new.is_empty() || !gone.is_empty() {
+            let mut map = self.write();
+            for host in &gone {
+                map.remove(host);
+            }
+            for host in new {
+                let version = self.next_version();
+                map.entry(host)
+                    .or_insert_with(|| Served::new(version, UNBOUNDED));
+            }
+        }
+        for host in &gone {
+            self.cache.remove(&**host);
+        }
     }
 }
 
@@ -584,13 +717,171 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = LocalCa::load_or_create(dir.path()).expect("ca");
         let index = CertIndex::default();
-        let mut map = HashMap::new();
-        map.insert(
-            Box::<str>::from("mta-sts.a.example"),
+        index.land(
+            "mta-sts.a.example",
             Arc::new(ca.leaf("mta-sts.a.example").expect("leaf")),
         );
-        index.replace(map);
         assert!(index.contains("mta-sts.a.example"));
+        assert!(index.lookup("mta-sts.a.example").is_some());
         assert!(index.lookup("mta-sts.b.example").is_none());
+    }
+
+    /// A loader over a map that counts its loads; a host it does not have
+    /// fails like a missing file.
+    #[derive(Default)]
+    struct MapLoader {
+        keys: std::sync::Mutex<HashMap<String, Arc<CertifiedKey>>>,
+        loads: AtomicU64,
+    }
+
+    impl MapLoader {
+        fn put(&self, host: &str, key: Arc<CertifiedKey>) {
+            self.keys.lock().expect("lock").insert(host.to_owned(), key);
+        }
+    }
+
+    impl CertLoader for MapLoader {
+        fn load(&self, host: &str) -> Result<CertifiedKey, String> {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            let keys = self.keys.lock().expect("lock");
+            let key = keys.get(host).ok_or("no stored certificate")?;
+            Ok(CertifiedKey::clone(key))
+        }
+    }
+
+    /// A certificate for `host` from `ca` valid until `days` from now
+    /// (negative: expired).
+    fn leaf_until(ca: &LocalCa, host: &str, days: i64) -> Arc<CertifiedKey> {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![host.to_owned()]).expect("params");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(100);
+        params.not_after = now + time::Duration::days(days);
+        let cert = params.signed_by(&key, &ca.issuer).expect("cert");
+        Arc::new(
+            certified_key(host, cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+                .expect("key"),
+        )
+    }
+
+    #[tokio::test]
+    async fn stored_hosts_are_loaded_on_use_evicted_and_reloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let loader = Arc::new(MapLoader::default());
+        let hosts: Vec<String> = (0..5).map(|i| format!("mta-sts.d{i}.example")).collect();
+        for h in &hosts {
+            loader.put(h, leaf_until(&ca, h, 30));
+        }
+        // A cache of 2 for 5 hosts: every round evicts and reloads.
+        let index = CertIndex::lazy(Arc::clone(&loader) as Arc<dyn CertLoader>, 2);
+        index.add_unverified(hosts.iter().map(|h| Box::<str>::from(h.as_str())));
+        assert_eq!(index.len(), 5);
+        // Stored but not read yet: served, yet not counted as valid.
+        assert!(!index.contains(&hosts[0]));
+        assert_eq!(index.soonest_expiry(), None);
+        for _ in 0..2 {
+            for h in &hosts {
+                let key = index.obtain(h).await.expect("served");
+                let (_, cert) = x509_parser::parse_x509_certificate(&key.cert[0]).expect("x509");
+                assert!(names_host(&cert, h), "{h} got another host's certificate");
+                assert!(index.contains(h));
+            }
+        }
+        let loads = loader.loads.load(Ordering::Relaxed);
+        assert!(loads > 5, "evicted certificates are loaded again ({loads})");
+        assert_eq!(index.loads(), loads);
+        assert!(index.soonest_expiry().is_some());
+        // Unknown names never reach the loader.
+        assert!(index.obtain("mta-sts.unknown.example").await.is_none());
+        assert_eq!(loader.loads.load(Ordering::Relaxed), loads);
+    }
+
+    #[tokio::test]
+    async fn landed_certificate_replaces_cached_one_and_removal_stops_serving() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let loader = Arc::new(MapLoader::default());
+        let host = "mta-sts.a.example";
+        let old = leaf_until(&ca, host, 10);
+        loader.put(host, Arc::clone(&old));
+        let index = CertIndex::lazy(Arc::clone(&loader) as Arc<dyn CertLoader>, 10);
+        // Not issued yet: nothing served, the loader is not asked.
+        assert!(index.obtain(host).await.is_none());
+        index.add_unverified([Box::<str>::from(host)]);
+        assert_eq!(index.obtain(host).await.expect("stored").cert, old.cert);
+        assert_eq!(index.soonest_expiry(), not_after(&old));
+
+        // A renewal lands: served at once, without a load.
+        let new = leaf_until(&ca, host, 80);
+        let loads = loader.loads.load(Ordering::Relaxed);
+        index.land(host, Arc::clone(&new));
+        assert_eq!(index.obtain(host).await.expect("renewed").cert, new.cert);
+        assert_eq!(index.lookup(host).expect("cached").cert, new.cert);
+        assert_eq!(loader.loads.load(Ordering::Relaxed), loads);
+        assert_eq!(index.soonest_expiry(), not_after(&new));
+
+        // Removed: not served, whatever the cache held; added again as
+        // stored, it is read again rather than served from the old entry.
+        index.remove(host);
+        assert!(!index.contains(host));
+        assert!(index.obtain(host).await.is_none());
+        assert!(index.lookup(host).is_none());
+        index.add_unverified([Box::<str>::from(host)]);
+        assert_eq!(index.obtain(host).await.expect("reloaded").cert, old.cert);
+        assert_eq!(loader.loads.load(Ordering::Relaxed), loads + 1);
+    }
+
+    #[tokio::test]
+    async fn expired_or_missing_stored_certificate_is_not_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let loader = Arc::new(MapLoader::default());
+        loader.put(
+            "mta-sts.old.example",
+            leaf_until(&ca, "mta-sts.old.example", -1),
+        );
+        let index = CertIndex::lazy(Arc::clone(&loader) as Arc<dyn CertLoader>, 10);
+        index.add_unverified(["mta-sts.old.example", "mta-sts.gone.example"].map(Box::<str>::from));
+        assert!(index.obtain("mta-sts.old.example").await.is_none());
+        assert!(index.obtain("mta-sts.gone.example").await.is_none());
+        assert!(!index.contains("mta-sts.old.example"));
+        // Once seen expired, it is refused without going to disk again.
+        let loads = loader.loads.load(Ordering::Relaxed);
+        assert!(index.obtain("mta-sts.old.example").await.is_none());
+        assert_eq!(loader.loads.load(Ordering::Relaxed), loads);
+        // The manager's verdict from the store counts too.
+        index.verified("mta-sts.gone.example", unix_now() - 10);
+        assert!(!index.contains("mta-sts.gone.example"));
+    }
+
+    /// A cached certificate that expires is loaded again (the local CA
+    /// issues a new one then), not refused for good.
+    #[tokio::test]
+    async fn expired_cached_certificate_is_loaded_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let loader = Arc::new(MapLoader::default());
+        let host = "mta-sts.a.example";
+        let fresh = leaf_until(&ca, host, 30);
+        loader.put(host, Arc::clone(&fresh));
+        let index = CertIndex::lazy(Arc::clone(&loader) as Arc<dyn CertLoader>, 10);
+        index.land(host, leaf_until(&ca, host, -1));
+        assert!(!index.contains(host));
+        assert_eq!(index.obtain(host).await.expect("reloaded").cert, fresh.cert);
+        assert!(index.contains(host));
+        assert_eq!(loader.loads.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn set_lazy_hosts_applies_the_difference() {
+        let index = CertIndex::lazy(Arc::new(MapLoader::default()), 10);
+        let set = |names: &[&str]| names.iter().map(|n| Box::<str>::from(*n)).collect();
+        index.set_lazy_hosts(set(&["a", "b"]));
+        assert!(index.contains("a") && index.contains("b"));
+        index.set_lazy_hosts(set(&["b", "c"]));
+        assert!(!index.contains("a"));
+        assert!(index.contains("b") && index.contains("c"));
+        assert_eq!(index.len(), 2);
     }
 }

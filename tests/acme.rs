@@ -964,3 +964,196 @@ async fn corrupt_store_files_are_reported_and_never_served() {
     }
     running.stop().await;
 }
+
+/// ACME certificates are not kept in memory: after a restart every stored
+/// certificate is read from the store on its host's first handshake, into a
+/// cache smaller than the number of domains, so serving them all twice
+/// evicts and reloads. Each host always gets its own certificate, nothing
+/// is ordered again, and a removed domain stops being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_stored_certificates_through_a_small_cache() {
+    init();
+    const N: usize = 10;
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains: Vec<String> = (0..N).map(|i| format!("c{i}.example.com")).collect();
+    let hosts = policy_hosts(&domains);
+    let (path, _) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "max_concurrent_orders = 4\nchallenge = \"http-01\"",
+        &domains,
+    );
+    // Room for 3 certificates in memory, for 10 domains.
+    let text = std::fs::read_to_string(&path).expect("config").replacen(
+        "[tls]",
+        "cert_cache = 3\n\n[tls]",
+        1,
+    );
+    std::fs::write(&path, text).expect("config");
+    let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(120), &pebble)
+        .await;
+    let root = pebble.root().await;
+    let mut serials = Vec::new();
+    for host in &hosts {
+        let resp = running.policy(host, &root).await;
+        assert_eq!(resp.status, 200);
+        serials.push(serial(&resp.chain[0]));
+    }
+    running.stop().await;
+    let orders = pebble.orders();
+    assert_eq!(orders, N);
+
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    for round in 0..2 {
+        for (host, want) in hosts.iter().zip(&serials) {
+            let resp = running.policy(host, &root).await;
+            assert_eq!(resp.status, 200, "{host} round {round}");
+            let (_, leaf) = x509_parser::parse_x509_certificate(&resp.chain[0]).expect("leaf");
+            assert!(
+                mtasts::tls::names_host(&leaf, host),
+                "{host} was shown another host's certificate"
+            );
+            assert_eq!(
+                &serial(&resp.chain[0]),
+                want,
+                "{host}: the stored certificate"
+            );
+        }
+    }
+    let loads = running.server.certs().loads();
+    assert!(
+        loads > N as u64,
+        "a cache of 3 for {N} hosts reloads on the second round (loads: {loads})"
+    );
+    assert!(
+        loads <= 2 * N as u64,
+        "one load per handshake at most: {loads}"
+    );
+    assert_eq!(pebble.orders(), orders, "nothing ordered again");
+    // The certificate manager read every stored certificate: all valid.
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.server.acme_progress().map_or(0, |p| p.valid) < N {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            running.server.acme_progress()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The expiry metric covers every stored certificate, loaded or not.
+    running.server.refresh_metrics();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let soonest = running.server.metrics().cert_expiry_soonest.get();
+    assert!(
+        u64::try_from(soonest).is_ok_and(|t| t > now),
+        "soonest expiry {soonest}"
+    );
+
+    // A removed domain stops being served (unrecognized_name), the rest go on.
+    let (_, fewer) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "max_concurrent_orders = 4\nchallenge = \"http-01\"",
+        &domains[1..],
+    );
+    running.server.apply(&fewer).expect("apply");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.server.certs().contains(&hosts[0]) {
+        assert!(Instant::now() < deadline, "{} still served", hosts[0]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = https_get(running.https, &hosts[0], POLICY, &root, &[])
+        .await
+        .expect_err("removed domain");
+    assert!(err.contains("UnrecognisedName"), "{err}");
+    assert_eq!(running.policy(&hosts[1], &root).await.status, 200);
+    running.stop().await;
+}
+
+/// A restart does not read the certificates (their validity is recorded in
+/// the state), so one broken behind the server's back is found by the
+/// first handshake that loads it: that handshake gets unrecognized_name,
+/// never another certificate, and the manager orders a replacement, which
+/// is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_broken_after_restart_is_refused_and_replaced() {
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domains = vec![
+        "broken.example.com".to_owned(),
+        "fine.example.com".to_owned(),
+    ];
+    let hosts = policy_hosts(&domains);
+    let (_, cfg) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &domains,
+    );
+    let running = Running::start(&cfg, listeners);
+    running
+        .wait_issued(&hosts, Duration::from_secs(60), &pebble)
+        .await;
+    let root = pebble.root().await;
+    let first = serial(&running.policy(&hosts[0], &root).await.chain[0]);
+    running.stop().await;
+    let state = state_json(dir.path(), &hosts[0]);
+    assert!(state["cert_not_after"].is_i64(), "{state}");
+
+    // The key of another host: the bundle parses, but the key does not
+    // match the certificate.
+    let bundle = std::fs::read_to_string(cert_file(dir.path(), &hosts[0])).expect("bundle");
+    let other = std::fs::read_to_string(cert_file(dir.path(), &hosts[1])).expect("bundle");
+    let key_end = |b: &str| b.find("-----BEGIN CERTIFICATE-----").expect("chain");
+    let swapped = format!(
+        "{}{}",
+        &other[..key_end(&other)],
+        &bundle[key_end(&bundle)..]
+    );
+    std::fs::write(cert_file(dir.path(), &hosts[0]), swapped).expect("break");
+
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    assert_eq!(running.policy(&hosts[1], &root).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match https_get(running.https, &hosts[0], POLICY, &root, &[]).await {
+            Ok(resp) => {
+                assert_eq!(resp.status, 200);
+                assert_ne!(serial(&resp.chain[0]), first, "a new certificate");
+                break;
+            }
+            Err(e) => assert!(e.contains("UnrecognisedName"), "{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not replaced; progress {:?}\n{}",
+            running.server.acme_progress(),
+            tail(&pebble.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(pebble.orders(), 3, "two first orders, one replacement");
+    running.stop().await;
+}

@@ -3,6 +3,11 @@
 //! listeners ([`challenge`]), certificates kept in a [`CertStore`] and put
 //! into the SNI index the moment they land.
 //!
+//! Certificates are not kept in memory: the SNI index serves a host once its
+//! stored certificate is known, and [`StoreLoader`] reads it from the store
+//! on the host's first handshake into the index's bounded cache. A
+//! certificate that lands replaces the cached one at once.
+//!
 //! The [`Manager`] is one task: it keeps a due time per host (missing
 //! certificate: now; valid: its renewal time; failed: now + backoff) and
 //! runs due hosts with bounded concurrency and a per-hour pacing window.
@@ -24,6 +29,7 @@ use instant_acme::{
     Account, AccountCredentials, CertificateIdentifier, ExternalAccountKey, NewAccount,
 };
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -32,7 +38,7 @@ use crate::snapshot::Snapshot;
 use crate::store::{CertState, CertStore};
 use crate::tls::CertIndex;
 use challenge::Challenges;
-use order::{CertInfo, Issued};
+use order::Issued;
 use schedule::{AriDecision, Pacer, unix};
 
 /// What went wrong in one attempt, and whose move it is.
@@ -129,17 +135,81 @@ enum Outcome {
     Later(SystemTime),
 }
 
+/// What the scheduler keeps per host: small, since there is one per
+/// configured domain (100,000 of them and more).
 struct Entry {
     target: Target,
-    cert: Option<CertInfo>,
+    /// Expiry (unix seconds) of the stored, usable certificate.
+    expires: Option<i64>,
     /// Our own renewal time of the stored certificate (unix seconds).
     renew_at: Option<i64>,
-    state: CertState,
+    /// The state of a host whose attempts fail (or whose stored files are
+    /// broken); `None` for a healthy host, whose state is the stored one
+    /// and is read again when it is needed (after an attempt).
+    state: Option<Box<CertState>>,
     due: SystemTime,
 }
 
-/// The hosts loaded by [`Manager::prepare`], handed to [`Manager::run`].
-pub struct Prepared(HashMap<Box<str>, Entry>);
+impl Entry {
+    /// Keeps `state` in memory only where the scheduler needs it.
+    fn keep(state: CertState) -> Option<Box<CertState>> {
+        (state.failures > 0 || state.last_error.is_some()).then(|| Box::new(state))
+    }
+}
+
+/// What [`Manager::prepare`] saw, handed to [`Manager::run`]: the snapshot
+/// whose hosts `run` reads from the store first, and the hosts with a
+/// stored certificate (`None`: the listing failed).
+pub struct Prepared(Arc<Snapshot>, Option<HashSet<String>>);
+
+/// A host's stored certificate as [`Manager::load`] sees it.
+enum Stored {
+    Bundle(Vec<u8>),
+    /// (not_before, not_after) recorded in the state when it was stored.
+    Recorded((i64, i64)),
+}
+
+/// The TLS certificate loader of ACME mode: reads a host's bundle from the
+/// store on its first handshake, and refuses one that does not name the
+/// host, whose key does not match, or that has expired.
+pub struct StoreLoader<S: CertStore> {
+    store: Arc<S>,
+    /// Hosts whose stored bundle turned out unusable (missing, broken):
+    /// the manager reads them again and orders a new certificate.
+    unusable: tokio::sync::mpsc::UnboundedSender<Box<str>>,
+}
+
+/// The receiving end of [`StoreLoader`]'s reports, for [`Manager::new`].
+pub type Unusable = tokio::sync::mpsc::UnboundedReceiver<Box<str>>;
+
+impl<S: CertStore> StoreLoader<S> {
+    /// A loader over `store`, and where it reports unusable certificates.
+    pub fn new(store: Arc<S>) -> (StoreLoader<S>, Unusable) {
+        let (unusable, rx) = tokio::sync::mpsc::unbounded_channel();
+        (StoreLoader { store, unusable }, rx)
+    }
+
+    fn read(&self, host: &str) -> Result<CertifiedKey, String> {
+        let bundle = self
+            .store
+            .load_cert_blocking(host)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no stored certificate".to_owned())?;
+        let (key, _) = order::inspect(host, &bundle)
+            .map_err(|reason| format!("stored certificate is unusable: {reason}"))?;
+        Ok(key)
+    }
+}
+
+impl<S: CertStore> crate::tls::CertLoader for StoreLoader<S> {
+    /// The stored bundle, checked (name, key). Expiry is checked by the
+    /// index, which refuses an expired certificate and remembers it.
+    fn load(&self, host: &str) -> Result<CertifiedKey, String> {
+        self.read(host).inspect_err(|_| {
+            let _ = self.unusable.send(host.into());
+        })
+    }
+}
 
 /// The certificate manager of `tls.mode = "acme"`.
 pub struct Manager<S: CertStore> {
@@ -154,6 +224,8 @@ pub struct Manager<S: CertStore> {
     ari_unsupported: std::sync::atomic::AtomicBool,
     pacer: Mutex<Pacer>,
     progress: Mutex<Progress>,
+    /// Reports of [`StoreLoader`]; taken by [`Manager::run`].
+    unusable: Mutex<Option<Unusable>>,
 }
 
 /// Longest one exchange with the CA (account, order, validation,
@@ -165,9 +237,6 @@ const ARI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a CA with ARI is asked whether a certificate should be renewed
 /// early (Let's Encrypt suggests about every 6 hours).
 const ARI_POLL: Duration = Duration::from_secs(6 * 3600);
-
-/// Stored certificates put into the SNI index per map copy at start.
-const LOAD_BATCH: usize = 1024;
 
 /// Logs progress this often while work is queued.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -182,8 +251,10 @@ impl<S: CertStore> Manager<S> {
         store: Arc<S>,
         index: Arc<CertIndex>,
         challenges: Arc<Challenges>,
+        unusable: Unusable,
     ) -> Manager<S> {
         Manager {
+            unusable: Mutex::new(Some(unusable)),
             pacer: Mutex::new(Pacer::new(cfg.orders_per_hour)),
             cfg,
             store,
@@ -228,18 +299,31 @@ impl<S: CertStore> Manager<S> {
             .collect()
     }
 
-    /// Loads what the store holds for the hosts of `snapshot`: stored
-    /// certificates go into the SNI index before this returns, so a
-    /// restarted server serves them from its first connection.
-    pub async fn prepare(&self, snapshot: &Snapshot) -> Prepared {
-        let mut entries = HashMap::new();
-        self.reconcile(&mut entries, snapshot).await;
-        let seed: Vec<i64> = entries
-            .values()
-            .filter_map(|e| e.state.last_order_at)
-            .collect();
-        self.pacer_lock().seed(seed, unix(SystemTime::now()));
-        Prepared(entries)
+    /// Makes the hosts of `snapshot` with a stored certificate servable
+    /// before this returns, so a restarted server serves them from its
+    /// first connection. Reads no certificate: one listing of the store
+    /// (each certificate is checked by the loader on its host's first
+    /// handshake, and by [`Manager::run`] as it reads the store).
+    pub async fn prepare(&self, snapshot: Arc<Snapshot>) -> Prepared {
+        let listed = match self.store.cert_hosts().await {
+            Ok(stored) => {
+                let stored: HashSet<String> = stored.into_iter().collect();
+                self.index.add_unverified(
+                    snapshot
+                        .sites()
+                        .iter()
+                        .filter(|site| stored.contains(&*site.host))
+                        .map(|site| site.host.clone()),
+                );
+                Some(stored)
+            }
+            Err(e) => {
+                // Not fatal: each host is served once `run` has read it.
+                tracing::error!(error = %e, "cannot list stored certificates");
+                None
+            }
+        };
+        Prepared(snapshot, listed)
     }
 
     /// Runs until `stop` turns true: follows `sites` (each new snapshot is a
@@ -250,7 +334,29 @@ impl<S: CertStore> Manager<S> {
         mut sites: watch::Receiver<Arc<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let Prepared(mut entries) = prepared;
+        let Prepared(first, listed) = prepared;
+        let unusable = self
+            .unusable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        // A second `run` (not done) would get no reports: a channel that
+        // stays open and empty.
+        let (_open, empty) = tokio::sync::mpsc::unbounded_channel();
+        let mut unusable = unusable.unwrap_or(empty);
+        // Everything the store holds for the configured hosts: their state
+        // (backoff, order times) and each certificate's validity.
+        let mut entries = HashMap::new();
+        let started = std::time::Instant::now();
+        let seed = self.reconcile(&mut entries, &first, listed.as_ref()).await;
+        drop((first, listed));
+        tracing::info!(
+            hosts = entries.len(),
+            valid = entries.values().filter(|e| e.expires.is_some()).count(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "read the certificate store"
+        );
+        self.pacer_lock().seed(seed, unix(SystemTime::now()));
         let mut tasks: JoinSet<Attempted> = JoinSet::new();
         // Hosts with an attempt running (also ones removed meanwhile, so a
         // removed-and-re-added host never gets two orders at once).
@@ -276,15 +382,19 @@ impl<S: CertStore> Manager<S> {
                     busy.insert(host.clone());
                     let me = Arc::clone(&self);
                     let target = entry.target.clone();
-                    let kind = schedule::challenge_for(self.cfg.challenge, &entry.state);
-                    // The served leaf (for ARI) comes from the SNI index:
-                    // no second copy of every certificate in memory.
-                    let leaf = self
-                        .index
-                        .lookup(&host)
-                        .and_then(|key| key.cert.first().map(|c| c.to_vec()))
-                        .zip(entry.renew_at);
+                    let kind = entry.state.as_deref().map_or(self.cfg.challenge, |state| {
+                        schedule::challenge_for(self.cfg.challenge, state)
+                    });
+                    let renew_at = entry.renew_at;
                     let handle = tasks.spawn(async move {
+                        // The served leaf (for ARI): from the SNI index's
+                        // cache, else from the store.
+                        let leaf = match renew_at {
+                            Some(renew_at) => {
+                                me.served_leaf(&target.host).await.map(|l| (l, renew_at))
+                            }
+                            None => None,
+                        };
                         let (ordered, result) = me.attempt(&target, kind, leaf).await;
                         Attempted {
                             host: target.host,
@@ -323,7 +433,24 @@ impl<S: CertStore> Manager<S> {
                         break;
                     }
                     let snapshot = Arc::clone(&sites.borrow_and_update());
-                    self.reconcile(&mut entries, &snapshot).await;
+                    let _ = self.reconcile(&mut entries, &snapshot, None).await;
+                }
+                Some(host) = unusable.recv() => {
+                    // A handshake found the stored certificate broken or
+                    // gone: read it again; if it is, stop serving it and
+                    // order a new one now (an attempt under way lands its
+                    // own).
+                    if !busy.contains(&host)
+                        && let Some(entry) = entries.get(&host)
+                        && entry.expires.is_some()
+                    {
+                        let target = entry.target.clone();
+                        let (entry, _) = self.load(target, SystemTime::now(), None).await;
+                        if entry.expires.is_none() {
+                            self.index.remove(&host);
+                        }
+                        entries.insert(host, entry);
+                    }
                 }
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match done {
@@ -364,8 +491,18 @@ impl<S: CertStore> Manager<S> {
     }
 
     /// Brings `entries` in line with the snapshot: loads newly wanted hosts
-    /// from the store, forgets removed ones (their files stay).
-    async fn reconcile(&self, entries: &mut HashMap<Box<str>, Entry>, snapshot: &Snapshot) {
+    /// from the store, forgets removed ones (their files stay). Returns the
+    /// stored order times of the newly loaded hosts (for pacing).
+    ///
+    /// `listed`: the hosts with a stored certificate (from the start-up
+    /// listing); a host with its certificate's validity recorded in its
+    /// state is then not read. Without it every certificate is read.
+    async fn reconcile(
+        &self,
+        entries: &mut HashMap<Box<str>, Entry>,
+        snapshot: &Snapshot,
+        listed: Option<&HashSet<String>>,
+    ) -> Vec<i64> {
         let targets = self.targets(snapshot);
         let wanted: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.host).collect();
         let removed: Vec<Box<str>> = entries
@@ -375,33 +512,51 @@ impl<S: CertStore> Manager<S> {
             .collect();
         for host in &removed {
             entries.remove(host);
+            self.index.remove(host);
             tracing::info!(host = %host, "no longer configured: not renewing; stored files kept");
         }
-        self.index.update(Vec::new(), &removed);
         let now = SystemTime::now();
-        // Loaded certificates go into the index in batches: one map copy per
-        // batch, and the first hosts are served before the last are read.
-        let mut batch = Vec::new();
+        let mut orders = Vec::new();
         for target in targets {
             if let Some(entry) = entries.get_mut(&target.host) {
                 entry.target = target;
                 continue;
             }
-            let (entry, key) = self.load(target, now).await;
-            if let Some(key) = key {
-                batch.push((entry.target.host.clone(), key));
+            let (entry, last_order) = self.load(target, now, listed).await;
+            orders.extend(last_order);
+            // Served from now on only if its stored certificate is usable
+            // (the index may have it as "stored, not read yet").
+            match entry.expires {
+                Some(not_after) => self.index.verified(&entry.target.host, not_after),
+                None => self.index.remove(&entry.target.host),
             }
             entries.insert(entry.target.host.clone(), entry);
-            if batch.len() >= LOAD_BATCH {
-                self.index.update(std::mem::take(&mut batch), &[]);
-            }
         }
-        self.index.update(batch, &[]);
+        orders
     }
 
-    /// A host's entry from the store: a usable stored certificate goes into
-    /// the SNI index at once; a broken one is reported and replaced.
-    async fn load(&self, target: Target, now: SystemTime) -> (Entry, Option<Arc<CertifiedKey>>) {
+    /// The DER leaf of the certificate `host` is served with: from the SNI
+    /// index's cache, else read from the store.
+    async fn served_leaf(&self, host: &str) -> Option<Vec<u8>> {
+        if let Some(key) = self.index.lookup(host) {
+            return key.cert.first().map(|c| c.to_vec());
+        }
+        let bundle = self.store.load_cert(host).await.ok()??;
+        rustls_pki_types::CertificateDer::pem_slice_iter(&bundle)
+            .next()?
+            .ok()
+            .map(|c| c.to_vec())
+    }
+
+    /// A host's entry from the store: a usable stored certificate is
+    /// recorded (and served); a broken one is reported and replaced.
+    /// Also returns the stored time of its last order.
+    async fn load(
+        &self,
+        target: Target,
+        now: SystemTime,
+        listed: Option<&HashSet<String>>,
+    ) -> (Entry, Option<i64>) {
         let host = &*target.host;
         let mut state = match self.store.load_state(host).await {
             Ok(s) => s.unwrap_or_default(),
@@ -410,19 +565,39 @@ impl<S: CertStore> Manager<S> {
                 CertState::default()
             }
         };
+        // (not_before, not_after) of a usable stored certificate.
         let mut cert = None;
-        let mut serve = None;
-        match self.store.load_cert(host).await {
+        let recorded = state.cert_not_before.zip(state.cert_not_after);
+        let stored = match (listed, recorded) {
+            // Recorded when stored, and the file is there: not read now
+            // (the loader checks it on its first handshake, and reports it
+            // if it is unusable).
+            (Some(listed), Some(validity)) if listed.contains(host) => {
+                Ok(Some(Stored::Recorded(validity)))
+            }
+            (Some(listed), _) if !listed.contains(host) => Ok(None),
+            _ => self
+                .store
+                .load_cert(host)
+                .await
+                .map(|b| b.map(Stored::Bundle)),
+        };
+        let inspected = |stored: Stored| match stored {
+            Stored::Bundle(bundle) => {
+                order::inspect(host, &bundle).map(|(_, i)| (i.not_before, i.not_after))
+            }
+            Stored::Recorded(validity) => Ok(validity),
+        };
+        match stored {
             Ok(None) => {}
-            Ok(Some(bundle)) => match order::inspect(host, &bundle) {
-                Ok((key, info)) if info.not_after > unix(now) => {
-                    serve = Some(Arc::new(key));
-                    cert = Some(info);
+            Ok(Some(bundle)) => match inspected(bundle) {
+                Ok((not_before, not_after)) if not_after > unix(now) => {
+                    cert = Some((not_before, not_after));
                 }
-                Ok((_, info)) => {
+                Ok((_, not_after)) => {
                     let msg = format!(
                         "stored certificate expired at {}; ordering a new one",
-                        status::fmt_time(info.not_after)
+                        status::fmt_time(not_after)
                     );
                     tracing::warn!(host, "{msg}");
                     state.last_error = Some(msg);
@@ -451,11 +626,11 @@ impl<S: CertStore> Manager<S> {
             .directory
             .as_ref()
             .is_some_and(|d| *d != self.cfg.directory);
-        let renew_at = cert.as_ref().map(|info| {
+        let renew_at = cert.map(|(not_before, not_after)| {
             if foreign {
                 unix(now)
             } else {
-                schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before)
+                schedule::renew_at(not_before, not_after, self.cfg.renew_before)
             }
         });
         let due = match &cert {
@@ -473,14 +648,15 @@ impl<S: CertStore> Manager<S> {
             // Restart mid-batch: hosts that failed keep their backoff.
             None => retry_at.unwrap_or(now),
         };
+        let last_order = state.last_order_at;
         let entry = Entry {
             target,
-            cert,
+            expires: cert.map(|(_, not_after)| not_after),
             renew_at,
-            state,
+            state: Entry::keep(state),
             due,
         };
-        (entry, serve)
+        (entry, last_order)
     }
 
     /// When to look at a stored certificate first: its renewal time, or
@@ -721,8 +897,8 @@ impl<S: CertStore> Manager<S> {
             result,
         } = done;
         let now = SystemTime::now();
-        let mut state = match entries.get(&host) {
-            Some(e) => e.state.clone(),
+        let mut state = match entries.get(&host).and_then(|e| e.state.as_deref()) {
+            Some(state) => state.clone(),
             None => self
                 .store
                 .load_state(&host)
@@ -767,6 +943,8 @@ impl<S: CertStore> Manager<S> {
                 state.next_attempt = None;
                 state.issued_at = Some(unix(now));
                 state.directory = Some(self.cfg.directory.clone());
+                state.cert_not_before = Some(info.not_before);
+                state.cert_not_after = Some(info.not_after);
                 if let Some(used) = issued.challenge {
                     state.last_challenge = Some(used.as_str().to_owned());
                 }
@@ -789,7 +967,7 @@ impl<S: CertStore> Manager<S> {
                     // its state is recorded).
                     entry.renew_at = Some(renew);
                     serve = Some(Arc::new(issued.key));
-                    entry.cert = Some(info);
+                    entry.expires = Some(info.not_after);
                     self.progress_lock().issued += 1;
                 }
                 self.first_check(renew, now, 1.0)
@@ -807,7 +985,7 @@ impl<S: CertStore> Manager<S> {
                 );
                 let retry = now + delay;
                 state.next_attempt = Some(unix(retry));
-                let serving = entry.as_ref().is_some_and(|e| e.cert.is_some());
+                let serving = entry.as_ref().is_some_and(|e| e.expires.is_some());
                 tracing::warn!(
                     host = %host,
                     failures = state.failures,
@@ -827,10 +1005,10 @@ impl<S: CertStore> Manager<S> {
         // Served last: whoever sees the new certificate also finds its
         // state (and `mtasts certs` never shows a stale error for it).
         if let Some(key) = serve {
-            self.index.insert(&host, key);
+            self.index.land(&host, key);
         }
         if let Some(entry) = entries.get_mut(&host) {
-            entry.state = state;
+            entry.state = Entry::keep(state);
             entry.due = due;
         }
     }
@@ -844,9 +1022,12 @@ impl<S: CertStore> Manager<S> {
     fn update_progress(&self, entries: &HashMap<Box<str>, Entry>, in_flight: usize) {
         let mut p = self.progress_lock();
         p.configured = entries.len();
-        p.valid = entries.values().filter(|e| e.cert.is_some()).count();
-        p.pending = entries.values().filter(|e| e.cert.is_none()).count();
-        p.failing = entries.values().filter(|e| e.state.failures > 0).count();
+        p.valid = entries.values().filter(|e| e.expires.is_some()).count();
+        p.pending = entries.values().filter(|e| e.expires.is_none()).count();
+        p.failing = entries
+            .values()
+            .filter(|e| e.state.as_ref().is_some_and(|s| s.failures > 0))
+            .count();
         p.in_flight = in_flight;
         p.peak_in_flight = p.peak_in_flight.max(in_flight);
     }

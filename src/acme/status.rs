@@ -57,8 +57,12 @@ pub fn report(cfg: &Config) -> CertReport {
         .map(|d| (d.name.policy_host(), true))
         .collect();
     if let Some(store) = &store {
+        // A set, not a scan of the list per stored host: quadratic at
+        // 100,000 domains.
+        let configured: std::collections::HashSet<String> =
+            hosts.iter().map(|(h, _)| h.clone()).collect();
         for h in store.hosts() {
-            if !hosts.iter().any(|(c, _)| *c == h) {
+            if !configured.contains(&h) {
                 hosts.push((h, false));
             }
         }
