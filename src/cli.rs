@@ -785,6 +785,19 @@ async fn serve_async(
     let http = tokio::net::TcpListener::bind(cfg.server.http)
         .await
         .with_context(|| format!("cannot listen on http address {}", cfg.server.http))?;
+    // The admin listener too, before anything is announced: whoever sees
+    // the policy listeners up can reach the admin API (connections wait in
+    // the backlog until `run` accepts).
+    let admin_listener = match &cfg.admin {
+        Some(a) => {
+            let token = admin::read_token(&a.token_file)?;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot listen on admin address {}", a.listen))?;
+            Some((listener, token))
+        }
+        None => None,
+    };
     let https_addr = https.local_addr()?;
     let http_addr = http.local_addr()?;
     let snapshot = server.snapshot();
@@ -820,12 +833,8 @@ async fn serve_async(
         },
         None => None,
     };
-    let admin = match &cfg.admin {
-        Some(a) => {
-            let token = admin::read_token(&a.token_file)?;
-            let listener = tokio::net::TcpListener::bind(a.listen)
-                .await
-                .with_context(|| format!("cannot listen on admin address {}", a.listen))?;
+    let admin = match admin_listener {
+        Some((listener, token)) => {
             tracing::info!(admin = %listener.local_addr()?, "admin API listening");
             Some((listener, admin::router(Arc::clone(&control), token)))
         }

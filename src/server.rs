@@ -243,19 +243,59 @@ impl Server {
             }
             None => None,
         };
-        let mut loops = tokio::task::JoinSet::new();
-        let mut listeners = vec![
-            (https, ConnCtx::new(&self, Listener::Https, None)),
-            (http, ConnCtx::new(&self, Listener::Http, None)),
-        ];
-        if let Some((listener, router)) = admin {
-            listeners.push((listener, ConnCtx::new(&self, Listener::Http, Some(router))));
+        // The policy listeners are served by one thread per core, each with
+        // a single-threaded runtime accepting on its own handle of the
+        // listening sockets (nginx's model): a connection stays on the
+        // thread that accepted it, with no cross-thread wake-ups on the hot
+        // path. The admin listener and the background tasks (ACME, reloads)
+        // stay on the main runtime.
+        let workers = serving_threads();
+        let https_ctx = Arc::new(ConnCtx::new(&self, Listener::Https, None));
+        let http_ctx = Arc::new(ConnCtx::new(&self, Listener::Http, None));
+        let (finish_tx, finish_rx) = watch::channel(false);
+        let (https_std, http_std) = (https.into_std()?, http.into_std()?);
+        let mut threads = Vec::with_capacity(workers);
+        for n in 0..workers {
+            let sockets = (https_std.try_clone()?, http_std.try_clone()?);
+            let contexts = (Arc::clone(&https_ctx), Arc::clone(&http_ctx));
+            let (slots, stop, graceful) =
+                (Arc::clone(&slots), stop_rx.clone(), Arc::clone(&graceful));
+            let mut finish = finish_rx.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("mtasts-serve-{n}"))
+                    .spawn(move || {
+                        runtime.block_on(async move {
+                            let https = TcpListener::from_std(sockets.0)?;
+                            let http = TcpListener::from_std(sockets.1)?;
+                            tokio::join!(
+                                accept_loop(
+                                    https,
+                                    contexts.0,
+                                    Arc::clone(&slots),
+                                    stop.clone(),
+                                    Arc::clone(&graceful)
+                                ),
+                                accept_loop(http, contexts.1, slots, stop, graceful),
+                            );
+                            // Open connections live on this runtime: keep it
+                            // running until they finish or are given up on.
+                            let _ = finish.wait_for(|done| *done).await;
+                            Ok::<_, std::io::Error>(())
+                        })
+                    })?,
+            );
         }
-        for (listener, ctx) in listeners {
-            let ctx = Arc::new(ctx);
+        // The listening sockets close once every thread's handle is gone.
+        drop((https_std, http_std, https_ctx, http_ctx));
+        let mut loops = tokio::task::JoinSet::new();
+        if let Some((listener, router)) = admin {
             loops.spawn(accept_loop(
                 listener,
-                ctx,
+                Arc::new(ConnCtx::new(&self, Listener::Http, Some(router))),
                 Arc::clone(&slots),
                 stop_rx.clone(),
                 Arc::clone(&graceful),
@@ -272,21 +312,48 @@ impl Server {
         {
             manager.abort();
         }
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            // Unreachable: the accept loops, the only other owners, have ended.
-            return Ok(());
+        // The serving threads drop their handles as their accept loops end.
+        let mut graceful = graceful;
+        let graceful = loop {
+            match Arc::try_unwrap(graceful) {
+                Ok(g) => break Some(g),
+                Err(_) if threads.iter().all(std::thread::JoinHandle::is_finished) => break None,
+                Err(shared) => {
+                    graceful = shared;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
         };
-        if tokio::time::timeout(self.limits.shutdown_timeout, graceful.shutdown())
-            .await
-            .is_err()
+        if let Some(graceful) = graceful
+            && tokio::time::timeout(self.limits.shutdown_timeout, graceful.shutdown())
+                .await
+                .is_err()
         {
             tracing::warn!(
                 "connections still open after {:?}; closing them",
                 self.limits.shutdown_timeout
             );
         }
-        Ok(())
+        let _ = finish_tx.send(true);
+        let results = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("a serving thread panicked")))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        results.into_iter().collect()
     }
+}
+
+/// Threads serving the policy listeners: one per core the process may use
+/// (std reads the cgroup CPU quota too).
+fn serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
 }
 
 /// What every connection of one listener needs.
