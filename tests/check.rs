@@ -7,11 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Instant;
 
 use common::knot::Knot;
+use common::mtasts;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType,
 };
@@ -57,13 +57,6 @@ mx = []
 [[domain]]
 name = "deleg.example.test"
 "#;
-
-fn mtasts(args: &[&str]) -> Output {
-    Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("run mtasts")
-}
 
 fn served_id(config: &Path, domain: &str) -> String {
     let out = mtasts(&[

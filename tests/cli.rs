@@ -5,21 +5,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::ServeProc;
 use common::client::TlsClient;
+use common::mtasts;
 use hickory_proto::rr::{Name, RData, RecordType, RrKey};
 use hickory_proto::serialize::txt::Parser;
 use sha2::{Digest, Sha256};
-
-fn mtasts(args: &[&str]) -> Output {
-    Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("run mtasts")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

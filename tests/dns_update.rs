@@ -5,29 +5,16 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Instant;
 
 use common::knot::{KEY_NAME, Knot};
+use common::{mtasts, output_text as text};
 use hickory_proto::rr::RecordType;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 const ZONE: &str = "example.test";
-
-fn mtasts(args: &[&str]) -> Output {
-    Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("run mtasts")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 struct Setup {
     _dir: tempfile::TempDir,

@@ -4,10 +4,12 @@
 //! same records, and the `_mta-sts` id must be the one derived from the body
 //! `mtasts policy` prints.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use common::mtasts;
 use hickory_proto::rr::{Name, RData};
 use hickory_proto::serialize::txt::Parser;
 use serde::Deserialize;
@@ -58,13 +60,6 @@ fn fixture() -> Fixture {
     let long = "r".repeat(300);
     std::fs::write(&config, CONFIG.replace("PLACEHOLDER", &long)).expect("write config");
     Fixture { _dir: dir, config }
-}
-
-fn mtasts(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mtasts"))
-        .args(args)
-        .output()
-        .expect("run mtasts")
 }
 
 fn stdout_ok(args: &[&str]) -> String {

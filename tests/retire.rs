@@ -7,10 +7,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::knot::{KEY_NAME, Knot};
+use common::{mtasts, output_text as text};
 use hickory_proto::rr::RecordType;
 use sha2::{Digest, Sha256};
 
@@ -34,20 +35,6 @@ name = "b.example.test"
 "#;
 
 const A: &str = "a.example.test";
-
-fn mtasts(args: &[&str]) -> Output {
-    Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("run mtasts")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 struct Setup {
     dir: tempfile::TempDir,

@@ -39,6 +39,19 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port between {LOW} and {}", LOW + SPAN);
 }
 
+/// Runs `mtasts` with `args` to completion.
+pub fn mtasts(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().expect("run mtasts")
+}
+
+/// A finished command's stdout and stderr as text.
+pub fn output_text(out: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The `mtasts` binary built for these tests.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mtasts"))
