@@ -253,6 +253,9 @@ impl Server {
         let https_ctx = Arc::new(ConnCtx::new(&self, Listener::Https, None));
         let http_ctx = Arc::new(ConnCtx::new(&self, Listener::Http, None));
         let (finish_tx, finish_rx) = watch::channel(false);
+        // Never carries a message: closed once every serving thread has left
+        // its accept loops and dropped its handles on `graceful`.
+        let (accepting_tx, mut accepting_rx) = tokio::sync::mpsc::channel::<()>(1);
         let (https_std, http_std) = (https.into_std()?, http.into_std()?);
         let mut threads = Vec::with_capacity(workers);
         for n in 0..workers {
@@ -261,6 +264,7 @@ impl Server {
             let (slots, stop, graceful) =
                 (Arc::clone(&slots), stop_rx.clone(), Arc::clone(&graceful));
             let mut finish = finish_rx.clone();
+            let accepting = accepting_tx.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -269,28 +273,33 @@ impl Server {
                     .name(format!("mtasts-serve-{n}"))
                     .spawn(move || {
                         runtime.block_on(async move {
-                            let https = TcpListener::from_std(sockets.0)?;
-                            let http = TcpListener::from_std(sockets.1)?;
-                            tokio::join!(
-                                accept_loop(
-                                    https,
-                                    contexts.0,
-                                    Arc::clone(&slots),
-                                    stop.clone(),
-                                    Arc::clone(&graceful)
-                                ),
-                                accept_loop(http, contexts.1, slots, stop, graceful),
-                            );
+                            let served = async move {
+                                let https = TcpListener::from_std(sockets.0)?;
+                                let http = TcpListener::from_std(sockets.1)?;
+                                tokio::join!(
+                                    accept_loop(
+                                        https,
+                                        contexts.0,
+                                        Arc::clone(&slots),
+                                        stop.clone(),
+                                        Arc::clone(&graceful)
+                                    ),
+                                    accept_loop(http, contexts.1, slots, stop, graceful),
+                                );
+                                Ok::<_, std::io::Error>(())
+                            }
+                            .await;
+                            drop(accepting);
                             // Open connections live on this runtime: keep it
                             // running until they finish or are given up on.
                             let _ = finish.wait_for(|done| *done).await;
-                            Ok::<_, std::io::Error>(())
+                            served
                         })
                     })?,
             );
         }
         // The listening sockets close once every thread's handle is gone.
-        drop((https_std, http_std, https_ctx, http_ctx));
+        drop((https_std, http_std, https_ctx, http_ctx, accepting_tx));
         let mut loops = tokio::task::JoinSet::new();
         if let Some((listener, router)) = admin {
             loops.spawn(accept_loop(
@@ -312,19 +321,9 @@ impl Server {
         {
             manager.abort();
         }
-        // The serving threads drop their handles as their accept loops end.
-        let mut graceful = graceful;
-        let graceful = loop {
-            match Arc::try_unwrap(graceful) {
-                Ok(g) => break Some(g),
-                Err(_) if threads.iter().all(std::thread::JoinHandle::is_finished) => break None,
-                Err(shared) => {
-                    graceful = shared;
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
-            }
-        };
-        if let Some(graceful) = graceful
+        while accepting_rx.recv().await.is_some() {}
+        // The accept loops, the only other owners, have all ended.
+        if let Ok(graceful) = Arc::try_unwrap(graceful)
             && tokio::time::timeout(self.limits.shutdown_timeout, graceful.shutdown())
                 .await
                 .is_err()
