@@ -26,9 +26,8 @@ const CHECKS: u32 = 4;
 pub struct IdleTimeout<I> {
     inner: I,
     period: Duration,
-    /// Allocated once per connection, armed on the first pending I/O.
+    /// Allocated and armed once per connection, re-armed when it fires.
     sleep: Pin<Box<Sleep>>,
-    armed: bool,
     /// Bytes moved since the current period started.
     active: bool,
     /// Periods in a row without I/O.
@@ -42,7 +41,6 @@ impl<I> IdleTimeout<I> {
             inner,
             period,
             sleep: Box::pin(tokio::time::sleep_until(Instant::now() + period)),
-            armed: false,
             active: false,
             silent: 0,
         }
@@ -52,12 +50,6 @@ impl<I> IdleTimeout<I> {
     /// connection has been idle for the whole timeout, else keeps the timer
     /// registered with `cx`.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if !self.armed {
-            self.armed = true;
-            self.active = false;
-            self.silent = 0;
-            self.sleep.as_mut().reset(Instant::now() + self.period);
-        }
         while self.sleep.as_mut().poll(cx).is_ready() {
             if std::mem::take(&mut self.active) {
                 self.silent = 0;
