@@ -772,6 +772,8 @@ async fn serve_async(
     path: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // Before anything is bound: whoever sees a port answer may signal us.
+    let signals = Signals::register()?;
     let setup = cfg.clone();
     let server = tokio::task::spawn_blocking(move || Server::new(&setup))
         .await
@@ -821,7 +823,8 @@ async fn serve_async(
     );
     // The first load's parse is freed by now.
     tokio::task::spawn_blocking(crate::memory::release_free_memory).await?;
-    let reloader = tokio::spawn(control::reload_on_sighup(Arc::clone(&control)));
+    let (shutdown, reloads) = signals.split(Arc::clone(&control));
+    let reloader = tokio::spawn(reloads);
     // Keep the watcher alive while serving.
     let _watcher = match &path {
         Some(_) => match control::watch(Arc::clone(&control), Duration::from_millis(300)) {
@@ -841,9 +844,7 @@ async fn serve_async(
         None => None,
     };
     let progress_bar = tokio::spawn(terminal_progress(Arc::clone(&server)));
-    let result = Arc::clone(&server)
-        .run(https, http, admin, shutdown_signal())
-        .await;
+    let result = Arc::clone(&server).run(https, http, admin, shutdown).await;
     reloader.abort();
     progress_bar.abort();
     result.context("server failed")?;
@@ -938,24 +939,74 @@ async fn terminal_progress(server: Arc<Server>) {
     }
 }
 
-async fn shutdown_signal() {
+/// The process's signal handlers, registered at the start of `serve`. Tokio
+/// installs a handler only when its stream is created, so creating them
+/// lazily (when the server loop first polls them) left a window after the
+/// ports were bound in which SIGTERM or SIGHUP took its default action and
+/// ended the process without a "stopped" line.
+struct Signals {
     #[cfg(unix)]
-    {
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn register() -> anyhow::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        let handler = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot install the {name} handler"))
+        };
+        Ok(Signals {
+            term: handler(SignalKind::terminate(), "SIGTERM")?,
+            int: handler(SignalKind::interrupt(), "SIGINT")?,
+            hup: handler(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
+
     #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    fn register() -> anyhow::Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// The future that resolves on SIGTERM or SIGINT, and the task that
+    /// reloads on each SIGHUP.
+    #[cfg(unix)]
+    fn split(
+        self,
+        control: Arc<Control>,
+    ) -> (
+        impl std::future::Future<Output = ()> + Send + 'static,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let Signals {
+            mut term,
+            mut int,
+            hup,
+        } = self;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        (shutdown, control::reload_on_sighup(control, hup))
+    }
+
+    #[cfg(not(unix))]
+    fn split(
+        self,
+        _control: Arc<Control>,
+    ) -> (
+        impl std::future::Future<Output = ()> + Send + 'static,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        (shutdown, std::future::pending::<()>())
     }
 }

@@ -234,18 +234,14 @@ impl Control {
     }
 }
 
-/// Reloads on SIGHUP until the process ends.
-pub async fn reload_on_sighup(control: Arc<Control>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            // The outcome is logged and counted by reload itself.
-            let _ = control.reload(Trigger::Signal).await;
-        }
+/// Reloads on each SIGHUP until the process ends. The handler is registered
+/// by the caller before the listeners are bound: a SIGHUP sent as soon as a
+/// port answers must reload, not end the process (SIGHUP's default action).
+#[cfg(unix)]
+pub async fn reload_on_sighup(control: Arc<Control>, mut hup: tokio::signal::unix::Signal) {
+    while hup.recv().await.is_some() {
+        // The outcome is logged and counted by reload itself.
+        let _ = control.reload(Trigger::Signal).await;
     }
 }
 

@@ -384,3 +384,54 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(serving["level"], "INFO");
     assert!(lines.iter().any(|l| l["fields"]["message"] == "stopped"));
 }
+
+/// Signals sent the moment a port answers are handled, not left to their
+/// default action (which ends the process silently): the handlers are in
+/// place before the listeners are bound.
+#[tokio::test]
+async fn signals_right_after_start_are_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (https, http) = (common::loopback(), common::loopback());
+    let config = |mx: &str| {
+        format!(
+            "{}[[domain]]\nname = \"a.example\"\nmx = [\"{mx}\"]\n",
+            common::server_section(https, http, &dir.path().join("state"))
+        )
+    };
+    let cfg = common::write(dir.path(), "mtasts.toml", &config("mx1.a.example"));
+    let mut proc = ServeProc::spawn(&cfg, https, http, &[]);
+    // Signalled the moment the https port answers (SIGHUP's default action
+    // ends a process), with a changed config to reload.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(https).is_err() {
+        assert!(Instant::now() < deadline, "never listened: {}", proc.log());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    common::write(dir.path(), "mtasts.toml", &config("mx2.a.example"));
+    proc.signal("HUP");
+    let client = TlsClient::trusting_pem_file(&dir.path().join("state/ca/ca.pem"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("SIGHUP ended the process ({status}): {}", proc.log());
+        }
+        if let Ok(r) = client.get_policy(https, "a.example").await
+            && String::from_utf8_lossy(&r.body).contains("mx: mx2.a.example\r\n")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reloaded: {}", proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proc.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM ignored: {}", proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}: {}", proc.log());
+    assert!(proc.log().contains("stopped"), "{}", proc.log());
+}

@@ -79,6 +79,13 @@ impl ServeProc {
         http: SocketAddr,
         global: &[&str],
     ) -> ServeProc {
+        let mut proc = Self::spawn(config, https, http, global);
+        proc.wait_ready();
+        proc
+    }
+
+    /// Starts the process and returns at once, before it listens.
+    pub fn spawn(config: &Path, https: SocketAddr, http: SocketAddr, global: &[&str]) -> ServeProc {
         let stderr = config.with_extension("stderr.log");
         let child = Command::new(bin())
             .args(global)
@@ -88,14 +95,12 @@ impl ServeProc {
             .stderr(std::fs::File::create(&stderr).expect("stderr log"))
             .spawn()
             .expect("spawn mtasts");
-        let mut proc = ServeProc {
+        ServeProc {
             child,
             https,
             http,
             stderr,
-        };
-        proc.wait_ready();
-        proc
+        }
     }
 
     fn wait_ready(&mut self) {
