@@ -33,6 +33,26 @@ const FUDGE: u16 = 300;
 /// because someone else changed the records in between.
 const PREREQ_ATTEMPTS: u32 = 3;
 
+/// Answers to an UPDATE that mean its prerequisites (the RRsets as we read
+/// them) failed: someone changed the records meanwhile. YXDOMAIN/NXDOMAIN
+/// are retried too (a re-read shows what is there now), so a name created
+/// or removed meanwhile is re-planned rather than reported as an error.
+const UPDATE_RETRY: &[ResponseCode] = &[
+    ResponseCode::YXRRSet,
+    ResponseCode::NXRRSet,
+    ResponseCode::YXDomain,
+    ResponseCode::NXDomain,
+];
+/// For a deletion of our records, only a changed RRset is retried.
+const PRUNE_RETRY: &[ResponseCode] = &[ResponseCode::YXRRSet, ResponseCode::NXRRSet];
+
+fn contended(domain: &str) -> PushError {
+    PushError::Contended {
+        domain: domain.to_owned(),
+        attempts: PREREQ_ATTEMPTS,
+    }
+}
+
 /// Domains whose changes share one UPDATE message.
 const BATCH_DOMAINS: usize = 64;
 
@@ -700,27 +720,32 @@ impl Pusher {
             }
             match self.send_update(&changes).await? {
                 ResponseCode::NoError => return self.confirm(&changes).await,
-                ResponseCode::YXRRSet
-                | ResponseCode::NXRRSet
-                | ResponseCode::YXDomain
-                | ResponseCode::NXDomain => {
-                    tracing::info!(
-                        domain,
-                        "records changed on the server meanwhile; re-reading"
-                    );
-                }
-                other => {
-                    return Err(PushError::Unexpected {
-                        server: self.cfg.server,
-                        rcode: other.to_string(),
-                        what: "to an update",
-                    });
-                }
+                rcode => self.prereq_failed(domain, rcode, UPDATE_RETRY)?,
             }
         }
-        Err(PushError::Contended {
-            domain: domain.to_owned(),
-            attempts: PREREQ_ATTEMPTS,
+        Err(contended(domain))
+    }
+
+    /// After an UPDATE was refused with `rcode`: Ok (re-read and retry)
+    /// when `rcode` is one of `retry`, the answers that mean the records
+    /// changed between our read and our update; else the error.
+    fn prereq_failed(
+        &self,
+        domain: &str,
+        rcode: ResponseCode,
+        retry: &[ResponseCode],
+    ) -> Result<(), PushError> {
+        if retry.contains(&rcode) {
+            tracing::info!(
+                domain,
+                "records changed on the server meanwhile; re-reading"
+            );
+            return Ok(());
+        }
+        Err(PushError::Unexpected {
+            server: self.cfg.server,
+            rcode: rcode.to_string(),
+            what: "to an update",
         })
     }
 
@@ -786,25 +811,10 @@ impl Pusher {
                     }
                     return Ok(Outcome::Deleted(names));
                 }
-                ResponseCode::YXRRSet | ResponseCode::NXRRSet => {
-                    tracing::info!(
-                        domain,
-                        "records changed on the server meanwhile; re-reading"
-                    );
-                }
-                other => {
-                    return Err(PushError::Unexpected {
-                        server: self.cfg.server,
-                        rcode: other.to_string(),
-                        what: "to an update",
-                    });
-                }
+                rcode => self.prereq_failed(domain, rcode, PRUNE_RETRY)?,
             }
         }
-        Err(PushError::Contended {
-            domain: domain.to_owned(),
-            attempts: PREREQ_ATTEMPTS,
-        })
+        Err(contended(domain))
     }
 
     /// The RRset the server holds now (empty if none).
