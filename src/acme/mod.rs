@@ -11,6 +11,8 @@
 //! The [`Manager`] is one task: it keeps a due time per host (missing
 //! certificate: now; valid: its renewal time; failed: now + backoff) and
 //! runs due hosts with bounded concurrency and a per-hour pacing window.
+//! The hosts are kept in a [`Queue`] (due times in a heap, counts kept up
+//! to date), so a turn of its loop does not scan every host.
 //! Everything it learns goes to the store (`CertState`), so a restart resumes
 //! where it stopped and `mtasts certs` shows it.
 
