@@ -11,11 +11,14 @@
 //! The [`Manager`] is one task: it keeps a due time per host (missing
 //! certificate: now; valid: its renewal time; failed: now + backoff) and
 //! runs due hosts with bounded concurrency and a per-hour pacing window.
+//! The hosts are kept in a [`Queue`] (due times in a heap, counts kept up
+//! to date), so a turn of its loop does not scan every host.
 //! Everything it learns goes to the store (`CertState`), so a restart resumes
 //! where it stopped and `mtasts certs` shows it.
 
 pub mod challenge;
 pub mod order;
+pub mod queue;
 pub mod resolve;
 pub mod schedule;
 pub mod status;
@@ -39,6 +42,7 @@ use crate::store::{CertState, CertStore};
 use crate::tls::CertIndex;
 use challenge::Challenges;
 use order::Issued;
+use queue::{Queue, Queued};
 use schedule::{AriDecision, Pacer, unix};
 
 /// What went wrong in one attempt, and whose move it is.
@@ -154,6 +158,20 @@ impl Entry {
     /// Keeps `state` in memory only where the scheduler needs it.
     fn keep(state: CertState) -> Option<Box<CertState>> {
         (state.failures > 0 || state.last_error.is_some()).then(|| Box::new(state))
+    }
+}
+
+impl Queued for Entry {
+    fn due(&self) -> SystemTime {
+        self.due
+    }
+
+    fn valid(&self) -> bool {
+        self.expires.is_some()
+    }
+
+    fn failing(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.failures > 0)
     }
 }
 
@@ -346,40 +364,26 @@ impl<S: CertStore> Manager<S> {
         let mut unusable = unusable.unwrap_or(empty);
         // Everything the store holds for the configured hosts: their state
         // (backoff, order times) and each certificate's validity.
-        let mut entries = HashMap::new();
+        let mut entries = Queue::new();
         let started = std::time::Instant::now();
         let seed = self.reconcile(&mut entries, &first, listed.as_ref()).await;
         drop((first, listed));
         tracing::info!(
             hosts = entries.len(),
-            valid = entries.values().filter(|e| e.expires.is_some()).count(),
+            valid = entries.counts().valid,
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "read the certificate store"
         );
         self.pacer_lock().seed(seed, unix(SystemTime::now()));
         let mut tasks: JoinSet<Attempted> = JoinSet::new();
-        // Hosts with an attempt running (also ones removed meanwhile, so a
-        // removed-and-re-added host never gets two orders at once).
-        let mut busy: HashSet<Box<str>> = HashSet::new();
         // Which host a task works on, to recover if it panics.
         let mut task_hosts: HashMap<tokio::task::Id, Box<str>> = HashMap::new();
         let mut last_log = tokio::time::Instant::now();
         loop {
             let now = SystemTime::now();
-            let mut due: Vec<(&Box<str>, SystemTime)> = entries
-                .iter()
-                .filter(|(h, e)| !busy.contains(*h) && e.due <= now)
-                .map(|(h, e)| (h, e.due))
-                .collect();
-            due.sort_by_key(|(h, t)| (*t, (*h).clone()));
-            let launch: Vec<Box<str>> = due
-                .into_iter()
-                .take(self.cfg.max_concurrent_orders.saturating_sub(tasks.len()))
-                .map(|(h, _)| h.clone())
-                .collect();
-            for host in launch {
+            let free = self.cfg.max_concurrent_orders.saturating_sub(tasks.len());
+            for host in entries.start(now, free) {
                 if let Some(entry) = entries.get(&host) {
-                    busy.insert(host.clone());
                     let me = Arc::clone(&self);
                     let target = entry.target.clone();
                     let kind = entry.state.as_deref().map_or(self.cfg.challenge, |state| {
@@ -412,10 +416,7 @@ impl<S: CertStore> Manager<S> {
                 self.log_progress();
             }
             let next_due = entries
-                .iter()
-                .filter(|(h, _)| !busy.contains(*h))
-                .map(|(_, e)| e.due)
-                .min()
+                .next_due()
                 .and_then(|t| t.duration_since(now).ok())
                 .unwrap_or(MAX_SLEEP);
             let capacity_full = tasks.len() >= self.cfg.max_concurrent_orders;
@@ -440,7 +441,7 @@ impl<S: CertStore> Manager<S> {
                     // gone: read it again; if it is, stop serving it and
                     // order a new one now (an attempt under way lands its
                     // own).
-                    if !busy.contains(&host)
+                    if !entries.is_busy(&host)
                         && let Some(entry) = entries.get(&host)
                         && entry.expires.is_some()
                     {
@@ -456,14 +457,14 @@ impl<S: CertStore> Manager<S> {
                     match done {
                         Ok((id, done)) => {
                             task_hosts.remove(&id);
-                            busy.remove(&done.host);
+                            entries.done(&done.host);
                             self.finish(&mut entries, done).await;
                         }
                         Err(e) => {
                             // A bug, not the CA: retry this host with backoff.
                             tracing::error!(error = %e, "certificate task failed");
                             if let Some(host) = task_hosts.remove(&e.id()) {
-                                busy.remove(&host);
+                                entries.done(&host);
                                 let done = Attempted {
                                     host,
                                     ordered: false,
@@ -499,14 +500,14 @@ impl<S: CertStore> Manager<S> {
     /// state is then not read. Without it every certificate is read.
     async fn reconcile(
         &self,
-        entries: &mut HashMap<Box<str>, Entry>,
+        entries: &mut Queue<Entry>,
         snapshot: &Snapshot,
         listed: Option<&HashSet<String>>,
     ) -> Vec<i64> {
         let targets = self.targets(snapshot);
         let wanted: std::collections::HashSet<&str> = targets.iter().map(|t| &*t.host).collect();
         let removed: Vec<Box<str>> = entries
-            .keys()
+            .hosts()
             .filter(|h| !wanted.contains(&***h))
             .cloned()
             .collect();
@@ -518,8 +519,16 @@ impl<S: CertStore> Manager<S> {
         let now = SystemTime::now();
         let mut orders = Vec::new();
         for target in targets {
-            if let Some(entry) = entries.get_mut(&target.host) {
-                entry.target = target;
+            if entries.contains(&target.host) {
+                let Target {
+                    host,
+                    expected,
+                    cname,
+                } = target;
+                entries.update(&host, |entry| {
+                    entry.target.expected = expected;
+                    entry.target.cname = cname;
+                });
                 continue;
             }
             let (entry, last_order) = self.load(target, now, listed).await;
@@ -889,7 +898,7 @@ impl<S: CertStore> Manager<S> {
 
     /// Records the outcome of an attempt: a new certificate is stored first,
     /// then served; a failure schedules a retry with backoff.
-    async fn finish(&self, entries: &mut HashMap<Box<str>, Entry>, done: Attempted) {
+    async fn finish(&self, entries: &mut Queue<Entry>, done: Attempted) {
         let Attempted {
             host,
             ordered,
@@ -913,9 +922,7 @@ impl<S: CertStore> Manager<S> {
         }
         let issued = match result {
             Ok(Outcome::Later(at)) => {
-                if let Some(entry) = entries.get_mut(&host) {
-                    entry.due = at;
-                }
+                entries.update(&host, |entry| entry.due = at);
                 return;
             }
             Ok(Outcome::Issued(issued)) => Ok(issued),
@@ -931,7 +938,10 @@ impl<S: CertStore> Manager<S> {
             },
             Err(f) => Err(f),
         };
-        let entry = entries.get_mut(&host);
+        // Whether the host is still configured, and if so served.
+        let serving = entries.get(&host).map(|e| e.expires.is_some());
+        // The new certificate (renewal time, expiry, key) of a host that is
+        // still configured.
         let mut serve = None;
         let due = match result {
             Ok(issued) => {
@@ -962,12 +972,10 @@ impl<S: CertStore> Manager<S> {
                     renew_at = %status::fmt_time(renew),
                     "certificate issued"
                 );
-                if let Some(entry) = entry {
+                if serving.is_some() {
                     // Only a host still configured is served (below, once
                     // its state is recorded).
-                    entry.renew_at = Some(renew);
-                    serve = Some(Arc::new(issued.key));
-                    entry.expires = Some(info.not_after);
+                    serve = Some((renew, info.not_after, Arc::new(issued.key)));
                     self.progress_lock().issued += 1;
                 }
                 self.first_check(renew, now, 1.0)
@@ -985,7 +993,7 @@ impl<S: CertStore> Manager<S> {
                 );
                 let retry = now + delay;
                 state.next_attempt = Some(unix(retry));
-                let serving = entry.as_ref().is_some_and(|e| e.expires.is_some());
+                let serving = serving == Some(true);
                 tracing::warn!(
                     host = %host,
                     failures = state.failures,
@@ -1004,13 +1012,18 @@ impl<S: CertStore> Manager<S> {
         }
         // Served last: whoever sees the new certificate also finds its
         // state (and `mtasts certs` never shows a stale error for it).
-        if let Some(key) = serve {
+        let landed = serve.map(|(renew, not_after, key)| {
             self.index.land(&host, key);
-        }
-        if let Some(entry) = entries.get_mut(&host) {
+            (renew, not_after)
+        });
+        entries.update(&host, |entry| {
+            if let Some((renew, not_after)) = landed {
+                entry.renew_at = Some(renew);
+                entry.expires = Some(not_after);
+            }
             entry.state = Entry::keep(state);
             entry.due = due;
-        }
+        });
     }
 
     fn progress_lock(&self) -> std::sync::MutexGuard<'_, Progress> {
@@ -1019,15 +1032,13 @@ impl<S: CertStore> Manager<S> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn update_progress(&self, entries: &HashMap<Box<str>, Entry>, in_flight: usize) {
+    fn update_progress(&self, entries: &Queue<Entry>, in_flight: usize) {
+        let counts = entries.counts();
         let mut p = self.progress_lock();
-        p.configured = entries.len();
-        p.valid = entries.values().filter(|e| e.expires.is_some()).count();
-        p.pending = entries.values().filter(|e| e.expires.is_none()).count();
-        p.failing = entries
-            .values()
-            .filter(|e| e.state.as_ref().is_some_and(|s| s.failures > 0))
-            .count();
+        p.configured = counts.configured;
+        p.valid = counts.valid;
+        p.pending = counts.configured - counts.valid;
+        p.failing = counts.failing;
         p.in_flight = in_flight;
         p.peak_in_flight = p.peak_in_flight.max(in_flight);
     }
