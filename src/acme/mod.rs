@@ -218,6 +218,8 @@ pub struct Manager<S: CertStore> {
     index: Arc<CertIndex>,
     challenges: Arc<Challenges>,
     account: tokio::sync::Mutex<Option<Account>>,
+    /// Orders of the account are created one at a time ([`order::OrderGate`]).
+    creating: order::OrderGate,
     /// Create a new account instead of loading the stored one.
     account_gone: std::sync::atomic::AtomicBool,
     /// The CA has no ARI (RFC 9773): renew on our own schedule only.
@@ -261,6 +263,7 @@ impl<S: CertStore> Manager<S> {
             index,
             challenges,
             account: tokio::sync::Mutex::new(None),
+            creating: order::OrderGate::default(),
             account_gone: false.into(),
             ari_unsupported: false.into(),
             progress: Mutex::new(Progress::default()),
@@ -718,6 +721,7 @@ impl<S: CertStore> Manager<S> {
             let account = self.account().await?;
             order::issue(
                 &account,
+                &self.creating,
                 &target.host,
                 kind,
                 self.cfg.key_type,
