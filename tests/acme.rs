@@ -502,6 +502,80 @@ async fn many_domains_with_bounded_concurrency() {
     running.stop().await;
 }
 
+/// Regression: pebble (2.4 and its master) deadlocks for good when a new
+/// order overlaps an authorization fetch of the same account and a third
+/// request writes its store (lock-order inversion, see `OrderGate`). With
+/// six orders at once, `many_domains_with_bounded_concurrency` hit it now
+/// and then (more often on a loaded machine): every later request hung and
+/// the test ran into its 480 s deadline. An order is now created (new
+/// order, authorizations, challenge answers) only while it holds the
+/// account's gate: held here, no order reaches pebble; released, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_created_one_at_a_time() {
+    use mtasts::acme::challenge::{Challenges, http01_router};
+    use mtasts::acme::order::{self, OrderGate};
+    use mtasts::config::{ChallengeKind, KeyType};
+
+    init();
+    let listeners = Listeners::bind().await;
+    let (http_port, tls_port) = listeners.ports();
+    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+        return;
+    };
+    let challenges = Arc::new(Challenges::default());
+    let http = tokio::spawn(
+        axum::serve(listeners.http, http01_router(Arc::clone(&challenges))).into_future(),
+    );
+    let (account, _) = instant_acme::Account::builder_with_root(&pebble.ca_roots)
+        .expect("client")
+        .create(
+            &instant_acme::NewAccount {
+                contact: &[],
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            pebble.directory.clone(),
+            None,
+        )
+        .await
+        .expect("account");
+    let gate = Arc::new(OrderGate::default());
+    let held = gate.hold().await;
+    let issuing = tokio::spawn({
+        let gate = Arc::clone(&gate);
+        async move {
+            order::issue(
+                &account,
+                &gate,
+                "mta-sts.gate.example.com",
+                ChallengeKind::Http01,
+                KeyType::EcdsaP256,
+                &challenges,
+                None,
+            )
+            .await
+            .map(|issued| issued.info)
+            .map_err(|f| f.message)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!issuing.is_finished());
+    assert_eq!(
+        pebble.orders(),
+        0,
+        "an order was created while the gate was held"
+    );
+    drop(held);
+    let info = tokio::time::timeout(Duration::from_secs(60), issuing)
+        .await
+        .expect("issued within 60 s")
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&pebble.log(), 40)));
+    assert!(info.not_after > info.not_before);
+    assert_eq!(pebble.orders(), 1);
+    http.abort();
+}
+
 /// The real binary: `mtasts serve` in ACME mode on the ports from its
 /// config brings up a certificate pebble validated, and `mtasts certs`
 /// reports it.

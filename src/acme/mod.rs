@@ -236,6 +236,8 @@ pub struct Manager<S: CertStore> {
     index: Arc<CertIndex>,
     challenges: Arc<Challenges>,
     account: tokio::sync::Mutex<Option<Account>>,
+    /// Orders of the account are created one at a time ([`order::OrderGate`]).
+    creating: order::OrderGate,
     /// Create a new account instead of loading the stored one.
     account_gone: std::sync::atomic::AtomicBool,
     /// The CA has no ARI (RFC 9773): renew on our own schedule only.
@@ -279,6 +281,7 @@ impl<S: CertStore> Manager<S> {
             index,
             challenges,
             account: tokio::sync::Mutex::new(None),
+            creating: order::OrderGate::default(),
             account_gone: false.into(),
             ari_unsupported: false.into(),
             progress: Mutex::new(Progress::default()),
@@ -727,6 +730,7 @@ impl<S: CertStore> Manager<S> {
             let account = self.account().await?;
             order::issue(
                 &account,
+                &self.creating,
                 &target.host,
                 kind,
                 self.cfg.key_type,

@@ -46,6 +46,30 @@ fn acme_type(kind: ChallengeKind) -> ChallengeType {
     }
 }
 
+/// Serializes the creation of orders (new order, authorization fetches,
+/// challenge answers) of one ACME account; the rest of an order runs
+/// concurrently with the others.
+///
+/// Why: pebble (2.4 as Debian ships it, and its master) fetches an
+/// authorization holding that authorization's write lock while it looks up
+/// the account in its store; a new order holds the store's read lock while
+/// it read-locks every authorization (looking for one to reuse). With any
+/// third request waiting to write the store (another new order, an issued
+/// certificate), Go's writer-preferring lock closes the cycle: the store is
+/// locked for good and every later request that touches it hangs. Real CAs
+/// do not need this, and creating orders one by one costs a few requests'
+/// time per order; the rate limits that matter (orders per hour) are far
+/// slower.
+#[derive(Debug, Default)]
+pub struct OrderGate(tokio::sync::Mutex<()>);
+
+impl OrderGate {
+    /// Waits for the gate; orders wait while the guard lives.
+    pub async fn hold(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.lock().await
+    }
+}
+
 /// How long to wait for the CA to validate, and for the certificate.
 const POLL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -124,8 +148,15 @@ async fn wait_for(order: &mut Order, wanted: &[OrderStatus]) -> Result<OrderStat
 /// Orders a certificate for `host`, preferring the `preferred` challenge and
 /// falling back to the other one when the CA does not offer it. `replaces`
 /// names the certificate being renewed (ARI, RFC 9773 §5).
+///
+/// `creating` is held from the new order until its challenges are answered:
+/// orders of one account are created one at a time, and only the waits
+/// (validation, issuance) overlap. pebble deadlocks for good when a new
+/// order overlaps an authorization fetch of the same account (see
+/// [`OrderGate`]).
 pub async fn issue(
     account: &Account,
+    creating: &OrderGate,
     host: &str,
     preferred: ChallengeKind,
     key_type: KeyType,
@@ -137,6 +168,7 @@ pub async fn issue(
     if let Some(id) = replaces {
         new_order = new_order.replaces(id);
     }
+    let creating = creating.hold().await;
     let mut order = request("new order", account.new_order(&new_order)).await?;
     let mut armed = challenges.arm();
     let mut used = None;
@@ -190,6 +222,7 @@ pub async fn issue(
             used = Some(kind);
         }
     }
+    drop(creating);
     let status = wait_for(&mut order, &[OrderStatus::Ready])
         .await
         .map_err(|end| match end {
