@@ -84,8 +84,16 @@ async fn request<T>(
     what: &str,
     fut: impl Future<Output = Result<T, instant_acme::Error>>,
 ) -> Result<T, Failure> {
+    answer(what, fut).await?.map_err(|e| Failure::ca(what, &e))
+}
+
+/// Like [`request`], but hands the CA's error to the caller to classify.
+async fn answer<T>(
+    what: &str,
+    fut: impl Future<Output = Result<T, instant_acme::Error>>,
+) -> Result<Result<T, instant_acme::Error>, Failure> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-        Ok(result) => result.map_err(|e| Failure::ca(what, &e)),
+        Ok(result) => Ok(result),
         Err(_) => Err(Failure::new(
             FailureKind::Ca,
             format!(
@@ -94,6 +102,29 @@ async fn request<T>(
             ),
         )),
     }
+}
+
+/// RFC 8555 §6.7 problem types by which the CA says it could not validate
+/// a challenge: another challenge type may succeed.
+const VALIDATION_PROBLEMS: &[&str] = &[
+    "urn:ietf:params:acme:error:connection",
+    "urn:ietf:params:acme:error:dns",
+    "urn:ietf:params:acme:error:incorrectResponse",
+    "urn:ietf:params:acme:error:tls",
+    "urn:ietf:params:acme:error:unauthorized",
+];
+
+fn is_validation_problem(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p)
+        if p.r#type.as_deref().is_some_and(|t| VALIDATION_PROBLEMS.contains(&t)))
+}
+
+/// A failed validation, worded so that [`schedule::challenge_for`] switches
+/// the challenge type on the next attempt.
+fn validation_failure(e: &instant_acme::Error) -> Failure {
+    let mut f = Failure::ca(VALIDATION_PREFIX, e);
+    f.kind = FailureKind::Validation;
+    f
 }
 
 /// How a wait for the order ended without reaching a wanted status.
@@ -218,7 +249,19 @@ pub async fn issue(
                     armed.tls_alpn01(host, Arc::new(cert));
                 }
             }
-            request("challenge", challenge.set_ready()).await?;
+            // A CA may already answer this POST with the validation's
+            // outcome (pebble does when it validates quickly): that is a
+            // failed validation like one reported in the order, so the next
+            // attempt tries the other challenge type.
+            answer("challenge", challenge.set_ready())
+                .await?
+                .map_err(|e| {
+                    if is_validation_problem(&e) {
+                        validation_failure(&e)
+                    } else {
+                        Failure::ca("challenge", &e)
+                    }
+                })?;
             used = Some(kind);
         }
     }
@@ -227,11 +270,7 @@ pub async fn issue(
         .await
         .map_err(|end| match end {
             // The CA puts the validation error into the order (RFC 8555 §7.1.3).
-            PollEnd::Problem(e) => {
-                let mut f = Failure::ca(VALIDATION_PREFIX, &e);
-                f.kind = FailureKind::Validation;
-                f
-            }
+            PollEnd::Problem(e) => validation_failure(&e),
             PollEnd::Failed(f) => f,
             PollEnd::TimedOut => Failure::new(
                 FailureKind::Ca,
@@ -354,6 +393,44 @@ pub fn inspect(host: &str, bundle: &[u8]) -> Result<(CertifiedKey, CertInfo), St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A validation problem in the answer to the challenge POST (what
+    /// pebble sends under load) makes the next attempt switch challenge
+    /// type, like one reported in the order; other problems do not.
+    #[test]
+    fn validation_problems_switch_the_challenge_type() {
+        let problem = |t: &str| {
+            instant_acme::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "type": t,
+                    "detail": "Connection refused",
+                    "status": 400,
+                }))
+                .expect("problem"),
+            )
+        };
+        let state = |e: &Failure| crate::store::CertState {
+            failures: 1,
+            last_error: Some(e.message.clone()),
+            last_challenge: Some("http-01".to_owned()),
+            ..Default::default()
+        };
+        let refused = problem("urn:ietf:params:acme:error:connection");
+        assert!(is_validation_problem(&refused));
+        let f = validation_failure(&refused);
+        assert_eq!(f.kind, FailureKind::Validation);
+        assert_eq!(
+            schedule::challenge_for(ChallengeKind::Http01, &state(&f)),
+            ChallengeKind::TlsAlpn01
+        );
+        let limited = problem("urn:ietf:params:acme:error:rateLimited");
+        assert!(!is_validation_problem(&limited));
+        let f = Failure::ca("challenge", &limited);
+        assert_eq!(
+            schedule::challenge_for(ChallengeKind::Http01, &state(&f)),
+            ChallengeKind::Http01
+        );
+    }
 
     #[test]
     fn csr_for_both_key_types() {
