@@ -247,7 +247,8 @@ pub async fn reload_on_sighup(control: Arc<Control>, mut hup: tokio::signal::uni
 
 /// Watches the config file and `domains_dir`; a burst of changes (an editor
 /// save, a deploy tool writing many files) becomes one reload once the files
-/// have been quiet for `debounce`. The returned watcher must be kept.
+/// have been quiet for `debounce`. One look follows the start of the watch,
+/// for changes made before it. The returned watcher must be kept.
 ///
 /// Only changes count: inotify also reports every open and read of the
 /// files, and the reload itself reads them, so counting those would reload
@@ -273,6 +274,7 @@ pub fn watch(
         }
     };
     let counter = Arc::clone(&control);
+    let look = tx.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res
             && matches!(
@@ -296,6 +298,10 @@ pub fn watch(
     if let Some(dir) = &domains_dir {
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
+    // A file changed between the last load and now (e.g. while the server
+    // started) sent no event: look once. Only files whose stat changed are
+    // re-read, and a look that finds nothing changed applies nothing.
+    let _ = look.send(control.saw_change());
     tokio::spawn(async move {
         while let Some(mut last) = rx.recv().await {
             // Debounce: wait until no change arrived for `debounce`.

@@ -414,8 +414,10 @@ async fn domains_dir_changes_reload_without_signal() {
         "broken.toml",
         "[[domain]]\nname = \"broken.example\"\nmx = [\"10.0.0.1\"]\n",
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(_proc.log().contains("broken.toml:3:7"), "{}", _proc.log());
+    wait_until("broken.toml rejected", || async {
+        _proc.log().contains("broken.toml:3:7")
+    })
+    .await;
     assert_eq!(
         client
             .get_policy(s.https, "watched.example")

@@ -354,3 +354,37 @@ async fn a_sighup_and_a_watch_event_for_one_change_reload_once() {
     assert_eq!(metric(&m, "mtasts_snapshot_generation"), 2.0, "{m}");
     let _ = &s.http;
 }
+
+/// A file written the moment the server's ports answer (before its file
+/// watch may be in place) is still picked up: the watch looks once when it
+/// starts.
+#[tokio::test]
+async fn change_made_while_starting_is_picked_up() {
+    let s = setup();
+    let proc = ServeProc::spawn(&s.config, s.https, s.http, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(s.https).is_err() {
+        assert!(Instant::now() < deadline, "never listened: {}", proc.log());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    common::write(
+        &s.domains,
+        "early.toml",
+        "[[domain]]\nname = \"early.example\"\n",
+    );
+    let client = TlsClient::trusting_pem_file(&s.dir.path().join("state/ca/ca.pem"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.get_policy(s.https, "early.example").await
+            && r.status == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "early.example never served: {}",
+            proc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
