@@ -2,7 +2,7 @@
 //! Errors end here, printed with their whole chain; the exit code says
 //! whether the command did its job.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -242,6 +242,13 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(crate::progress::log_writer);
+    // Colours only for a person: a journal or a file would keep the escape
+    // codes. On a terminal, NO_COLOR still turns them off.
+    let builder = if std::io::stderr().is_terminal() {
+        builder
+    } else {
+        builder.with_ansi(false)
+    };
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -356,7 +356,7 @@ fn narrow_terminal_keeps_the_progress_on_one_row() {
 }
 
 /// With stderr on a file (a journal), there is no bar and no final line,
-/// only log lines: never a carriage return.
+/// only log lines: never a carriage return, nor a colour code.
 #[test]
 fn no_progress_bar_when_stderr_is_a_file() {
     let Some(batch) = Batch::new() else {
@@ -373,6 +373,7 @@ fn no_progress_bar_when_stderr_is_a_file() {
     stop(&mut proc);
     let text = proc.log();
     assert!(!text.contains('\r'), "{text:?}");
+    assert!(!text.contains('\x1b'), "colour codes in a file: {text:?}");
     assert!(!text.contains("in flight"), "{text}");
     assert!(!text.contains("certificates valid"), "{text}");
 }
