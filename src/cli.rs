@@ -2,7 +2,7 @@
 //! Errors end here, printed with their whole chain; the exit code says
 //! whether the command did its job.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -241,7 +241,14 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::progress::log_writer);
+    // Colours only for a person: a journal or a file would keep the escape
+    // codes. On a terminal, NO_COLOR still turns them off.
+    let builder = if std::io::stderr().is_terminal() {
+        builder
+    } else {
+        builder.with_ansi(false)
+    };
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -843,10 +850,13 @@ async fn serve_async(
         }
         None => None,
     };
-    let progress_bar = tokio::spawn(terminal_progress(Arc::clone(&server)));
+    let progress_line = tokio::spawn(crate::progress::show(Arc::clone(&server)));
     let result = Arc::clone(&server).run(https, http, admin, shutdown).await;
     reloader.abort();
-    progress_bar.abort();
+    progress_line.abort();
+    // Stopped for sure (not drawing again) before its line is erased.
+    let _ = progress_line.await;
+    crate::progress::clear();
     result.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
@@ -901,42 +911,6 @@ fn print_banner(
     }
     print!("{out}");
     let _ = std::io::stdout().flush();
-}
-
-/// While certificates are being issued and stderr is a terminal, a
-/// progress bar on one line (the log lines every 30 s remain for journals).
-async fn terminal_progress(server: Arc<Server>) {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() || server.acme_progress().is_none() {
-        return;
-    }
-    let mut shown = false;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let Some(p) = server.acme_progress() else {
-            return;
-        };
-        if p.pending > 0 || p.in_flight > 0 {
-            eprint!(
-                "\r{}{}/{} certificates valid, {} in flight, {} failing   ",
-                crate::acme::status::bar(p.valid, p.configured),
-                p.valid,
-                p.configured,
-                p.in_flight,
-                p.failing
-            );
-            shown = true;
-        } else if shown {
-            eprintln!(
-                "\r{}/{} certificates valid{}",
-                p.valid,
-                p.configured,
-                " ".repeat(40)
-            );
-            shown = false;
-        }
-    }
 }
 
 /// The process's signal handlers, registered at the start of `serve`. Tokio

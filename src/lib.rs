@@ -18,7 +18,8 @@
 //! - [`check`]: live verification of a domain, like a sending MTA.
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
 //! - [`admin`]: the token-protected admin API and `/metrics`.
-//! - [`cli`]: the subcommands.
+//! - [`cli`]: the subcommands; [`progress`]: the issuance progress line on
+//!   a terminal, kept apart from the log lines.
 
 pub mod acme;
 pub mod admin;
@@ -33,6 +34,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mxcert;
 pub mod policy;
+pub mod progress;
 pub mod retire;
 pub mod server;
 pub mod snapshot;
