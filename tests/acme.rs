@@ -210,14 +210,23 @@ fn certs_json(config: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("certs json")
 }
 
-async fn issue_and_fetch(challenge: &str) {
+/// What most tests start with: our listeners bound, pebble validating
+/// against them (certificates valid `validity` seconds, 0 for pebble's
+/// default) and a fresh state directory. None only when pebble is missing
+/// outside CI (`Pebble::start` fails the test under `CI=true`).
+async fn setup(validity: u64) -> Option<(Listeners, Pebble, tempfile::TempDir)> {
     init();
     let listeners = Listeners::bind().await;
     let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let pebble = Pebble::start(http_port, tls_port, validity)?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    Some((listeners, pebble, dir))
+}
+
+async fn issue_and_fetch(challenge: &str) {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let domains = vec!["a.example.com".to_owned(), "b.example.org".to_owned()];
     let (path, cfg) = config(
         dir.path(),
@@ -275,13 +284,10 @@ async fn tls_alpn01_issuance_then_policy_over_https() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (http_port, tls_port) = listeners.ports();
     let domains = vec!["a.example.com".to_owned()];
     let (_, cfg) = config(
         dir.path(),
@@ -348,14 +354,10 @@ async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_renewal_window_renews_and_serves_new_certificate() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
     // One-hour certificates renewed with 3594 s left: six seconds after issue.
-    let Some(pebble) = Pebble::start(http_port, tls_port, 3600) else {
+    let Some((listeners, pebble, dir)) = setup(3600).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let domains = vec!["renew.example.com".to_owned()];
     let (_, cfg) = config(
         dir.path(),
@@ -386,13 +388,9 @@ async fn short_renewal_window_renews_and_serves_new_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_down_backs_off_keeps_serving_and_recovers() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(mut pebble) = Pebble::start(http_port, tls_port, 3600) else {
+    let Some((listeners, mut pebble, dir)) = setup(3600).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let domains = vec!["down.example.com".to_owned()];
     let (path, cfg) = config(
         dir.path(),
@@ -459,15 +457,11 @@ async fn ca_down_backs_off_keeps_serving_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_domains_with_bounded_concurrency() {
-    init();
     const N: usize = 200;
     const MAX: usize = 6;
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let domains: Vec<String> = (0..N).map(|i| format!("d{i:03}.example.com")).collect();
     let (path, cfg) = config(
         dir.path(),
@@ -650,13 +644,10 @@ async fn serve_binary_in_acme_mode() {
 /// pebble answers on `localhost` too, which is another directory URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_directory_replaces_certificates() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (http_port, tls_port) = listeners.ports();
     let domains = vec!["switch.example.com".to_owned()];
     let hosts = policy_hosts(&domains);
     let (_, cfg) = config(
@@ -703,13 +694,10 @@ async fn switching_directory_replaces_certificates() {
 /// certs` shows the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_batch_resumes_after_restart() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (http_port, tls_port) = listeners.ports();
     let domains: Vec<String> = (0..8).map(|i| format!("b{i}.example.com")).collect();
     let hosts = policy_hosts(&domains);
     let paced = "orders_per_hour = 3\nmax_concurrent_orders = 2";
@@ -864,13 +852,9 @@ async fn failed_http01_falls_back_to_tls_alpn01() {
 /// expects another address waits with the reason and is never ordered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_precheck_holds_back_domains_pointing_elsewhere() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let domains = vec![
         "elsewhere.example.com".to_owned(),
         "here.example.com".to_owned(),
@@ -1046,14 +1030,11 @@ async fn corrupt_store_files_are_reported_and_never_served() {
 /// is ordered again, and a removed domain stops being served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_serves_stored_certificates_through_a_small_cache() {
-    init();
     const N: usize = 10;
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (http_port, tls_port) = listeners.ports();
     let domains: Vec<String> = (0..N).map(|i| format!("c{i}.example.com")).collect();
     let hosts = policy_hosts(&domains);
     let (path, _) = config(
@@ -1167,13 +1148,10 @@ async fn restart_serves_stored_certificates_through_a_small_cache() {
 /// is then served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_broken_after_restart_is_refused_and_replaced() {
-    init();
-    let listeners = Listeners::bind().await;
-    let (http_port, tls_port) = listeners.ports();
-    let Some(pebble) = Pebble::start(http_port, tls_port, 0) else {
+    let Some((listeners, pebble, dir)) = setup(0).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (http_port, tls_port) = listeners.ports();
     let domains = vec![
         "broken.example.com".to_owned(),
         "fine.example.com".to_owned(),
