@@ -22,6 +22,17 @@ struct Setup {
 }
 
 impl Setup {
+    /// The usual config (`DOMAINS`) pushing to `knot`'s zone with its key.
+    fn for_knot(knot: &Knot) -> Setup {
+        Setup::new(
+            DOMAINS,
+            &knot.addr.to_string(),
+            ZONE,
+            KEY_NAME,
+            &knot.secret,
+        )
+    }
+
     /// A config with `body` (domains etc.) and a `[dns.update]` section.
     fn new(body: &str, server: &str, zone: &str, key: &str, secret: &str) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -145,13 +156,7 @@ fn push_publishes_records_and_is_idempotent() {
     let Some(knot) = Knot::start(ZONE, "") else {
         return;
     };
-    let setup = Setup::new(
-        DOMAINS,
-        &knot.addr.to_string(),
-        ZONE,
-        KEY_NAME,
-        &knot.secret,
-    );
+    let setup = Setup::for_knot(&knot);
     let started = Instant::now();
     let out = setup.push(&[]);
     let (stdout, stderr) = text(&out);
@@ -195,7 +200,7 @@ fn policy_change_rotates_only_the_id() {
         return;
     };
     let server = knot.addr.to_string();
-    let setup = Setup::new(DOMAINS, &server, ZONE, KEY_NAME, &knot.secret);
+    let setup = Setup::for_knot(&knot);
     assert!(setup.push(&[]).status.success());
     let old = setup.served_id("a.example.test");
 
@@ -224,13 +229,7 @@ fn dry_run_sends_nothing() {
     let Some(knot) = Knot::start(ZONE, "") else {
         return;
     };
-    let setup = Setup::new(
-        DOMAINS,
-        &knot.addr.to_string(),
-        ZONE,
-        KEY_NAME,
-        &knot.secret,
-    );
+    let setup = Setup::for_knot(&knot);
     let out = setup.push(&["--dry-run", "a.example.test"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -326,13 +325,7 @@ fn foreign_txt_is_not_replaced_but_stale_sts_is() {
     ) else {
         return;
     };
-    let setup = Setup::new(
-        DOMAINS,
-        &knot.addr.to_string(),
-        ZONE,
-        KEY_NAME,
-        &knot.secret,
-    );
+    let setup = Setup::for_knot(&knot);
     let out = setup.push(&[]);
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "{stdout}");
@@ -450,7 +443,7 @@ fn serve_pushes_after_start_and_after_reload() {
         "{}behind_proxy = true\n\n[tls]\nmode = \"self-signed\"\n",
         common::server_section(https, http, &dir.path().join("state"))
     );
-    let setup = Setup::new(DOMAINS, &server, ZONE, KEY_NAME, &knot.secret);
+    let setup = Setup::for_knot(&knot);
     let with_auto = |domains: &str| {
         setup.write(
             &format!("{head}{domains}"),
