@@ -399,14 +399,9 @@ async fn signals_right_after_start_are_handled() {
         )
     };
     let cfg = common::write(dir.path(), "mtasts.toml", &config("mx1.a.example"));
-    let mut proc = ServeProc::spawn(&cfg, https, http, &[]);
     // Signalled the moment the https port answers (SIGHUP's default action
     // ends a process), with a changed config to reload.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(https).is_err() {
-        assert!(Instant::now() < deadline, "never listened: {}", proc.log());
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let mut proc = ServeProc::start_at_first_accept(&cfg, https, http);
     common::write(dir.path(), "mtasts.toml", &config("mx2.a.example"));
     proc.signal("HUP");
     let client = TlsClient::trusting_pem_file(&dir.path().join("state/ca/ca.pem"));

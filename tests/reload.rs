@@ -361,12 +361,7 @@ async fn a_sighup_and_a_watch_event_for_one_change_reload_once() {
 #[tokio::test]
 async fn change_made_while_starting_is_picked_up() {
     let s = setup();
-    let proc = ServeProc::spawn(&s.config, s.https, s.http, &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(s.https).is_err() {
-        assert!(Instant::now() < deadline, "never listened: {}", proc.log());
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let proc = ServeProc::start_at_first_accept(&s.config, s.https, s.http);
     common::write(
         &s.domains,
         "early.toml",

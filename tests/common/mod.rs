@@ -84,8 +84,21 @@ impl ServeProc {
         proc
     }
 
+    /// Starts the process and returns the moment its https port accepts a
+    /// connection, as early as any client could reach it (`start` waits for
+    /// both ports and polls every 50 ms): for what must hold from then on.
+    pub fn start_at_first_accept(config: &Path, https: SocketAddr, http: SocketAddr) -> ServeProc {
+        let proc = Self::spawn(config, https, http, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(https).is_err() {
+            assert!(Instant::now() < deadline, "never listened: {}", proc.log());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        proc
+    }
+
     /// Starts the process and returns at once, before it listens.
-    pub fn spawn(config: &Path, https: SocketAddr, http: SocketAddr, global: &[&str]) -> ServeProc {
+    fn spawn(config: &Path, https: SocketAddr, http: SocketAddr, global: &[&str]) -> ServeProc {
         let stderr = config.with_extension("stderr.log");
         let child = Command::new(bin())
             .args(global)
