@@ -250,14 +250,14 @@ mod tests {
         assert!(
             reply(long.as_bytes())
                 .await
-                .unwrap_err()
+                .expect_err("over the limit")
                 .contains("longer than")
         );
         let many = "250-x\r\n".repeat(MAX_REPLY_BYTES / 7 + 1);
         assert!(
             reply(many.as_bytes())
                 .await
-                .unwrap_err()
+                .expect_err("over the limit")
                 .contains("longer than")
         );
     }
