@@ -23,7 +23,7 @@
 //! logged whatever the client does, and writes apply in the order they
 //! took the lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -211,7 +211,7 @@ struct CertView {
 
 /// The `domains_dir` files that hold more than one domain: none of their
 /// domains is the API's.
-fn shared_files(control: &Control) -> Vec<PathBuf> {
+fn shared_files(control: &Control) -> HashSet<PathBuf> {
     let config = control.config();
     let mut count: HashMap<&Path, usize> = HashMap::new();
     for d in &config.domains {
@@ -224,7 +224,7 @@ fn shared_files(control: &Control) -> Vec<PathBuf> {
         .collect()
 }
 
-fn view(control: &Control, site: &Site, shared: &[PathBuf]) -> DomainView {
+fn view(control: &Control, site: &Site, shared: &HashSet<PathBuf>) -> DomainView {
     let d = &site.domain;
     DomainView {
         name: d.name.to_string(),
