@@ -509,3 +509,123 @@ fn delegation_side_without_section_is_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[delegation]"), "{err}");
 }
+
+/// The `octodns-validate` of the real octoDNS package (PyPI): from
+/// `MTASTS_OCTODNS_VALIDATE` (scripts/test.sh sets it after installing
+/// octoDNS into target/octodns-venv), else that venv. Missing: a failure
+/// under CI=true, a skip otherwise.
+fn octodns_validate() -> Option<PathBuf> {
+    let path = std::env::var_os("MTASTS_OCTODNS_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/octodns-venv/bin/octodns-validate")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "octodns-validate not found at {} (scripts/test.sh installs it)",
+        path.display()
+    );
+    eprintln!(
+        "skipping: octodns-validate not found at {} (run scripts/test.sh)",
+        path.display()
+    );
+    None
+}
+
+/// Saves each `# <zone>.yaml` document of `yaml` as that file in a new
+/// directory, writes an octoDNS config with a YamlProvider (default
+/// settings: enforce_order on, natural order) as the source of every zone,
+/// and runs `octodns-validate` on it. Returns (success, output).
+fn octodns_accepts(validate: &Path, yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zones_dir = dir.path().join("zones");
+    std::fs::create_dir(&zones_dir).expect("mkdir");
+    let mut config = format!(
+        "providers:\n  mtasts:\n    class: octodns.provider.yaml.YamlProvider\n    directory: {}\nzones:\n",
+        zones_dir.display()
+    );
+    let mut zone: Option<(String, String)> = None;
+    let mut files = Vec::new();
+    for line in yaml.split_inclusive('\n') {
+        match line
+            .strip_prefix("# ")
+            .and_then(|l| l.trim_end().strip_suffix("yaml"))
+        {
+            Some(name) => {
+                files.extend(zone.take());
+                zone = Some((name.to_owned(), String::new()));
+            }
+            None => {
+                let (_, text) = zone.as_mut().expect("a document starts with # <zone>.yaml");
+                text.push_str(line);
+            }
+        }
+    }
+    files.extend(zone);
+    assert!(!files.is_empty(), "no zone in {yaml}");
+    for (name, text) in &files {
+        std::fs::write(zones_dir.join(format!("{name}yaml")), text).expect("write zone");
+        config.push_str(&format!("  {name}:\n    sources: [mtasts]\n"));
+    }
+    let config_file = dir.path().join("octodns.yaml");
+    std::fs::write(&config_file, config).expect("write config");
+    let out = std::process::Command::new(validate)
+        .arg("--config-file")
+        .arg(&config_file)
+        .output()
+        .expect("run octodns-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Issue 9 item 15: octoDNS's YamlProvider with default settings
+/// (enforce_order) loads every side of our output, including a provider
+/// zone whose names need natural (not byte) order.
+#[test]
+fn octodns_validate_accepts_our_yaml() {
+    let Some(validate) = octodns_validate() else {
+        return;
+    };
+    // The check itself refuses keys out of natural order.
+    let (ok, out) = octodns_accepts(
+        &validate,
+        "# example.com.yaml\n---\nmta-sts:\n  type: A\n  ttl: 60\n  value: 192.0.2.1\n",
+    );
+    assert!(!ok, "out of order accepted: {out}");
+    assert!(out.contains("keys out of order"), "{out}");
+
+    let f = fixture();
+    for side in [&[][..], &["--for", "customer"], &["--for", "provider"]] {
+        let mut args = vec!["--format", "octodns"];
+        args.extend_from_slice(side);
+        let yaml = records(&f, &args);
+        let (ok, out) = octodns_accepts(&validate, &yaml);
+        assert!(ok, "{side:?}: octodns-validate refused:\n{out}\n{yaml}");
+    }
+
+    // Names whose natural order differs from byte order (d10 after d9).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = String::from(
+        "[defaults]\nmx = [\"mx.example.net\"]\nhost_a = [\"192.0.2.1\"]\n\n[delegation]\nzone = \"sts.example.net\"\npolicy_host = \"mta-sts.example.net\"\n",
+    );
+    for n in [10, 9, 1, 100, 2] {
+        config.push_str(&format!("\n[[domain]]\nname = \"d{n}.example\"\n"));
+    }
+    let path = dir.path().join("mtasts.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.to_str().expect("utf-8");
+    for side in ["provider", "customer"] {
+        let yaml = stdout_ok(&[
+            "records", "--config", path, "--format", "octodns", "--for", side,
+        ]);
+        let (ok, out) = octodns_accepts(&validate, &yaml);
+        assert!(ok, "{side}: octodns-validate refused:\n{out}\n{yaml}");
+    }
+}
