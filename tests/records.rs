@@ -1059,3 +1059,84 @@ fn cloudflare_sync_replaces_the_sts_record() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"));
 }
+
+/// Compares `got` with the golden file `tests/golden/<rel>` byte for byte,
+/// or writes it when UPDATE_GOLDEN=1 (then review the diff in git).
+fn golden(rel: &str, got: &[u8]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(rel);
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, got).expect("write golden");
+        return;
+    }
+    let want = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (create it with UPDATE_GOLDEN=1 cargo test --test records golden)",
+            path.display()
+        )
+    });
+    if want != got {
+        let (want, got) = (String::from_utf8_lossy(&want), String::from_utf8_lossy(got));
+        let line = want
+            .split_inclusive('\n')
+            .zip(got.split_inclusive('\n'))
+            .position(|(a, b)| a != b)
+            .unwrap_or_else(|| want.lines().count().min(got.lines().count()));
+        panic!(
+            "{} differs from the output, first at line {}:\n  golden: {:?}\n  output: {:?}\n\
+             If the change is intended: UPDATE_GOLDEN=1 cargo test --test records golden, then review `git diff tests/golden`",
+            path.display(),
+            line + 1,
+            want.split_inclusive('\n').nth(line).unwrap_or(""),
+            got.split_inclusive('\n').nth(line).unwrap_or(""),
+        );
+    }
+}
+
+/// Issue 9 item 17: the served policy body of each mode and every built-in
+/// `records` format (one per template in templates/, each side of
+/// delegation and the plain full set) against golden files, so that a
+/// field wrong in every format alike is caught too.
+#[test]
+fn golden_policies_and_every_records_format() {
+    let f = fixture();
+    let config = f.config.to_str().expect("utf-8");
+    for (mode, domain) in [
+        ("enforce", "example.com"),
+        ("testing", "b.example"),
+        ("none", "bücher.example"),
+    ] {
+        let body = stdout_ok(&["policy", "--config", config, domain]);
+        assert!(body.contains(&format!("\r\nmode: {mode}\r\n")), "{body:?}");
+        golden(&format!("policy-{mode}.txt"), body.as_bytes());
+    }
+
+    // Every template is a format: `bind.zone.j2` is `--format bind`.
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    let mut names: Vec<String> = std::fs::read_dir(&templates)
+        .expect("templates/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".j2").map(str::to_owned))
+        .collect();
+    names.sort();
+    let formats: Vec<&str> = names
+        .iter()
+        .map(|n| n.split('.').next().unwrap_or(n))
+        .collect();
+    assert_eq!(
+        formats,
+        ["bind", "cloudflare", "csv", "json", "octodns", "route53"],
+        "a new format needs its golden files (UPDATE_GOLDEN=1)"
+    );
+    for side in ["full", "customer", "provider"] {
+        for (name, format) in names.iter().zip(&formats) {
+            let out = records(&f, &["--format", format, "--for", side]);
+            golden(&format!("records/{side}/{name}"), out.as_bytes());
+        }
+    }
+    // Without --for and --format: the full set as a zone file.
+    let out = records(&f, &[]);
+    golden("records/full/bind.zone", out.as_bytes());
+}
