@@ -127,8 +127,9 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// The named domains' previous policy had a longer max_age than
-        /// their configured one (e.g. "2w"): wait at least this long.
-        #[arg(long, value_name = "DURATION", requires = "domains", value_parser = humantime::parse_duration)]
+        /// their configured one (e.g. "2w"): wait at least this long. At
+        /// most 31557600 s (RFC 8461 §3.2's limit for max_age).
+        #[arg(long, value_name = "DURATION", requires = "domains", value_parser = parse_old_max_age)]
         old_max_age: Option<Duration>,
         /// Retiring domains whose new TXT you have just published.
         domains: Vec<String>,
@@ -674,6 +675,20 @@ async fn dns_prune(
         state.save(state_dir)?;
     }
     Ok((pruned, failed))
+}
+
+/// `--old-max-age`: a duration no longer than a policy's max_age may be
+/// (RFC 8461 §3.2), so that nothing out of range reaches `retire.json`.
+fn parse_old_max_age(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.as_secs() > crate::policy::MAX_AGE_LIMIT {
+        return Err(format!(
+            "{} s is longer than a policy's max_age may be (at most {} s, RFC 8461 §3.2)",
+            d.as_secs(),
+            crate::policy::MAX_AGE_LIMIT
+        ));
+    }
+    Ok(d)
 }
 
 /// `mtasts retire`: records the named retiring domains as published now
