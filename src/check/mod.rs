@@ -22,6 +22,7 @@ use hickory_proto::rr::{RData, RecordType};
 use rustls::pki_types::pem::PemObject;
 use serde::Serialize;
 
+use crate::config::MxSource;
 use crate::dns::resolve::{Protocol, Resolver};
 use crate::http::POLICY_PATH;
 use crate::policy::{DomainName, MAX_AGE_RECOMMENDED_MIN, Mode, PolicyId};
@@ -53,8 +54,8 @@ impl Level {
 #[derive(Debug, Clone, Serialize)]
 pub struct Finding {
     pub level: Level,
-    /// What was checked: `txt`, `policy`, `config`, `mx`, `starttls`,
-    /// `tlsrpt`, `preflight`, `deadline`.
+    /// What was checked: `txt`, `policy`, `config`, `mx`, `mx-shrink`,
+    /// `starttls`, `tlsrpt`, `preflight`, `deadline`.
     pub check: &'static str,
     pub message: String,
 }
@@ -212,6 +213,25 @@ fn tls_config(options: &Options) -> Result<Arc<rustls::ClientConfig>, CheckError
     Ok(Arc::new(config))
 }
 
+/// The MX hosts of `domain` (lowercase, no trailing dot, lowest preference
+/// first) asked of `resolver`, for callers outside `check` (the mx shrink
+/// hold in `crate::mxhold`). NXDOMAIN, NODATA and a null MX give an empty
+/// list.
+pub async fn mx_hosts(
+    resolver: SocketAddr,
+    domain: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
+    let records = Resolver::new(resolver, Protocol::Tcp, timeout)
+        .lookup(domain, RecordType::MX)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(match parse::mx_hosts(&records) {
+        MxHosts::Hosts(hosts) | MxHosts::NullAmong(hosts) => hosts,
+        MxHosts::Null | MxHosts::Implicit => Vec::new(),
+    })
+}
+
 /// Checks every domain; `snapshot` is the config to compare with, if any.
 pub async fn check(
     domains: &[DomainName],
@@ -268,6 +288,9 @@ impl Checker<'_> {
         compare_config(have_config, site, body.as_ref(), report);
         self.mx(domain, report).await;
         coverage(self.options, report);
+        if let Some(site) = site {
+            shrink_held(site, report);
+        }
         if self.options.starttls || self.options.preflight_enforce {
             self.starttls(report).await;
         }
@@ -646,6 +669,33 @@ fn coverage(options: &Options, report: &mut DomainReport) {
                 "mx",
                 format!(
                     "{host} is not covered by any mx pattern: in enforce mode senders do not deliver to it"
+                ),
+            );
+        }
+    }
+}
+
+/// A certificate-driven mx shrink the server holds (`crate::mxhold`): the
+/// config's names no longer cover a live MX that the served policy does.
+fn shrink_held(site: &Site, report: &mut DomainReport) {
+    let Some(policy) = report.policy.clone() else {
+        return;
+    };
+    if site.domain.policy.mode != Mode::Enforce
+        || !matches!(site.domain.mx_source, MxSource::Certs(_))
+    {
+        return;
+    }
+    for host in report.mx.clone() {
+        if policy.mx.iter().any(|p| p.matches(&host))
+            && !site.domain.policy.mx.iter().any(|p| p.matches(&host))
+        {
+            report.add(
+                Level::Warn,
+                "mx-shrink",
+                format!(
+                    "mx shrink held: the mail server certificates no longer name {host}, which is still an MX; \
+                     `mtasts serve` keeps serving it until the MX record is gone (SIGUSR1 forces the shrink; docs/OPERATIONS.md)"
                 ),
             );
         }
