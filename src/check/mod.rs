@@ -149,7 +149,12 @@ pub enum CheckError {
 
 /// The first `nameserver` of /etc/resolv.conf, port 53.
 pub fn system_resolver() -> Result<SocketAddr, CheckError> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    use std::io::Read as _;
+    // resolv.conf is a few lines; a bounded read keeps an odd file harmless.
+    let mut text = String::new();
+    if let Ok(file) = std::fs::File::open("/etc/resolv.conf") {
+        let _ = file.take(64 * 1024).read_to_string(&mut text);
+    }
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|rest| rest.trim().parse::<IpAddr>().ok())
