@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs (Debian packages, only when missing;
 # apt-get as root, else through sudo) and runs every check and test:
-# rustfmt, clippy with warnings as errors, and all unit and integration tests.
+# rustfmt, clippy with warnings as errors, and all unit and integration tests,
+# ending with one line "N passed, M failed" for the whole suite.
 # Tests that need pebble or knot start them on free loopback ports and stop
 # them; under CI=true a missing one fails the test instead of skipping it.
 set -euo pipefail
@@ -27,6 +28,46 @@ if [ -n "$missing" ]; then
   $sudo apt-get install -y -qq --no-install-recommends $missing
 fi
 
+# octoDNS (PyPI) validates `records --format octodns` in tests/records.rs:
+# a throw-away virtualenv under target/, created only when missing.
+octodns_venv="$PWD/target/octodns-venv"
+if [ ! -x "$octodns_venv/bin/octodns-validate" ]; then
+  if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends python3-venv
+  fi
+  echo "installing octodns into $octodns_venv"
+  rm -rf "$octodns_venv"
+  # A failed install leaves no octodns-validate: the octoDNS test then fails
+  # under CI=true, and the rest of the suite still runs and is counted.
+  if ! { python3 -m venv "$octodns_venv" &&
+    "$octodns_venv/bin/pip" install -q 'octodns==1.22.0'; }; then
+    echo "error: could not install octodns into $octodns_venv" >&2
+    rm -rf "$octodns_venv"
+  fi
+fi
+export MTASTS_OCTODNS_VALIDATE="$octodns_venv/bin/octodns-validate"
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+
+# Every test binary runs (--no-fail-fast); the run ends with one line
+# "N passed, M failed" summing cargo's "test result:" lines, and exits
+# non-zero if any test or the build failed.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
+awk '/^test result: /{
+  for (i = 1; i <= NF; i++) {
+    if ($(i+1) ~ /^passed/) p += $i
+    if ($(i+1) ~ /^failed/) f += $i
+  }
+} END { printf "%d passed, %d failed\n", p, f }' "$log"
+if [ "$status" = 0 ] && grep -q '^test result: FAILED' "$log"; then
+  status=1
+fi
+exit "$status"

@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::config::MxSource;
 use crate::dns::update::Transport;
 use crate::policy::{DomainName, MAX_AGE_LIMIT, MAX_AGE_RECOMMENDED_MIN, Mode, MxPattern};
 use crate::snapshot::Snapshot;
@@ -260,6 +261,31 @@ impl Resolver {
         }
         Ok(out)
     }
+}
+
+/// The MX hosts of `domain` (lowercase, no trailing dot) asked of
+/// `resolver`, for callers outside `check` (the mx shrink hold in
+/// `crate::mxhold`). NXDOMAIN and NODATA give an empty list.
+pub async fn mx_hosts(
+    resolver: SocketAddr,
+    domain: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
+    let records = Resolver::new(resolver, timeout)
+        .lookup(domain, RecordType::MX)
+        .await?;
+    Ok(records
+        .iter()
+        .filter_map(|r| match r {
+            RData::MX(m) => Some(
+                m.exchange
+                    .to_ascii()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase(),
+            ),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Parses a `_mta-sts` TXT (RFC 8461 §3.1): `v=STSv1` first, then
@@ -698,6 +724,33 @@ async fn check_domain(
                     "mx",
                     format!(
                         "{host} is not covered by any mx pattern: in enforce mode senders do not deliver to it"
+                    ),
+                );
+            }
+        }
+    }
+
+    // A certificate-driven shrink the server holds (crate::mxhold): the
+    // config's names no longer cover a live MX that the served policy does.
+    if let (Some(site), Some(policy)) = (site, report.policy.clone())
+        && site.domain.policy.mode == Mode::Enforce
+        && matches!(site.domain.mx_source, MxSource::Certs(_))
+    {
+        let served: Vec<MxPattern> = policy
+            .mx
+            .iter()
+            .filter_map(|m| MxPattern::parse(m).ok())
+            .collect();
+        for host in report.mx.clone() {
+            if served.iter().any(|p| p.matches(&host))
+                && !site.domain.policy.mx.iter().any(|p| p.matches(&host))
+            {
+                report.add(
+                    Level::Warn,
+                    "mx-shrink",
+                    format!(
+                        "mx shrink held: the mail server certificates no longer name {host}, which is still an MX; \
+                         `mtasts serve` keeps serving it until the MX record is gone (SIGUSR1 forces the shrink; docs/OPERATIONS.md)"
                     ),
                 );
             }

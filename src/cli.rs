@@ -46,6 +46,11 @@ pub enum Command {
         /// Config file; without it the embedded example config runs on local ports.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// DNS resolver asked whether an mx name dropped from a renewed
+        /// mail server certificate is still an MX host (default: first
+        /// nameserver in /etc/resolv.conf).
+        #[arg(long, value_name = "IP:PORT")]
+        mx_resolver: Option<std::net::SocketAddr>,
     },
     /// Print the DNS records for all (or the named) domains.
     Records {
@@ -122,8 +127,9 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// The named domains' previous policy had a longer max_age than
-        /// their configured one (e.g. "2w"): wait at least this long.
-        #[arg(long, value_name = "DURATION", requires = "domains", value_parser = humantime::parse_duration)]
+        /// their configured one (e.g. "2w"): wait at least this long. At
+        /// most 31557600 s (RFC 8461 §3.2's limit for max_age).
+        #[arg(long, value_name = "DURATION", requires = "domains", value_parser = parse_old_max_age)]
         old_max_age: Option<Duration>,
         /// Retiring domains whose new TXT you have just published.
         domains: Vec<String>,
@@ -257,7 +263,10 @@ fn init_logging(format: LogFormat) {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config } => serve(config.as_deref()),
+        Command::Serve {
+            config,
+            mx_resolver,
+        } => serve(config.as_deref(), mx_resolver),
         Command::Records {
             config,
             format,
@@ -668,6 +677,20 @@ async fn dns_prune(
     Ok((pruned, failed))
 }
 
+/// `--old-max-age`: a duration no longer than a policy's max_age may be
+/// (RFC 8461 §3.2), so that nothing out of range reaches `retire.json`.
+fn parse_old_max_age(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.as_secs() > crate::policy::MAX_AGE_LIMIT {
+        return Err(format!(
+            "{} s is longer than a policy's max_age may be (at most {} s, RFC 8461 §3.2)",
+            d.as_secs(),
+            crate::policy::MAX_AGE_LIMIT
+        ));
+    }
+    Ok(d)
+}
+
 /// `mtasts retire`: records the named retiring domains as published now
 /// (unless already recorded) and prints where every retirement stands.
 fn retire(
@@ -743,7 +766,10 @@ fn policy(path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+fn serve(
+    path: Option<&Path>,
+    mx_resolver: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     let (cfg, loader) = match path {
         Some(p) => {
             // The loader keeps what it validated: reloads re-read only what changed.
@@ -769,7 +795,14 @@ fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve_async(cfg, loader, path.map(Path::to_owned)))?;
+    // Without one, mx shrinks under enforce are held (see crate::mxhold).
+    let mx_resolver = mx_resolver.or_else(|| crate::check::system_resolver().ok());
+    runtime.block_on(serve_async(
+        cfg,
+        loader,
+        path.map(Path::to_owned),
+        mx_resolver,
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -777,6 +810,7 @@ async fn serve_async(
     cfg: Config,
     loader: Option<Loader>,
     path: Option<PathBuf>,
+    mx_resolver: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // Before anything is bound: whoever sees a port answer may signal us.
@@ -826,7 +860,8 @@ async fn serve_async(
     auto_push.submit(&cfg, &snapshot)?;
     let control = Arc::new(
         Control::new(Arc::clone(&server), path.clone(), cfg.clone(), loader)
-            .with_auto_push(auto_push),
+            .with_auto_push(auto_push)
+            .with_mx_resolver(mx_resolver),
     );
     // The first load's parse is freed by now.
     tokio::task::spawn_blocking(crate::memory::release_free_memory).await?;
@@ -925,6 +960,8 @@ struct Signals {
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     hup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -938,6 +975,7 @@ impl Signals {
             term: handler(SignalKind::terminate(), "SIGTERM")?,
             int: handler(SignalKind::interrupt(), "SIGINT")?,
             hup: handler(SignalKind::hangup(), "SIGHUP")?,
+            usr1: handler(SignalKind::user_defined1(), "SIGUSR1")?,
         })
     }
 
@@ -947,7 +985,7 @@ impl Signals {
     }
 
     /// The future that resolves on SIGTERM or SIGINT, and the task that
-    /// reloads on each SIGHUP.
+    /// reloads on each SIGHUP (and with mx shrinks forced on each SIGUSR1).
     #[cfg(unix)]
     fn split(
         self,
@@ -960,6 +998,7 @@ impl Signals {
             mut term,
             mut int,
             hup,
+            usr1,
         } = self;
         let shutdown = async move {
             tokio::select! {
@@ -967,7 +1006,13 @@ impl Signals {
                 _ = int.recv() => {}
             }
         };
-        (shutdown, control::reload_on_sighup(control, hup))
+        let reloads = async move {
+            tokio::join!(
+                control::reload_on_sighup(Arc::clone(&control), hup),
+                control::force_shrinks_on_sigusr1(control, usr1)
+            );
+        };
+        (shutdown, reloads)
     }
 
     #[cfg(not(unix))]

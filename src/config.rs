@@ -284,7 +284,7 @@ impl Default for AcmeConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MxSource {
     Explicit,
-    /// The listed certificate files (absolute paths).
+    /// The listed certificate files or globs (absolute paths).
     Certs(Vec<PathBuf>),
 }
 
@@ -1343,20 +1343,39 @@ fn domain_config(
         let mut paths = Vec::new();
         for item in list.get_ref() {
             let path = src.resolve(item.get_ref());
-            match certs.read(&path) {
-                Ok(names) => {
-                    mx.extend(names.patterns.iter().cloned());
-                    for (skipped, why) in &names.skipped {
-                        report.warnings.push(src.at(
-                            item.span(),
-                            format!(
-                                "{name}: skipping {skipped:?} from {}: {why}",
-                                path.display()
-                            ),
-                        ));
+            // A glob (crate::mxcert::expand) may match nothing, and a file
+            // it matches that gives no names is skipped with a warning; a
+            // file named as such must give names.
+            let glob = crate::mxcert::is_glob(&path);
+            let files = certs.expand(&path).unwrap_or_else(|msg| {
+                report.errors.push(src.at(item.span(), msg));
+                Vec::new()
+            });
+            if glob && files.is_empty() {
+                report.warnings.push(src.at(
+                    item.span(),
+                    format!("{name}: mx_certs glob {} matches no file", path.display()),
+                ));
+            }
+            for file in files {
+                match certs.read(&file) {
+                    Ok(names) => {
+                        mx.extend(names.patterns.iter().cloned());
+                        for (skipped, why) in &names.skipped {
+                            report.warnings.push(src.at(
+                                item.span(),
+                                format!(
+                                    "{name}: skipping {skipped:?} from {}: {why}",
+                                    file.display()
+                                ),
+                            ));
+                        }
                     }
+                    Err(msg) if glob => report
+                        .warnings
+                        .push(src.at(item.span(), format!("{name}: skipping {msg}"))),
+                    Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
                 }
-                Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
             }
             paths.push(path);
         }

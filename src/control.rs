@@ -9,16 +9,25 @@
 //! debug level and counted as `result="unchanged"`. A file-watch event that
 //! a reload started after has already covered (a SIGHUP or an admin write
 //! for the same change) causes no second reload.
+//!
+//! The mail server certificates named in `mx_certs` are watched too (their
+//! directories, see [`crate::mxcert::watch_dirs`]), so a renewal that
+//! changes their names reloads with no signal. Before a reload is applied,
+//! an `enforce` shrink of a certificate-derived mx list that live MX hosts
+//! still need is held ([`crate::mxhold`]); SIGUSR1 reloads with shrinks
+//! forced.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::config::{Config, ConfigErrors, Loader, ServerConfig, TlsConfig};
+use crate::config::{Config, ConfigErrors, Loader, MxSource, ServerConfig, TlsConfig};
 use crate::dns::update::AutoPush;
 use crate::metrics::{ReloadResult, Trigger};
 use crate::server::{ServeError, Server};
@@ -66,7 +75,25 @@ pub struct Control {
     covered: AtomicU64,
     /// `[dns.update] auto_push`: told about every applied snapshot.
     auto_push: Option<AutoPush>,
+    /// DNS server asked for MX records before an mx shrink is applied;
+    /// `None`: none known, every such shrink is held.
+    mx_resolver: Option<SocketAddr>,
+    /// Some domain's shrink is held (re-checked periodically by [`watch`]).
+    holding: AtomicBool,
+    /// Watches the directories of the `mx_certs` files, once [`watch`] runs.
+    cert_watch: std::sync::Mutex<Option<CertWatch>>,
 }
+
+/// The watcher of the certificate directories and what it watches
+/// (directory → recursively).
+struct CertWatch {
+    watcher: notify::RecommendedWatcher,
+    dirs: HashMap<PathBuf, bool>,
+}
+
+/// How often a held shrink is looked at again without any other trigger
+/// (the MX record may have been removed since).
+const HOLD_RECHECK: Duration = Duration::from_secs(300);
 
 /// Proof that the caller holds the reload lock (for read-modify-reload
 /// sequences such as the admin API's file writes).
@@ -94,7 +121,17 @@ impl Control {
             changes: AtomicU64::new(0),
             covered: AtomicU64::new(0),
             auto_push: None,
+            mx_resolver: None,
+            holding: AtomicBool::new(false),
+            cert_watch: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The DNS server that says whether a dropped mx name is still an MX
+    /// host (see [`crate::mxhold`]).
+    pub fn with_mx_resolver(mut self, resolver: Option<SocketAddr>) -> Control {
+        self.mx_resolver = resolver;
+        self
     }
 
     /// After each applied reload, hands the new snapshot to `auto_push`
@@ -123,14 +160,26 @@ impl Control {
         self.reload_locked(&guard, trigger).await
     }
 
+    /// Like [`Control::reload`], applying mx shrinks that live MX hosts
+    /// still need (the operator knows better, e.g. the MX is being retired).
+    pub async fn reload_forcing_shrinks(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
+        let _guard = self.lock().await;
+        self.reload_inner(trigger, true).await
+    }
+
     /// Like [`Control::reload`], for a caller that already holds the lock.
     pub async fn reload_locked(
         &self,
         _lock: &ReloadLock<'_>,
         trigger: Trigger,
     ) -> Result<Reloaded, ReloadError> {
+        self.reload_inner(trigger, false).await
+    }
+
+    /// The reload itself; the caller holds the lock.
+    async fn reload_inner(&self, trigger: Trigger, force: bool) -> Result<Reloaded, ReloadError> {
         let started = Instant::now();
-        let result = self.load_and_apply().await;
+        let result = self.load_and_apply(force).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         let outcome = match &result {
             Ok(r) if r.changed => ReloadResult::Ok,
@@ -169,36 +218,64 @@ impl Control {
         result
     }
 
-    async fn load_and_apply(&self) -> Result<Reloaded, ReloadError> {
+    async fn load_and_apply(&self, force: bool) -> Result<Reloaded, ReloadError> {
         if self.path.is_none() {
             return Err(ReloadError::Embedded);
         }
         // Every change seen so far is read by this reload.
         self.covered
             .store(self.changes.load(Ordering::SeqCst), Ordering::SeqCst);
-        let server = Arc::clone(&self.server);
         let loader = Arc::clone(&self.loader);
         let applied = self.config.load_full();
-        let cfg = tokio::task::spawn_blocking(move || -> Result<Option<Config>, ReloadError> {
-            let cfg = loader
+        let mut cfg = tokio::task::spawn_blocking(move || -> Result<Config, ReloadError> {
+            Ok(loader
                 .lock()
                 .map_err(|_| ReloadError::Task("config loader poisoned".into()))?
-                .load()?;
-            if cfg.same_as(&applied) {
-                return Ok(None);
-            }
-            server.apply(&cfg)?;
-            Ok(Some(cfg))
+                .load()?)
         })
         .await
         .map_err(|e| ReloadError::Task(e.to_string()))??;
-        let Some(cfg) = cfg else {
-            return Ok(Reloaded {
-                domains: self.config.load().domains.len(),
-                generation: self.server.generation(),
-                changed: false,
-            });
+        let unchanged = |cfg: &Config| Reloaded {
+            domains: cfg.domains.len(),
+            generation: self.server.generation(),
+            changed: false,
         };
+        if cfg.same_as(&applied) {
+            return Ok(unchanged(&applied));
+        }
+        let held = if force {
+            Vec::new()
+        } else {
+            crate::mxhold::hold_shrinks(&applied, &mut cfg, self.mx_resolver).await
+        };
+        for h in &held {
+            tracing::warn!(
+                domain = %h.domain,
+                previous = %crate::mxhold::list(&h.previous),
+                certificates = %crate::mxhold::list(&h.certificates),
+                kept = %crate::mxhold::list(&h.kept),
+                "mx shrink held in enforce mode ({}): serving the certificates' names plus the kept ones; \
+                 it applies once no MX record needs them (or on SIGUSR1)",
+                h.reason
+            );
+            self.server.metrics().mx_shrink_held.inc();
+        }
+        self.holding.store(!held.is_empty(), Ordering::SeqCst);
+        self.server
+            .metrics()
+            .mx_shrink_held_domains
+            .set(held.len() as i64);
+        if cfg.same_as(&applied) {
+            return Ok(unchanged(&applied));
+        }
+        let server = Arc::clone(&self.server);
+        let cfg = tokio::task::spawn_blocking(move || -> Result<Config, ReloadError> {
+            server.apply(&cfg)?;
+            Ok(cfg)
+        })
+        .await
+        .map_err(|e| ReloadError::Task(e.to_string()))??;
+        self.rewatch_certs(&cfg);
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
@@ -223,6 +300,73 @@ impl Control {
         })
     }
 
+    /// Points the certificate watcher (if [`watch`] started one) at the
+    /// directories `cfg`'s `mx_certs` entries need, and only those.
+    fn rewatch_certs(&self, cfg: &Config) {
+        use notify::{RecursiveMode, Watcher};
+        let Ok(mut guard) = self.cert_watch.lock() else {
+            return;
+        };
+        let Some(cw) = guard.as_mut() else {
+            return;
+        };
+        // Many domains share the same entries (e.g. from [defaults]).
+        let mut entries: Vec<&PathBuf> = cfg
+            .domains
+            .iter()
+            .filter_map(|d| match &d.mx_source {
+                MxSource::Certs(paths) => Some(paths),
+                MxSource::Explicit => None,
+            })
+            .flatten()
+            .collect();
+        entries.sort_unstable();
+        entries.dedup();
+        let mut want: HashMap<PathBuf, bool> = HashMap::new();
+        for entry in entries {
+            for (dir, recursive) in crate::mxcert::watch_dirs(entry) {
+                *want.entry(dir).or_default() |= recursive;
+            }
+        }
+        let stale: Vec<PathBuf> = cw
+            .dirs
+            .iter()
+            .filter(|(d, r)| want.get(*d) != Some(r))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for dir in stale {
+            let _ = cw.watcher.unwatch(&dir);
+            cw.dirs.remove(&dir);
+        }
+        for (dir, recursive) in want {
+            if cw.dirs.contains_key(&dir) {
+                continue;
+            }
+            // A recursive watch of the root would see the whole system.
+            if recursive && dir.parent().is_none() {
+                tracing::warn!(
+                    "not watching {} for mx_certs globs; reload with SIGHUP after renewals",
+                    dir.display()
+                );
+                continue;
+            }
+            let mode = if recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match cw.watcher.watch(&dir, mode) {
+                Ok(()) => {
+                    cw.dirs.insert(dir, recursive);
+                }
+                Err(e) => tracing::warn!(
+                    "cannot watch {} for mail server certificate changes ({e}); reload with SIGHUP after renewals",
+                    dir.display()
+                ),
+            }
+        }
+    }
+
     /// Notes a file-watch event (called as events arrive).
     fn saw_change(&self) -> u64 {
         self.changes.fetch_add(1, Ordering::SeqCst) + 1
@@ -245,6 +389,18 @@ pub async fn reload_on_sighup(control: Arc<Control>, mut hup: tokio::signal::uni
     }
 }
 
+/// Reloads with mx shrinks forced on each SIGUSR1 (see [`crate::mxhold`]).
+#[cfg(unix)]
+pub async fn force_shrinks_on_sigusr1(
+    control: Arc<Control>,
+    mut usr1: tokio::signal::unix::Signal,
+) {
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: reloading with mx shrinks forced");
+        let _ = control.reload_forcing_shrinks(Trigger::Signal).await;
+    }
+}
+
 /// Watches the config file and `domains_dir`; a burst of changes (an editor
 /// save, a deploy tool writing many files) becomes one reload once the files
 /// have been quiet for `debounce`. One look follows the start of the watch,
@@ -253,6 +409,11 @@ pub async fn reload_on_sighup(control: Arc<Control>, mut hup: tokio::signal::uni
 /// Only changes count: inotify also reports every open and read of the
 /// files, and the reload itself reads them, so counting those would reload
 /// forever.
+///
+/// The directories of the `mx_certs` files are watched the same way (any
+/// change in them counts: a reload whose certificates did not change
+/// applies nothing), and while an mx shrink is held it is looked at again
+/// every [`HOLD_RECHECK`].
 pub fn watch(
     control: Arc<Control>,
     debounce: Duration,
@@ -298,6 +459,34 @@ pub fn watch(
     if let Some(dir) = &domains_dir {
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
+    let certs_counter = Arc::clone(&control);
+    let certs_tx = look.clone();
+    let cert_watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res
+            && matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            )
+        {
+            let _ = certs_tx.send(certs_counter.saw_change());
+        }
+    })?;
+    if let Ok(mut slot) = control.cert_watch.lock() {
+        *slot = Some(CertWatch {
+            watcher: cert_watcher,
+            dirs: HashMap::new(),
+        });
+    }
+    control.rewatch_certs(&cfg);
+    let recheck = Arc::clone(&control);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HOLD_RECHECK).await;
+            if recheck.holding.load(Ordering::SeqCst) {
+                let _ = recheck.reload(Trigger::Watch).await;
+            }
+        }
+    });
     // A file changed between the last load and now (e.g. while the server
     // started) sent no event: look once. Only files whose stat changed are
     // re-read, and a look that finds nothing changed applies nothing.

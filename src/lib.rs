@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: TOML files → validated [`config::Config`], every error with
 //!   `file:line:col`.
-//! - [`mxcert`]: `mx` patterns from the mail servers' certificates.
+//! - [`mxcert`]: `mx` patterns from the mail servers' certificates;
+//!   [`mxhold`]: an enforce shrink of them waits while a live MX needs it.
 //! - [`policy`]: the policy model, its CRLF rendering and the id derived from it.
 //! - [`snapshot`]: the immutable host → pre-rendered policy map, swapped whole.
 //! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
@@ -33,6 +34,7 @@ pub mod idle;
 pub mod memory;
 pub mod metrics;
 pub mod mxcert;
+pub mod mxhold;
 pub mod policy;
 pub mod progress;
 pub mod retire;

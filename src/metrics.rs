@@ -122,6 +122,11 @@ pub struct Metrics {
     pub cert_expiry_soonest: Gauge,
     /// Certificates loaded from disk (or issued) on a handshake.
     pub cert_loads: Counter,
+    /// Reloads that kept mx names a live MX still needs, per domain
+    /// (`crate::mxhold`).
+    pub mx_shrink_held: Counter,
+    /// Domains whose mx shrink is held after the last reload.
+    pub mx_shrink_held_domains: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -216,9 +221,23 @@ impl Metrics {
             "Certificates loaded into memory on a handshake (cache misses)",
             cert_loads.clone(),
         );
+        let mx_shrink_held = Counter::default();
+        registry.register(
+            "mx_shrink_held",
+            "Times a certificate-driven mx shrink of an enforce policy was held because a live MX still needs a dropped name (per domain and reload)",
+            mx_shrink_held.clone(),
+        );
+        let mx_shrink_held_domains = Gauge::default();
+        registry.register(
+            "mx_shrink_held_domains",
+            "Domains whose mx shrink is held after the last reload",
+            mx_shrink_held_domains.clone(),
+        );
         Metrics {
             registry,
             cert_loads,
+            mx_shrink_held,
+            mx_shrink_held_domains,
             requests,
             fetches,
             handshakes,

@@ -1,8 +1,10 @@
-//! Retiring MTA-STS for a domain (RFC 8461 §8.3): serve `mode: none` with a
-//! new id for at least the old policy's `max_age`, and only then remove the
-//! records. This module owns the small durable record of each retirement
-//! (`state_dir/retire.json`) and decides when a removed domain's records may
-//! be deleted (`mtasts dns push --prune`).
+//! Retiring MTA-STS for a domain (RFC 8461 §8.3): publish `mode: none` (a
+//! small max_age such as one day is fine) with a new id, keep it until every
+//! policy served before has expired from senders' caches, and only then
+//! remove the records. This module owns the small durable record of each
+//! retirement (`state_dir/retire.json`), including the longest `max_age`
+//! each domain ever published, and decides when a removed domain's records
+//! may be deleted (`mtasts dns push --prune`).
 //!
 //! The clock starts when the `mode: none` id is *published*: when `dns push`
 //! (or `serve` with `auto_push`) has put it in DNS, or when the operator says
@@ -10,7 +12,10 @@
 //! hold the old policy for `max_age` after its last fetch, and resolvers may
 //! show it the old id for one TTL after the new one is published (a sender
 //! that sees an unchanged id keeps its cached policy), so removal is safe at
-//! `since + old_max_age + ttl`.
+//! `since + wait + ttl`, where `wait` is the longest `max_age` the domain
+//! ever published (§8.3: earlier policies may have had a longer one than the
+//! last), and never less than one day: Stalwart caches a policy whose
+//! max_age is under 3600 s for 86400 s.
 //!
 //! Every change only moves that moment later or drops an entry whose domain
 //! serves a real policy again, so a lost concurrent write (CLI and `serve`
@@ -24,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::dns::Record;
-use crate::policy::DomainName;
+use crate::policy::{DomainName, MAX_AGE_LIMIT};
 use crate::store;
 
 /// The state file's name inside `state_dir`.
@@ -32,6 +37,10 @@ pub const FILE_NAME: &str = "retire.json";
 
 /// Format version written to the file; a newer one is refused.
 const VERSION: u32 = 1;
+
+/// The shortest retirement wait, whatever the max_age: Stalwart caches a
+/// policy whose max_age is under 3600 s for 86400 s.
+pub const MIN_WAIT: u64 = 86_400;
 
 /// Why the retirement state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +77,9 @@ pub struct StoredRecord {
 pub struct Entry {
     /// Unix seconds when the `mode: none` id was first published.
     pub since: u64,
-    /// `max_age` of the policy senders may still cache, in seconds (never
-    /// lowered while the entry lives).
+    /// The longest `max_age` the domain ever published, in seconds: senders
+    /// may still cache a policy that old (never lowered while the entry
+    /// lives; at most [`MAX_AGE_LIMIT`]).
     pub old_max_age: u64,
     /// TTL of the published `_mta-sts` TXT (the largest seen).
     pub ttl: u32,
@@ -78,10 +88,16 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// How long senders may still cache an earlier policy once the mode
+    /// none id is published: the longest max_age, at least [`MIN_WAIT`].
+    pub fn wait(&self) -> u64 {
+        self.old_max_age.max(MIN_WAIT)
+    }
+
     /// Unix seconds from which removing the records is safe.
     pub fn safe_after(&self) -> u64 {
         self.since
-            .saturating_add(self.old_max_age)
+            .saturating_add(self.wait())
             .saturating_add(u64::from(self.ttl))
     }
 
@@ -134,6 +150,11 @@ impl Entry {
 pub struct State {
     version: u32,
     pub domains: BTreeMap<String, Entry>,
+    /// Domains that serve a real policy → the longest `max_age` (seconds)
+    /// they published so far, so that a retirement that also lowers
+    /// `max_age` still waits for the longest one (RFC 8461 §8.3).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub max_age_published: BTreeMap<String, u64>,
 }
 
 /// `state_dir/retire.json`.
@@ -162,8 +183,13 @@ impl State {
                 state.version
             )));
         }
-        for name in state.domains.keys() {
+        let mut state = state;
+        for (name, entry) in &mut state.domains {
             DomainName::parse(name).map_err(|e| corrupt(format!("domain {name:?}: {e}")))?;
+            clamp_max_age(&path, name, &mut entry.old_max_age);
+        }
+        for (name, max_age) in &mut state.max_age_published {
+            clamp_max_age(&path, name, max_age);
         }
         Ok(state)
     }
@@ -185,6 +211,20 @@ impl State {
     }
 }
 
+/// A stored max_age over RFC 8461's limit (a hand edit, or a file written
+/// before `--old-max-age` was bounded) is read as the limit: no policy can
+/// be cached longer, and the arithmetic on it stays in range.
+fn clamp_max_age(path: &Path, domain: &str, max_age: &mut u64) {
+    if *max_age > MAX_AGE_LIMIT {
+        tracing::warn!(
+            "{}: {domain}: max_age {} s is over RFC 8461's limit of {MAX_AGE_LIMIT} s; using {MAX_AGE_LIMIT} s",
+            path.display(),
+            *max_age
+        );
+        *max_age = MAX_AGE_LIMIT;
+    }
+}
+
 /// What a config says about retirement, detached from it so that the
 /// automatic push can carry it to its background task.
 #[derive(Debug, Clone, Default)]
@@ -194,20 +234,20 @@ pub struct Observation {
     /// Retiring domains → their configured `max_age` (the old policy's:
     /// `retire = true` keeps it).
     retiring: HashMap<String, u64>,
-    /// Domains configured without `retire`: they serve a real policy, so
-    /// an entry of theirs is an abandoned retirement.
-    active: Vec<String>,
+    /// Domains configured without `retire` → their `max_age`: they serve a
+    /// real policy, so an entry of theirs is an abandoned retirement.
+    active: HashMap<String, u64>,
 }
 
 impl Observation {
     pub fn new(config: &Config) -> Observation {
         let mut retiring = HashMap::new();
-        let mut active = Vec::new();
+        let mut active = HashMap::new();
         for d in &config.domains {
             if d.retire {
                 retiring.insert(d.name.to_string(), d.policy.max_age);
             } else {
-                active.push(d.name.to_string());
+                active.insert(d.name.to_string(), d.policy.max_age);
             }
         }
         Observation {
@@ -230,8 +270,9 @@ impl Observation {
     /// After a push to `zone`: records the retiring domains among
     /// `published` (domains whose records are now in DNS, updated or
     /// already there) with the records of them inside the zone, TTLs as
-    /// pushed (`ttl` overrides), and saves the state if it changed. Also
-    /// drops entries of domains that serve a real policy again.
+    /// pushed (`ttl` overrides), and the max_age every other published
+    /// domain serves, and saves the state if it changed. Also drops entries
+    /// of domains that serve a real policy again.
     pub fn record(
         &self,
         records: &[Record],
@@ -243,7 +284,8 @@ impl Observation {
         let suffix = format!(".{zone}.");
         let mine: Vec<Record> = records
             .iter()
-            .filter(|r| self.is_retiring(&r.domain) && published.contains(r.domain.as_str()))
+            .filter(|r| published.contains(r.domain.as_str()))
+            .filter(|r| self.is_retiring(&r.domain) || self.active.contains_key(&r.domain))
             .filter(|r| {
                 let name = r.name.to_ascii_lowercase();
                 name == apex || name.ends_with(&suffix)
@@ -265,18 +307,36 @@ impl Observation {
         Ok(changed)
     }
 
-    /// Records that `published` (records of retiring domains, TTLs as they
-    /// went to DNS) are in DNS as of `now`, and drops the entries of domains
-    /// that serve a real policy again. Returns whether anything changed.
+    /// Records that `published` (records of configured domains, TTLs as
+    /// they went to DNS) are in DNS as of `now`: a retiring domain's clock
+    /// starts, any other domain's max_age counts towards the longest it
+    /// published. Drops the entries of domains that serve a real policy
+    /// again (keeping their longest max_age). Returns whether anything
+    /// changed.
     pub fn apply(&self, state: &mut State, published: &[Record], now: u64) -> bool {
-        let before = state.domains.len();
-        for name in &self.active {
-            state.domains.remove(name);
+        let mut changed = false;
+        for name in self.active.keys() {
+            if let Some(entry) = state.domains.remove(name) {
+                raise(&mut state.max_age_published, name, entry.old_max_age);
+                changed = true;
+            }
         }
-        let mut changed = state.domains.len() != before;
         for r in published {
-            let Some(&max_age) = self.retiring.get(&r.domain) else {
+            if let Some(&max_age) = self.active.get(&r.domain) {
+                changed |= raise(&mut state.max_age_published, &r.domain, max_age);
                 continue;
+            }
+            let Some(&configured) = self.retiring.get(&r.domain) else {
+                continue;
+            };
+            // RFC 8461 §8.3: earlier policies may have had a longer max_age
+            // than the one configured now.
+            let max_age = match state.max_age_published.remove(&r.domain) {
+                Some(earlier) => {
+                    changed = true;
+                    earlier.max(configured)
+                }
+                None => configured,
             };
             let entry = state.domains.entry(r.domain.clone()).or_insert_with(|| {
                 changed = true;
@@ -310,6 +370,21 @@ impl Observation {
     }
 }
 
+/// Raises `map[domain]` to `max_age`; whether it changed.
+fn raise(map: &mut BTreeMap<String, u64>, domain: &str, max_age: u64) -> bool {
+    match map.get_mut(domain) {
+        Some(m) if *m >= max_age => false,
+        Some(m) => {
+            *m = max_age;
+            true
+        }
+        None => {
+            map.insert(domain.to_owned(), max_age);
+            true
+        }
+    }
+}
+
 /// Why `dns push --prune` will not delete a domain's records.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -322,12 +397,12 @@ pub enum Refusal {
     )]
     NotRetired { domain: String, path: String },
     #[error(
-        "{domain}: retirement period not over (mode none published {since}, old max_age {max_age} s + TTL {ttl} s): safe after {safe} (in {left}); until then keep it configured with retire = true"
+        "{domain}: retirement period not over (mode none published {since}, wait {wait} + TTL {ttl} s): safe after {safe} (in {left}); until then keep it configured with retire = true"
     )]
     TooEarly {
         domain: String,
         since: String,
-        max_age: u64,
+        wait: String,
         ttl: u32,
         safe: String,
         left: String,
@@ -357,7 +432,7 @@ pub fn may_prune<'s>(
         return Err(Refusal::TooEarly {
             domain: name,
             since: rfc3339(entry.since),
-            max_age: entry.old_max_age,
+            wait: wait_text(entry),
             ttl: entry.ttl,
             safe: rfc3339(entry.safe_after()),
             left: left(entry.safe_after() - now),
@@ -392,9 +467,9 @@ pub fn status(state: &State, config: &Config, now: u64) -> Vec<String> {
                     "{name}: serves a real policy again (retire removed); its retirement record is dropped at the next push"
                 ),
                 (Some(e), Some(true)) if now < e.safe_after() => format!(
-                    "{name}: retiring since {} (old max_age {} s + TTL {} s): keep it configured until {} (in {})",
+                    "{name}: retiring since {} (wait {} + TTL {} s): keep it configured until {} (in {})",
                     rfc3339(e.since),
-                    e.old_max_age,
+                    wait_text(e),
                     e.ttl,
                     rfc3339(e.safe_after()),
                     left(e.safe_after() - now)
@@ -423,8 +498,26 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The wait and why: "longest max_age 1209600 s" or "one day (longest
+/// max_age 300 s)".
+fn wait_text(entry: &Entry) -> String {
+    if entry.old_max_age >= MIN_WAIT {
+        format!("longest max_age {} s", entry.old_max_age)
+    } else {
+        format!(
+            "{MIN_WAIT} s, at least one day (longest max_age {} s)",
+            entry.old_max_age
+        )
+    }
+}
+
+/// A Unix time as RFC 3339; one beyond what the platform's clock holds
+/// (only a damaged state file gets there) prints as seconds.
 fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+    match UNIX_EPOCH.checked_add(Duration::from_secs(secs)) {
+        Some(t) if secs < 253_402_300_800 => humantime::format_rfc3339_seconds(t).to_string(),
+        _ => format!("{secs} s after 1970"),
+    }
 }
 
 fn left(secs: u64) -> String {
@@ -465,7 +558,8 @@ mod tests {
         assert_eq!(state.domains.len(), 1, "only retiring domains");
         let a = &state.domains["a.example"];
         assert_eq!((a.since, a.old_max_age, a.ttl), (1000, 100, 60));
-        assert_eq!(a.safe_after(), 1160);
+        // max_age 100 s, but never less than a day.
+        assert_eq!(a.safe_after(), 1000 + 86_400 + 60);
         // Later pushes keep the start; nothing changes.
         assert!(!obs.apply(&mut state, &[txt("a.example", 60)], 2000));
         assert_eq!(state.domains["a.example"].since, 1000);
@@ -492,14 +586,14 @@ mod tests {
             Err(Refusal::Configured { .. })
         ));
         let removed = config("[[domain]]\nname = \"b.example\"\nmode = \"none\"\n");
-        let early = may_prune(&state, dir.path(), &removed, &a, 1109);
+        let early = may_prune(&state, dir.path(), &removed, &a, 87_409);
         assert!(matches!(early, Err(Refusal::TooEarly { .. })), "{early:?}");
         let msg = early.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(
-            msg.contains("safe after 1970-01-01T00:18:30Z (in 1s)"),
+            msg.contains("wait 86400 s, at least one day (longest max_age 100 s) + TTL 10 s): safe after 1970-01-02T00:16:50Z (in 1s)"),
             "{msg}"
         );
-        assert!(may_prune(&state, dir.path(), &removed, &a, 1110).is_ok());
+        assert!(may_prune(&state, dir.path(), &removed, &a, 87_410).is_ok());
         let c = DomainName::parse("c.example").expect("name");
         assert!(matches!(
             may_prune(&state, dir.path(), &removed, &c, 9999),
@@ -562,13 +656,16 @@ mod tests {
         Observation::new(&cfg).apply(&mut state, &[txt("a.example", 60)], 1000);
         let lines = status(&state, &cfg, 1000);
         assert!(
-            lines[0].starts_with("a.example: retiring since 1970-01-01T00:16:40Z (old max_age 100 s + TTL 60 s): keep it configured until 1970-01-01T00:19:20Z (in 2m 40s)"),
+            lines[0].starts_with("a.example: retiring since 1970-01-01T00:16:40Z (wait 86400 s, at least one day (longest max_age 100 s) + TTL 60 s): keep it configured until 1970-01-02T00:17:40Z (in 1day 1m)"),
             "{lines:?}"
         );
-        assert!(status(&state, &cfg, 1160)[0].contains("safe to remove now"));
+        let safe = 1000 + 86_400 + 60;
+        assert!(status(&state, &cfg, safe)[0].contains("safe to remove now"));
         let removed = config("[[domain]]\nname = \"b.example\"\nmode = \"none\"\n");
-        assert!(status(&state, &removed, 1159)[0].contains("removed from the config too early"));
-        assert!(status(&state, &removed, 1160)[0].contains("`mtasts dns push --prune` deletes"));
+        assert!(
+            status(&state, &removed, safe - 1)[0].contains("removed from the config too early")
+        );
+        assert!(status(&state, &removed, safe)[0].contains("`mtasts dns push --prune` deletes"));
     }
 
     #[test]
@@ -589,5 +686,90 @@ mod tests {
             State::load(dir.path()),
             Err(RetireError::Corrupt { .. })
         ));
+    }
+
+    /// Issue 9 item 14: a domain that published 2 weeks and then retires
+    /// with max_age "1d" waits 2 weeks, not 1 day.
+    #[test]
+    fn retirement_waits_for_the_longest_max_age_ever_published() {
+        let active = config(
+            "[[domain]]\nname = \"a.example\"\nmode = \"enforce\"\nmx = [\"mx.a.example\"]\nmax_age = \"2w\"\n",
+        );
+        let mut state = State::default();
+        assert!(Observation::new(&active).apply(&mut state, &[txt("a.example", 60)], 500));
+        assert!(state.domains.is_empty(), "nothing retires yet");
+        assert_eq!(state.max_age_published["a.example"], 1_209_600);
+        // A shorter max_age later does not lower the record.
+        let shorter = config(
+            "[[domain]]\nname = \"a.example\"\nmode = \"enforce\"\nmx = [\"mx.a.example\"]\nmax_age = \"1w\"\n",
+        );
+        assert!(!Observation::new(&shorter).apply(&mut state, &[txt("a.example", 60)], 600));
+
+        let retiring =
+            config("[[domain]]\nname = \"a.example\"\nretire = true\nmax_age = \"1d\"\n");
+        assert!(Observation::new(&retiring).apply(&mut state, &[txt("a.example", 60)], 1000));
+        let a = &state.domains["a.example"];
+        assert_eq!(a.old_max_age, 1_209_600);
+        assert_eq!(a.safe_after(), 1000 + 1_209_600 + 60);
+        let lines = status(&state, &retiring, 1000);
+        assert!(
+            lines[0].contains("(wait longest max_age 1209600 s + TTL 60 s)"),
+            "{lines:?}"
+        );
+        // Saved and loaded again, the longest max_age survives.
+        let dir = tempfile::tempdir().expect("tempdir");
+        state.save(dir.path()).expect("save");
+        assert_eq!(
+            State::load(dir.path()).expect("load").domains,
+            state.domains
+        );
+
+        // Retirement abandoned: the longest max_age is kept for the next.
+        Observation::new(&shorter).apply(&mut state, &[], 2000);
+        assert!(state.domains.is_empty());
+        assert_eq!(state.max_age_published["a.example"], 1_209_600);
+    }
+
+    /// Issue 9 item 9: a stored max_age beyond RFC 8461's limit (written by
+    /// `--old-max-age 500000000000y` before it was bounded) is read as the
+    /// limit, and nothing panics on it or on a far-future start.
+    #[test]
+    fn out_of_range_stored_values_are_clamped_not_panicking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = r#"{"version":1,"domains":{
+            "a.example":{"since":1000,"old_max_age":15778800000000000000,"ttl":60,"records":[]},
+            "c.example":{"since":18446744073709551615,"old_max_age":18446744073709551615,"ttl":4294967295,"records":[]}},
+            "max_age_published":{"b.example":18446744073709551615}}"#;
+        std::fs::write(path(dir.path()), json).expect("write");
+        let state = State::load(dir.path()).expect("loads");
+        assert_eq!(state.domains["a.example"].old_max_age, MAX_AGE_LIMIT);
+        assert_eq!(state.max_age_published["b.example"], MAX_AGE_LIMIT);
+        let cfg = config(CFG);
+        let lines = status(&state, &cfg, 2000);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("longest max_age 31557600 s")),
+            "{lines:?}"
+        );
+        let c = DomainName::parse("c.example").expect("name");
+        let refusal = may_prune(
+            &state,
+            dir.path(),
+            &config("[[domain]]\nname = \"b.example\"\nmode = \"none\"\n"),
+            &c,
+            2000,
+        );
+        assert!(
+            matches!(refusal, Err(Refusal::TooEarly { .. })),
+            "{refusal:?}"
+        );
+        assert!(
+            refusal
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .contains("s after 1970")
+        );
     }
 }

@@ -509,3 +509,634 @@ fn delegation_side_without_section_is_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[delegation]"), "{err}");
 }
+
+/// The `octodns-validate` of the real octoDNS package (PyPI): from
+/// `MTASTS_OCTODNS_VALIDATE` (scripts/test.sh sets it after installing
+/// octoDNS into target/octodns-venv), else that venv. Missing: a failure
+/// under CI=true, a skip otherwise.
+fn octodns_validate() -> Option<PathBuf> {
+    let path = std::env::var_os("MTASTS_OCTODNS_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/octodns-venv/bin/octodns-validate")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "octodns-validate not found at {} (scripts/test.sh installs it)",
+        path.display()
+    );
+    eprintln!(
+        "skipping: octodns-validate not found at {} (run scripts/test.sh)",
+        path.display()
+    );
+    None
+}
+
+/// Saves each `# <zone>.yaml` document of `yaml` as that file in a new
+/// directory, writes an octoDNS config with a YamlProvider (default
+/// settings: enforce_order on, natural order) as the source of every zone,
+/// and runs `octodns-validate` on it. Returns (success, output).
+fn octodns_accepts(validate: &Path, yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zones_dir = dir.path().join("zones");
+    std::fs::create_dir(&zones_dir).expect("mkdir");
+    let mut config = format!(
+        "providers:\n  mtasts:\n    class: octodns.provider.yaml.YamlProvider\n    directory: {}\nzones:\n",
+        zones_dir.display()
+    );
+    let mut zone: Option<(String, String)> = None;
+    let mut files = Vec::new();
+    for line in yaml.split_inclusive('\n') {
+        match line
+            .strip_prefix("# ")
+            .and_then(|l| l.trim_end().strip_suffix("yaml"))
+        {
+            Some(name) => {
+                files.extend(zone.take());
+                zone = Some((name.to_owned(), String::new()));
+            }
+            None => {
+                let (_, text) = zone.as_mut().expect("a document starts with # <zone>.yaml");
+                text.push_str(line);
+            }
+        }
+    }
+    files.extend(zone);
+    assert!(!files.is_empty(), "no zone in {yaml}");
+    for (name, text) in &files {
+        std::fs::write(zones_dir.join(format!("{name}yaml")), text).expect("write zone");
+        config.push_str(&format!("  {name}:\n    sources: [mtasts]\n"));
+    }
+    let config_file = dir.path().join("octodns.yaml");
+    std::fs::write(&config_file, config).expect("write config");
+    let out = std::process::Command::new(validate)
+        .arg("--config-file")
+        .arg(&config_file)
+        .output()
+        .expect("run octodns-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Issue 9 item 15: octoDNS's YamlProvider with default settings
+/// (enforce_order) loads every side of our output, including a provider
+/// zone whose names need natural (not byte) order.
+#[test]
+fn octodns_validate_accepts_our_yaml() {
+    let Some(validate) = octodns_validate() else {
+        return;
+    };
+    // The check itself refuses keys out of natural order.
+    let (ok, out) = octodns_accepts(
+        &validate,
+        "# example.com.yaml\n---\nmta-sts:\n  type: A\n  ttl: 60\n  value: 192.0.2.1\n",
+    );
+    assert!(!ok, "out of order accepted: {out}");
+    assert!(out.contains("keys out of order"), "{out}");
+
+    let f = fixture();
+    for side in [&[][..], &["--for", "customer"], &["--for", "provider"]] {
+        let mut args = vec!["--format", "octodns"];
+        args.extend_from_slice(side);
+        let yaml = records(&f, &args);
+        let (ok, out) = octodns_accepts(&validate, &yaml);
+        assert!(ok, "{side:?}: octodns-validate refused:\n{out}\n{yaml}");
+    }
+
+    // Names whose natural order differs from byte order (d10 after d9).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = String::from(
+        "[defaults]\nmx = [\"mx.example.net\"]\nhost_a = [\"192.0.2.1\"]\n\n[delegation]\nzone = \"sts.example.net\"\npolicy_host = \"mta-sts.example.net\"\n",
+    );
+    for n in [10, 9, 1, 100, 2] {
+        config.push_str(&format!("\n[[domain]]\nname = \"d{n}.example\"\n"));
+    }
+    let path = dir.path().join("mtasts.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.to_str().expect("utf-8");
+    for side in ["provider", "customer"] {
+        let yaml = stdout_ok(&[
+            "records", "--config", path, "--format", "octodns", "--for", side,
+        ]);
+        let (ok, out) = octodns_accepts(&validate, &yaml);
+        assert!(ok, "{side}: octodns-validate refused:\n{out}\n{yaml}");
+    }
+}
+
+/// A stand-in for the three Cloudflare API calls deploy/cloudflare-sync.py
+/// makes (there is no Cloudflare here): `GET /zones?name=`, `GET
+/// /zones/{id}/dns_records` (paged, 3 per page so that paging is used) and
+/// `POST /zones/{id}/dns_records/batch`, applied in Cloudflare's documented
+/// order (deletes, patches, puts, posts). Request bodies are checked
+/// against the documented shapes; anything else is a 400.
+struct FakeCloudflare {
+    base: String,
+    state: std::sync::Arc<std::sync::Mutex<CfState>>,
+}
+
+#[derive(Default)]
+struct CfState {
+    /// (zone name, zone id).
+    zones: Vec<(String, String)>,
+    /// (zone id, record as the API returns it).
+    records: Vec<(String, serde_json::Value)>,
+    next_id: u32,
+    batches: u32,
+}
+
+const CF_TOKEN: &str = "test-token";
+
+impl FakeCloudflare {
+    fn start(zones: &[&str]) -> FakeCloudflare {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}/client/v4", listener.local_addr().expect("addr"));
+        let state = std::sync::Arc::new(std::sync::Mutex::new(CfState {
+            zones: zones
+                .iter()
+                .enumerate()
+                .map(|(i, z)| ((*z).to_owned(), format!("zone{i}")))
+                .collect(),
+            ..CfState::default()
+        }));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = serve_cf(stream, &shared);
+            }
+        });
+        FakeCloudflare { base, state }
+    }
+
+    fn add(&self, zone_id: &str, rtype: &str, name: &str, content: &str) {
+        let mut s = self.state.lock().expect("lock");
+        s.next_id += 1;
+        let id = format!("rec{}", s.next_id);
+        s.records.push((
+            zone_id.to_owned(),
+            serde_json::json!({"id": id, "type": rtype, "name": name, "content": content, "ttl": 300, "comment": null}),
+        ));
+    }
+
+    /// (type, name, content, id) of a zone's records, sorted.
+    fn records(&self, zone_id: &str) -> Vec<(String, String, String, String)> {
+        let s = self.state.lock().expect("lock");
+        let mut out: Vec<_> = s
+            .records
+            .iter()
+            .filter(|(z, _)| z == zone_id)
+            .map(|(_, r)| {
+                let f = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                (f("type"), f("name"), f("content"), f("id"))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn batches(&self) -> u32 {
+        self.state.lock().expect("lock").batches
+    }
+}
+
+fn serve_cf(
+    mut stream: std::net::TcpStream,
+    state: &std::sync::Mutex<CfState>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 || buf.len() > 1 << 20 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = &buf[head_end..head_end + length];
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or_default().to_owned();
+    let target = words.next().unwrap_or_default().to_owned();
+    let (status, doc) = if header("authorization").as_deref() != Some(&format!("Bearer {CF_TOKEN}"))
+    {
+        (
+            403,
+            serde_json::json!({"success": false, "errors": [{"message": "bad token"}]}),
+        )
+    } else {
+        match cf_route(&method, &target, body, &mut state.lock().expect("lock")) {
+            Ok(doc) => (200, doc),
+            Err(msg) => (
+                400,
+                serde_json::json!({"success": false, "errors": [{"message": msg}]}),
+            ),
+        }
+    };
+    let text = doc.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )
+}
+
+fn cf_route(
+    method: &str,
+    target: &str,
+    body: &[u8],
+    s: &mut CfState,
+) -> Result<serde_json::Value, String> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let query: std::collections::HashMap<&str, &str> =
+        query.split('&').filter_map(|p| p.split_once('=')).collect();
+    let path = path
+        .strip_prefix("/client/v4")
+        .ok_or_else(|| format!("unknown path {path}"))?;
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        ("GET", ["zones"]) => {
+            let name = query.get("name").ok_or("zones: name missing")?;
+            let result: Vec<_> = s
+                .zones
+                .iter()
+                .filter(|(z, _)| z == name)
+                .map(|(z, id)| serde_json::json!({"id": id, "name": z}))
+                .collect();
+            Ok(serde_json::json!({"success": true, "errors": [], "result": result}))
+        }
+        ("GET", ["zones", zone, "dns_records"]) => {
+            let page: usize = query.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+            let per_page = 3;
+            let all: Vec<_> = s
+                .records
+                .iter()
+                .filter(|(z, _)| z == zone)
+                .map(|(_, r)| r.clone())
+                .collect();
+            let total_pages = all.len().div_ceil(per_page).max(1);
+            let result: Vec<_> = all
+                .iter()
+                .skip((page - 1) * per_page)
+                .take(per_page)
+                .cloned()
+                .collect();
+            Ok(
+                serde_json::json!({"success": true, "errors": [], "result": result,
+                "result_info": {"page": page, "per_page": per_page, "count": result.len(), "total_count": all.len(), "total_pages": total_pages}}),
+            )
+        }
+        ("POST", ["zones", zone, "dns_records", "batch"]) => {
+            let zone = (*zone).to_owned();
+            let doc: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+            let obj = doc.as_object().ok_or("body is not an object")?;
+            let list = |k: &str| {
+                obj.get(k)
+                    .and_then(|v| v.as_array())
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for k in obj.keys() {
+                if !["deletes", "patches", "puts", "posts"].contains(&k.as_str()) {
+                    return Err(format!("unknown key {k}"));
+                }
+            }
+            let shape = |r: &serde_json::Value, with_id: bool| -> Result<(), String> {
+                let mut keys: Vec<&str> = r
+                    .as_object()
+                    .ok_or("not an object")?
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                keys.sort_unstable();
+                let mut want = vec!["comment", "content", "name", "ttl", "type"];
+                if with_id {
+                    want.push("id");
+                    want.sort_unstable();
+                }
+                if keys != want {
+                    return Err(format!("record keys {keys:?}, want {want:?}"));
+                }
+                if r["type"] == "TXT" && !r["content"].as_str().is_some_and(|c| c.starts_with('"'))
+                {
+                    return Err(format!("TXT content not quoted: {r}"));
+                }
+                Ok(())
+            };
+            let find = |s: &CfState, id: &serde_json::Value| {
+                s.records
+                    .iter()
+                    .position(|(z, r)| *z == zone && r["id"] == *id)
+            };
+            // A transaction: check everything first.
+            for d in list("deletes") {
+                if d.as_object().map(|o| o.len()) != Some(1) || find(s, &d["id"]).is_none() {
+                    return Err(format!("bad delete {d}"));
+                }
+            }
+            for p in list("puts") {
+                shape(&p, true)?;
+                if find(s, &p["id"]).is_none() {
+                    return Err(format!("put of unknown record {p}"));
+                }
+            }
+            for p in list("posts") {
+                shape(&p, false)?;
+            }
+            if !list("patches").is_empty() {
+                return Err("patches are not expected".into());
+            }
+            for d in list("deletes") {
+                if let Some(i) = find(s, &d["id"]) {
+                    s.records.remove(i);
+                }
+            }
+            for p in list("puts") {
+                if let Some(i) = find(s, &p["id"]) {
+                    s.records[i].1 = p;
+                }
+            }
+            for mut p in list("posts") {
+                s.next_id += 1;
+                p["id"] = format!("rec{}", s.next_id).into();
+                s.records.push((zone.clone(), p));
+            }
+            s.batches += 1;
+            Ok(serde_json::json!({"success": true, "errors": [], "result": {}}))
+        }
+        _ => Err(format!("unexpected {method} {path}")),
+    }
+}
+
+/// Runs deploy/cloudflare-sync.py on `input` against the fake API.
+fn cloudflare_sync(cf: &FakeCloudflare, input: &str, extra: &[&str]) -> (bool, String) {
+    use std::io::Write;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cloudflare-sync.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args(extra)
+        .env("CLOUDFLARE_API_TOKEN", CF_TOKEN)
+        .env("CLOUDFLARE_API_BASE", &cf.base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Issue 9 item 16: after an id change, `--format cloudflare` through
+/// deploy/cloudflare-sync.py replaces the `v=STSv1` TXT instead of adding a
+/// second one (two make senders apply no policy, RFC 8461 §3.1), removes a
+/// duplicate left by posting twice, replaces the host records, and leaves
+/// other records at the same names alone.
+#[test]
+fn cloudflare_sync_replaces_the_sts_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("mtasts.toml");
+    let write = |mode: &str, a: &str| {
+        std::fs::write(
+            &config,
+            format!("[[domain]]\nname = \"example.com\"\nmode = \"{mode}\"\nmx = [\"mx1.example.com\"]\nhost_a = [{a}]\ntlsrpt_rua = \"mailto:tls@example.com\"\n"),
+        )
+        .expect("write config");
+    };
+    let config_str = config.to_str().expect("utf-8");
+    let output = || stdout_ok(&["records", "--config", config_str, "--format", "cloudflare"]);
+    let sts_txts = |cf: &FakeCloudflare| -> Vec<(String, String)> {
+        cf.records("zone0")
+            .into_iter()
+            .filter(|r| r.0 == "TXT" && r.2.contains("v=STSv1"))
+            .map(|r| (r.2, r.3))
+            .collect()
+    };
+    let cf = FakeCloudflare::start(&["example.com"]);
+    cf.add(
+        "zone0",
+        "TXT",
+        "_mta-sts.example.com",
+        "\"google-site-verification=abc\"",
+    );
+    cf.add("zone0", "TXT", "example.com", "\"v=spf1 -all\"");
+
+    // First run: creates the three records (two A).
+    write("testing", "\"192.0.2.1\", \"192.0.2.2\"");
+    let first = output();
+    let (ok, out) = cloudflare_sync(&cf, &first, &[]);
+    assert!(ok, "{out}");
+    let sts = sts_txts(&cf);
+    assert_eq!(sts.len(), 1, "{sts:?}");
+    let id = expected_id(
+        &Fixture {
+            _dir: tempfile::tempdir().expect("tempdir"),
+            config: config.clone(),
+        },
+        "example.com",
+    );
+    assert_eq!(sts[0].0, format!("\"v=STSv1; id={id};\""));
+    let record_id = sts[0].1.clone();
+    assert_eq!(
+        cf.records("zone0").len(),
+        2 + 4,
+        "{:?}",
+        cf.records("zone0")
+    );
+
+    // Unchanged input: nothing to send.
+    let batches = cf.batches();
+    let (ok, out) = cloudflare_sync(&cf, &first, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("0 batch(es)"), "{out}");
+    assert_eq!(cf.batches(), batches);
+
+    // The policy changes (new id), one address goes, another comes.
+    write("enforce", "\"192.0.2.3\"");
+    let second = output();
+    assert_ne!(first, second);
+    // A dry run changes nothing.
+    let before = cf.records("zone0");
+    let (ok, out) = cloudflare_sync(&cf, &second, &["--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("replace TXT _mta-sts.example.com"), "{out}");
+    assert_eq!(cf.records("zone0"), before);
+    let (ok, out) = cloudflare_sync(&cf, &second, &[]);
+    assert!(ok, "{out}");
+    let sts = sts_txts(&cf);
+    let new_id = expected_id(
+        &Fixture {
+            _dir: tempfile::tempdir().expect("tempdir"),
+            config: config.clone(),
+        },
+        "example.com",
+    );
+    assert_ne!(new_id, id);
+    assert_eq!(
+        sts,
+        [(format!("\"v=STSv1; id={new_id};\""), record_id.clone())],
+        "replaced in place"
+    );
+    let a: Vec<String> = cf
+        .records("zone0")
+        .into_iter()
+        .filter(|r| r.0 == "A")
+        .map(|r| r.2)
+        .collect();
+    assert_eq!(a, ["192.0.2.3"]);
+
+    // What the posts-only way leaves after an id change: two STSv1 TXT.
+    // The script makes it one again.
+    cf.add(
+        "zone0",
+        "TXT",
+        "_mta-sts.example.com",
+        &format!("\"v=STSv1; id={id};\""),
+    );
+    assert_eq!(sts_txts(&cf).len(), 2);
+    let (ok, out) = cloudflare_sync(&cf, &second, &[]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        sts_txts(&cf),
+        [(format!("\"v=STSv1; id={new_id};\""), record_id)]
+    );
+
+    // Records mtasts does not manage stay.
+    let all = cf.records("zone0");
+    assert!(
+        all.iter()
+            .any(|r| r.2 == "\"google-site-verification=abc\""),
+        "{all:?}"
+    );
+    assert!(all.iter().any(|r| r.2 == "\"v=spf1 -all\""), "{all:?}");
+    assert_eq!(all.len(), 2 + 3, "{all:?}");
+
+    // A wrong token is an error, not a silent success.
+    let mut bad = std::process::Command::new("python3");
+    bad.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cloudflare-sync.py"))
+        .env("CLOUDFLARE_API_TOKEN", "wrong")
+        .env("CLOUDFLARE_API_BASE", &cf.base)
+        .arg(dir.path().join("out.json"));
+    std::fs::write(dir.path().join("out.json"), &second).expect("write");
+    let out = bad.output().expect("python3 runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"));
+}
+
+/// Compares `got` with the golden file `tests/golden/<rel>` byte for byte,
+/// or writes it when UPDATE_GOLDEN=1 (then review the diff in git).
+fn golden(rel: &str, got: &[u8]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(rel);
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, got).expect("write golden");
+        return;
+    }
+    let want = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (create it with UPDATE_GOLDEN=1 cargo test --test records golden)",
+            path.display()
+        )
+    });
+    if want != got {
+        let (want, got) = (String::from_utf8_lossy(&want), String::from_utf8_lossy(got));
+        let line = want
+            .split_inclusive('\n')
+            .zip(got.split_inclusive('\n'))
+            .position(|(a, b)| a != b)
+            .unwrap_or_else(|| want.lines().count().min(got.lines().count()));
+        panic!(
+            "{} differs from the output, first at line {}:\n  golden: {:?}\n  output: {:?}\n\
+             If the change is intended: UPDATE_GOLDEN=1 cargo test --test records golden, then review `git diff tests/golden`",
+            path.display(),
+            line + 1,
+            want.split_inclusive('\n').nth(line).unwrap_or(""),
+            got.split_inclusive('\n').nth(line).unwrap_or(""),
+        );
+    }
+}
+
+/// Issue 9 item 17: the served policy body of each mode and every built-in
+/// `records` format (one per template in templates/, each side of
+/// delegation and the plain full set) against golden files, so that a
+/// field wrong in every format alike is caught too.
+#[test]
+fn golden_policies_and_every_records_format() {
+    let f = fixture();
+    let config = f.config.to_str().expect("utf-8");
+    for (mode, domain) in [
+        ("enforce", "example.com"),
+        ("testing", "b.example"),
+        ("none", "bücher.example"),
+    ] {
+        let body = stdout_ok(&["policy", "--config", config, domain]);
+        assert!(body.contains(&format!("\r\nmode: {mode}\r\n")), "{body:?}");
+        golden(&format!("policy-{mode}.txt"), body.as_bytes());
+    }
+
+    // Every template is a format: `bind.zone.j2` is `--format bind`.
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    let mut names: Vec<String> = std::fs::read_dir(&templates)
+        .expect("templates/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".j2").map(str::to_owned))
+        .collect();
+    names.sort();
+    let formats: Vec<&str> = names
+        .iter()
+        .map(|n| n.split('.').next().unwrap_or(n))
+        .collect();
+    assert_eq!(
+        formats,
+        ["bind", "cloudflare", "csv", "json", "octodns", "route53"],
+        "a new format needs its golden files (UPDATE_GOLDEN=1)"
+    );
+    for side in ["full", "customer", "provider"] {
+        for (name, format) in names.iter().zip(&formats) {
+            let out = records(&f, &["--format", format, "--for", side]);
+            golden(&format!("records/{side}/{name}"), out.as_bytes());
+        }
+    }
+    // Without --for and --format: the full set as a zone file.
+    let out = records(&f, &[]);
+    golden("records/full/bind.zone", out.as_bytes());
+}

@@ -13,7 +13,8 @@
 //!   changes, every file is validated again (a full reload);
 //! - the mail server certificates its `mx_certs` name: when one changes (its
 //!   stamp), expires, or could not be read, the files naming it are
-//!   validated again.
+//!   validated again; for a glob entry, also when the set of files it
+//!   matches changes.
 //!
 //! The main file is read and validated at every load (its own sections
 //! read other files, e.g. `secret_file`); its `[[domain]]` entries too, so
@@ -112,10 +113,16 @@ struct CertState {
     always: bool,
     /// From then on its names no longer count.
     expires: Option<time::OffsetDateTime>,
+    /// For a glob entry: the files it matched (each one a dependency of
+    /// its own).
+    matches: Option<Vec<PathBuf>>,
 }
 
 impl CertState {
     fn stale(&self, path: &Path, now: time::OffsetDateTime) -> bool {
+        if let Some(matches) = &self.matches {
+            return mxcert::expand(path).ok().as_ref() != Some(matches);
+        }
         self.always || self.expires.is_some_and(|e| now >= e) || Stamp::of_path(path) != self.stamp
     }
 }
@@ -125,6 +132,8 @@ impl CertState {
 pub(super) struct CertReader {
     now: time::OffsetDateTime,
     read: HashMap<PathBuf, (Option<Stamp>, Result<mxcert::CertNames, String>)>,
+    /// Glob entries expanded in this load, and what they matched.
+    globs: HashMap<PathBuf, Vec<PathBuf>>,
     touched: Vec<PathBuf>,
 }
 
@@ -133,8 +142,27 @@ impl CertReader {
         CertReader {
             now,
             read: HashMap::new(),
+            globs: HashMap::new(),
             touched: Vec::new(),
         }
+    }
+
+    /// The files an `mx_certs` entry names now (see [`mxcert::expand`]);
+    /// a glob's matches are remembered so a new or removed match makes the
+    /// entries naming it validated again.
+    pub(super) fn expand(&mut self, entry: &Path) -> Result<Vec<PathBuf>, String> {
+        if !mxcert::is_glob(entry) {
+            return Ok(vec![entry.to_owned()]);
+        }
+        if !self.touched.iter().any(|p| p == entry) {
+            self.touched.push(entry.to_owned());
+        }
+        if let Some(found) = self.globs.get(entry) {
+            return Ok(found.clone());
+        }
+        let found = mxcert::expand(entry)?;
+        self.globs.insert(entry.to_owned(), found.clone());
+        Ok(found)
     }
 
     pub(super) fn read(&mut self, path: &Path) -> &Result<mxcert::CertNames, String> {
@@ -329,17 +357,20 @@ impl Loader {
                         scope.spawn(move || {
                             let mut own = CertReader::new(now);
                             let done = refresh_all(chunk, &mut own);
-                            (done, own.read)
+                            (done, own)
                         })
                     })
                     .collect();
                 let mut results = Vec::new();
                 for h in handles {
                     match h.join() {
-                        Ok((done, read)) => {
+                        Ok((done, own)) => {
                             results.extend(done);
-                            for (path, state) in read {
+                            for (path, state) in own.read {
                                 certs.read.entry(path).or_insert(state);
+                            }
+                            for (path, found) in own.globs {
+                                certs.globs.entry(path).or_insert(found);
                             }
                         }
                         Err(panic) => std::panic::resume_unwind(panic),
@@ -371,6 +402,16 @@ impl Loader {
                 always: result.is_err() || stamp.is_none_or(|s| s.racy(read_at)),
                 expires: result.ok().map(|n| n.expires),
                 stamp,
+                matches: None,
+            };
+            self.certs.insert(path, state);
+        }
+        for (path, found) in certs.globs {
+            let state = CertState {
+                always: false,
+                expires: None,
+                stamp: None,
+                matches: Some(found),
             };
             self.certs.insert(path, state);
         }
@@ -712,5 +753,53 @@ mod tests {
             find(&next, "b.example"),
             find(&first, "b.example")
         ));
+    }
+
+    #[test]
+    fn a_new_file_matching_an_mx_certs_glob_revalidates_its_domains() {
+        let dir = Dir::new("mode = \"enforce\"\nmx_certs = [\"live/*/fullchain.pem\"]\n");
+        let pem = |san: &str| {
+            let params = rcgen::CertificateParams::new(vec![san.to_owned()]).expect("params");
+            let key = rcgen::KeyPair::generate().expect("key");
+            params.self_signed(&key).expect("sign").pem()
+        };
+        let put = |name: &str| {
+            let d = dir.tmp.path().join("live").join(name);
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("fullchain.pem"), pem(name)).expect("pem");
+        };
+        put("mx1.example.net");
+        dir.file("a.toml", &entry("a.example", ""));
+        let mut loader = dir.loader();
+        let first = loader.load().expect("valid");
+        let mx = |c: &Config| -> Vec<String> {
+            find(c, "a.example")
+                .policy
+                .mx
+                .iter()
+                .map(|m| m.as_str().to_owned())
+                .collect()
+        };
+        assert_eq!(mx(&first), ["mx1.example.net"]);
+        put("mx2.example.net");
+        let next = loader.load().expect("valid");
+        assert_eq!(mx(&next), ["mx1.example.net", "mx2.example.net"]);
+        // A glob matching nothing is a warning, not an error.
+        dir.main("mode = \"testing\"\nmx = [\"mx.example.net\"]\n");
+        dir.file(
+            "a.toml",
+            &entry(
+                "a.example",
+                "mx_certs = [\"../none/*.pem\"]\nmode = \"none\"",
+            ),
+        );
+        let cfg = loader.load().expect("valid");
+        assert!(
+            cfg.warnings
+                .iter()
+                .any(|w| w.to_string().contains("matches no file")),
+            "{:?}",
+            cfg.warnings
+        );
     }
 }

@@ -201,10 +201,66 @@ fn context(records: &[Record]) -> Context<'_> {
             }
         }
     }
+    // octoDNS's YamlProvider (default `enforce_order: true`) refuses a zone
+    // whose names are not in natural sort order.
+    for zone in &mut zones {
+        zone.owners
+            .sort_by(|a, b| natural_cmp(a.relative_name, b.relative_name));
+    }
     Context {
         records: records.iter().map(template_record).collect(),
         zones,
     }
+}
+
+/// Natural sort order as octoDNS checks it (Python `natsort`'s default
+/// key): the text split into alternating non-digit and digit runs, text
+/// runs compared by code point, digit runs by numeric value, a shorter
+/// sequence of equal runs first.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (mut a, mut b) = (natural_runs(a), natural_runs(b));
+    loop {
+        return match (a.next(), b.next()) {
+            (None, None) => std::cmp::Ordering::Equal,
+            (None, Some(_)) => std::cmp::Ordering::Less,
+            (Some(_), None) => std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let ord = if x.starts_with(|c: char| c.is_ascii_digit()) {
+                    // Both are digit runs: runs alternate from a text run
+                    // (empty when the name starts with a digit).
+                    let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                    x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+                } else {
+                    x.cmp(y)
+                };
+                if ord.is_eq() {
+                    continue;
+                }
+                ord
+            }
+        };
+    }
+}
+
+/// `s` as alternating runs, text first: "h-12ab" → "h-", "12", "ab";
+/// "12ab" → "", "12", "ab".
+fn natural_runs(s: &str) -> impl Iterator<Item = &str> {
+    let mut rest = s;
+    let mut digits = false;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let end = rest
+            .find(|c: char| c.is_ascii_digit() != digits)
+            .unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(end);
+        rest = tail;
+        digits = !digits;
+        done = rest.is_empty();
+        Some(run)
+    })
 }
 
 /// One environment for built-in and user templates alike: no auto-escaping
@@ -324,5 +380,37 @@ mod tests {
         assert_eq!(sets.len(), 2);
         assert_eq!(sets[0].values, ["192.0.2.1", "192.0.2.2"]);
         assert_eq!(sets[0].relative_name, "mta-sts");
+    }
+
+    #[test]
+    fn natural_order_is_octodns_order() {
+        let mut names = vec![
+            "mta-sts",
+            "h-10",
+            "",
+            "_smtp._tls",
+            "h-9",
+            "h-09x",
+            "_mta-sts",
+            "2a",
+            "10a",
+            "a",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "",
+                "2a",
+                "10a",
+                "_mta-sts",
+                "_smtp._tls",
+                "a",
+                "h-9",
+                "h-09x",
+                "h-10",
+                "mta-sts"
+            ]
+        );
     }
 }

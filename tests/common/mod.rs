@@ -79,7 +79,18 @@ impl ServeProc {
         http: SocketAddr,
         global: &[&str],
     ) -> ServeProc {
-        let mut proc = Self::spawn(config, https, http, global);
+        Self::start_args(config, https, http, global, &[])
+    }
+
+    /// Like `start_with`, with options of `serve` itself (after `--config`).
+    pub fn start_args(
+        config: &Path,
+        https: SocketAddr,
+        http: SocketAddr,
+        global: &[&str],
+        serve: &[&str],
+    ) -> ServeProc {
+        let mut proc = Self::spawn(config, https, http, global, serve);
         proc.wait_ready();
         proc
     }
@@ -88,7 +99,7 @@ impl ServeProc {
     /// connection, as early as any client could reach it (`start` waits for
     /// both ports and polls every 50 ms): for what must hold from then on.
     pub fn start_at_first_accept(config: &Path, https: SocketAddr, http: SocketAddr) -> ServeProc {
-        let proc = Self::spawn(config, https, http, &[]);
+        let proc = Self::spawn(config, https, http, &[], &[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(https).is_err() {
             assert!(Instant::now() < deadline, "never listened: {}", proc.log());
@@ -98,12 +109,19 @@ impl ServeProc {
     }
 
     /// Starts the process and returns at once, before it listens.
-    fn spawn(config: &Path, https: SocketAddr, http: SocketAddr, global: &[&str]) -> ServeProc {
+    fn spawn(
+        config: &Path,
+        https: SocketAddr,
+        http: SocketAddr,
+        global: &[&str],
+        serve: &[&str],
+    ) -> ServeProc {
         let stderr = config.with_extension("stderr.log");
         let child = Command::new(bin())
             .args(global)
             .args(["serve", "--config"])
             .arg(config)
+            .args(serve)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr log"))
             .spawn()
