@@ -415,8 +415,8 @@ impl ConnCtx {
             // A peer that stops answering PINGs while a response is under
             // way is dropped; idle and age limits are serve_io's (a client's
             // own PINGs must not keep a connection open).
-            .keep_alive_interval(Some(limits.idle_timeout / 2))
-            .keep_alive_timeout(limits.header_read_timeout);
+            .keep_alive_interval(Some(bounded(limits.idle_timeout / 2)))
+            .keep_alive_timeout(bounded(limits.header_read_timeout));
         let acme = server
             .acme
             .as_ref()
@@ -768,11 +768,11 @@ where
     let mut conn = std::pin::pin!(conn);
     ctx.metrics.connections_open.inc();
     let opened = Instant::now();
-    let age = tokio::time::sleep_until(opened + limits.max_connection_age);
+    let age = tokio::time::sleep_until(opened + bounded(limits.max_connection_age));
     let mut age = std::pin::pin!(age);
     // Checked a few times per limit, not per request (the hot path only
     // counts): closes between the limit and 1.25 times the limit.
-    let check = tokio::time::sleep_until(opened + limits.header_read_timeout / 4);
+    let check = tokio::time::sleep_until(opened + bounded(limits.header_read_timeout / 4));
     let mut check = std::pin::pin!(check);
     let (mut seen, mut quiet_since) = (0u64, opened);
     let mut cutoff: Option<Instant> = None;
@@ -791,12 +791,12 @@ where
             _ = slot.stop.wait_for(|stop| *stop), if cutoff.is_none() => {
                 // Server shutdown: Server::run bounds the wait.
                 conn.as_mut().graceful_shutdown();
-                cutoff = Some(Instant::now() + limits.shutdown_timeout);
+                cutoff = Some(Instant::now() + bounded(limits.shutdown_timeout));
             }
             () = &mut age, if cutoff.is_none() => {
                 tracing::debug!("connection reached max_connection_age; closing");
                 conn.as_mut().graceful_shutdown();
-                cutoff = Some(Instant::now() + limits.shutdown_timeout);
+                cutoff = Some(Instant::now() + bounded(limits.shutdown_timeout));
             }
             () = &mut check, if cutoff.is_none() => {
                 let now = Instant::now();
@@ -812,9 +812,9 @@ where
                 if now.saturating_duration_since(quiet_since) >= limit {
                     tracing::debug!(requests = seen, "no request for {limit:?}; closing");
                     conn.as_mut().graceful_shutdown();
-                    cutoff = Some(now + limits.shutdown_timeout);
+                    cutoff = Some(now + bounded(limits.shutdown_timeout));
                 } else {
-                    check.as_mut().reset(now + limit / 4);
+                    check.as_mut().reset(now + bounded(limit / 4));
                 }
             }
         }
@@ -824,6 +824,12 @@ where
     }
     ctx.metrics.connections_open.dec();
     drop(slot);
+}
+
+/// A configured duration capped at a year, so that adding it to an instant
+/// can never overflow (a year is "never" for a connection).
+fn bounded(d: std::time::Duration) -> std::time::Duration {
+    d.min(std::time::Duration::from_secs(366 * 86_400))
 }
 
 /// Requests of one connection, for the request-level idle limit.
