@@ -13,8 +13,17 @@
 //!
 //! Domains written by the API live in `domains_dir`, one file each, so a
 //! restart keeps them and operators can read them. A write that makes the
-//! config invalid is undone and answered 422 with the diagnostics.
+//! config invalid is undone and answered 422 with the diagnostics. The API
+//! changes or deletes `domains_dir/<name>.toml` only while that file holds
+//! `name` alone: a hand-written file that also holds other domains is
+//! answered 409 and left as it is.
+//!
+//! A write and the reload that validates it are one unit, run in a task of
+//! its own under the reload lock: it finishes (applied, or undone) and is
+//! logged whatever the client does, and writes apply in the order they
+//! took the lock.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,7 +37,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::control::{Control, ReloadError};
+use crate::control::{Control, ReloadError, ReloadLock};
 use crate::metrics::Trigger;
 use crate::policy::DomainName;
 use crate::snapshot::Site;
@@ -200,7 +209,22 @@ struct CertView {
     loaded: bool,
 }
 
-fn view(control: &Control, site: &Site) -> DomainView {
+/// The `domains_dir` files that hold more than one domain: none of their
+/// domains is the API's.
+fn shared_files(control: &Control) -> HashSet<PathBuf> {
+    let config = control.config();
+    let mut count: HashMap<&Path, usize> = HashMap::new();
+    for d in &config.domains {
+        *count.entry(d.origin.file.as_path()).or_default() += 1;
+    }
+    count
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(f, _)| f.to_owned())
+        .collect()
+}
+
+fn view(control: &Control, site: &Site, shared: &HashSet<PathBuf>) -> DomainView {
     let d = &site.domain;
     DomainView {
         name: d.name.to_string(),
@@ -218,18 +242,20 @@ fn view(control: &Control, site: &Site) -> DomainView {
             d.origin.line,
             d.origin.col
         ),
-        managed: managed_file(control, &d.name).is_some_and(|f| d.origin.file == f),
+        managed: managed_file(control, &d.name)
+            .is_some_and(|f| d.origin.file == f && !shared.contains(&f)),
         retire: d.retire,
     }
 }
 
 async fn list(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
     let snapshot = state.control.server().snapshot();
+    let shared = shared_files(&state.control);
     Json(
         snapshot
             .sites()
             .iter()
-            .map(|s| view(&state.control, s))
+            .map(|s| view(&state.control, s, &shared))
             .collect(),
     )
 }
@@ -248,7 +274,11 @@ async fn show(
     let site = snapshot
         .lookup(&name.policy_host())
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("{name} is not configured")))?;
-    Ok(Json(view(&state.control, site)))
+    Ok(Json(view(
+        &state.control,
+        site,
+        &shared_files(&state.control),
+    )))
 }
 
 /// The file the API keeps `name` in, when a `domains_dir` is configured.
@@ -352,33 +382,89 @@ fn json_scalar(v: &serde_json::Value, key: &str) -> Result<toml::Value, ApiError
     }
 }
 
+/// What a write did, for the answer.
+struct Written {
+    /// The domain was configured before the write.
+    existed: bool,
+    /// The domain as served right after the write (`None` after a delete).
+    view: Option<DomainView>,
+    /// The snapshot generation serving the write.
+    generation: u64,
+}
+
+/// Runs [`write_and_reload`] as one unit in a task of its own and waits for
+/// it: if the client goes away, the handler is dropped but the write still
+/// finishes (applied, or undone) and its outcome is logged.
+async fn write(
+    control: &Arc<Control>,
+    name: DomainName,
+    content: Option<String>,
+) -> Result<Written, ApiError> {
+    let control = Arc::clone(control);
+    tokio::spawn(async move {
+        let action = if content.is_some() { "put" } else { "delete" };
+        let lock = control.lock().await;
+        let result = write_and_reload(&control, &lock, &name, content).await;
+        // Logged before the next write may start: the log shows the order.
+        match &result {
+            Ok(w) => tracing::info!(
+                domain = %name,
+                action,
+                generation = w.generation,
+                "admin write applied"
+            ),
+            Err(e) => tracing::warn!(
+                domain = %name,
+                action,
+                status = e.status.as_u16(),
+                "admin write not applied: {}",
+                e.message
+            ),
+        }
+        drop(lock);
+        result
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!("admin write task failed: {e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the write failed; see the server log",
+        )
+    })?
+}
+
 /// Replaces (or removes, with `None`) the API file of a domain and reloads;
-/// on a rejected reload the previous file is restored.
+/// on a rejected reload the previous file is restored. The caller holds the
+/// reload lock throughout; to be run through [`write`] only.
 async fn write_and_reload(
     control: &Control,
+    lock: &ReloadLock<'_>,
     name: &DomainName,
     content: Option<String>,
-) -> Result<(), ApiError> {
-    let lock = control.lock().await;
+) -> Result<Written, ApiError> {
     let Some(file) = managed_file(control, name) else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no domains_dir is configured; the API has nowhere to keep domains",
         ));
     };
-    if let Some(d) = control.config().domain(name)
-        && d.origin.file != file
+    let configured = control.config().domain(name).map(|d| d.origin.clone());
+    if let Some(origin) = &configured
+        && origin.file != file
     {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
                 "{name} is defined in {}:{}, which the API does not manage",
-                d.origin.file.display(),
-                d.origin.line
+                origin.file.display(),
+                origin.line
             ),
         ));
     }
-    let previous = std::fs::read(&file).ok();
+    // The file as it is now, which may differ from what was last applied
+    // (a hand edit not reloaded yet, or rejected).
+    let previous = owned_file(&file, name)?;
     if content.is_none() && previous.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -398,19 +484,108 @@ async fn write_and_reload(
         }
         None => std::fs::remove_file(&file).map_err(io_err)?,
     }
-    match control.reload_locked(&lock, Trigger::Admin).await {
-        Ok(_) => Ok(()),
+    let reloaded = match control.reload_locked(lock, Trigger::Admin).await {
+        Ok(r) => r,
         Err(e) => {
             let restored = match &previous {
                 Some(old) => store::write_atomic(&file, old, store::PUBLIC_MODE),
                 None => std::fs::remove_file(&file),
             };
-            if let Err(re) = restored {
-                tracing::error!("cannot restore {}: {re}", file.display());
+            match restored {
+                Ok(()) => tracing::info!(file = %file.display(), "admin write undone"),
+                Err(re) => tracing::error!("cannot restore {}: {re}", file.display()),
             }
-            Err(e.into())
+            return Err(e.into());
+        }
+    };
+    let view = match content {
+        Some(_) => {
+            let snapshot = control.server().snapshot();
+            let site = snapshot.lookup(&name.policy_host()).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "domain missing after reload",
+                )
+            })?;
+            Some(view(control, site, &shared_files(control)))
+        }
+        None => None,
+    };
+    Ok(Written {
+        existed: configured.is_some(),
+        view,
+        generation: reloaded.generation,
+    })
+}
+
+/// Largest `domains_dir` file the API reads back before replacing it.
+const MAX_DOMAIN_FILE: u64 = 1024 * 1024;
+
+/// The current bytes of `file` (`None`: no such file) when the API may
+/// replace or delete it: it holds `name` and no other domain. Anything else
+/// (other domains, text that is not a domain file, not a regular file) is
+/// answered 409 and the file is left alone.
+fn owned_file(file: &Path, name: &DomainName) -> Result<Option<Vec<u8>>, ApiError> {
+    use std::io::Read as _;
+    let refuse = |why: String| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{} {why}; the API only changes a file that holds nothing but the one domain \
+                 it is named after, so edit this file by hand (or move {name} into a file \
+                 of its own)",
+                file.display()
+            ),
+        )
+    };
+    let meta = match std::fs::metadata(file) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(refuse(format!("cannot be read ({e})"))),
+    };
+    if !meta.is_file() {
+        return Err(refuse("is not a regular file".to_owned()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_DOMAIN_FILE + 1).read_to_end(&mut bytes))
+        .map_err(|e| refuse(format!("cannot be read ({e})")))?;
+    if bytes.len() as u64 > MAX_DOMAIN_FILE {
+        return Err(refuse(format!("is larger than {MAX_DOMAIN_FILE} bytes")));
+    }
+    let table: toml::Table = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| refuse("is not a valid domain file".to_owned()))?;
+    let mut names = Vec::new();
+    for (key, value) in &table {
+        let entries = match (key.as_str(), value) {
+            ("domain", toml::Value::Array(entries)) => entries,
+            _ => return Err(refuse(format!("holds `{key}`, which is not a domain"))),
+        };
+        for entry in entries {
+            let raw = entry
+                .get("name")
+                .and_then(toml::Value::as_str)
+                .unwrap_or("");
+            names.push(
+                DomainName::parse(raw).map_or_else(|_| format!("{raw:?}"), |n| n.to_string()),
+            );
         }
     }
+    let others: Vec<&String> = names.iter().filter(|n| **n != name.as_str()).collect();
+    if !others.is_empty() {
+        let list = others
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(refuse(format!("also holds {list}")));
+    }
+    if names.len() > 1 {
+        return Err(refuse(format!("holds {name} {} times", names.len())));
+    }
+    Ok(Some(bytes))
 }
 
 async fn put(
@@ -420,21 +595,20 @@ async fn put(
 ) -> Result<(StatusCode, Json<DomainView>), ApiError> {
     let name = parse_name(&name)?;
     let Json(spec) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let existed = state.control.config().domain(&name).is_some();
-    write_and_reload(&state.control, &name, Some(spec.to_toml(&name)?)).await?;
-    let snapshot = state.control.server().snapshot();
-    let site = snapshot.lookup(&name.policy_host()).ok_or_else(|| {
+    let content = spec.to_toml(&name)?;
+    let written = write(&state.control, name, Some(content)).await?;
+    let view = written.view.ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "domain missing after reload",
         )
     })?;
-    let status = if existed {
+    let status = if written.existed {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(view(&state.control, site))))
+    Ok((status, Json(view)))
 }
 
 async fn delete(
@@ -442,7 +616,7 @@ async fn delete(
     UrlPath(name): UrlPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let name = parse_name(&name)?;
-    write_and_reload(&state.control, &name, None).await?;
+    write(&state.control, name, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

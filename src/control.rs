@@ -3,6 +3,12 @@
 //! are serialised; a config that fails validation is logged with
 //! `file:line:col` and the running snapshot keeps serving.
 //!
+//! A reload is one unit: it runs in a task of its own, so a caller that
+//! stops waiting (an admin client that disconnects) cannot cut it short
+//! between applying a config and recording it (`Control::config`, the log
+//! line, the DNS push), and the next reload starts only after it finished:
+//! reloads apply in the order they took the lock.
+//!
 //! Reloads are incremental ([`Loader`]): only the `domains_dir` files that
 //! changed are parsed again. A reload that finds nothing changed applies
 //! nothing (same snapshot, same generation, no DNS push); it is logged at
@@ -64,6 +70,8 @@ pub struct Control {
     running: ServerConfig,
     /// `[tls]` as the server was started with (changes need a restart).
     running_tls: TlsConfig,
+    /// Held for a whole reload, and by the admin API across its file write
+    /// and the reload that validates it.
     lock: Mutex<()>,
     /// Keeps what the last load validated, so a reload re-reads only what
     /// changed. Used under `lock`, on a blocking thread.
@@ -150,24 +158,46 @@ impl Control {
         self.config.load_full()
     }
 
+    /// The reload lock. Whoever holds it across an `.await` should run in a
+    /// task of its own (as [`Control::reload`] does), so that it cannot be
+    /// dropped half-way.
     pub async fn lock(&self) -> ReloadLock<'_> {
         ReloadLock(self.lock.lock().await)
     }
 
-    /// Re-reads and applies the config.
-    pub async fn reload(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
-        let guard = self.lock().await;
-        self.reload_locked(&guard, trigger).await
+    /// Re-reads and applies the config, in a task of its own: dropping the
+    /// returned future does not stop the reload.
+    pub async fn reload(self: &Arc<Self>, trigger: Trigger) -> Result<Reloaded, ReloadError> {
+        self.reload_in_task(trigger, false).await
     }
 
     /// Like [`Control::reload`], applying mx shrinks that live MX hosts
     /// still need (the operator knows better, e.g. the MX is being retired).
-    pub async fn reload_forcing_shrinks(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
-        let _guard = self.lock().await;
-        self.reload_inner(trigger, true).await
+    pub async fn reload_forcing_shrinks(
+        self: &Arc<Self>,
+        trigger: Trigger,
+    ) -> Result<Reloaded, ReloadError> {
+        self.reload_in_task(trigger, true).await
     }
 
-    /// Like [`Control::reload`], for a caller that already holds the lock.
+    /// Takes the lock and reloads in a task of its own, which finishes even
+    /// if the caller stops waiting.
+    async fn reload_in_task(
+        self: &Arc<Self>,
+        trigger: Trigger,
+        force: bool,
+    ) -> Result<Reloaded, ReloadError> {
+        let control = Arc::clone(self);
+        tokio::spawn(async move {
+            let _guard = control.lock().await;
+            control.reload_inner(trigger, force).await
+        })
+        .await
+        .map_err(|e| ReloadError::Task(e.to_string()))?
+    }
+
+    /// Like [`Control::reload`], for a caller that already holds the lock
+    /// (and runs in a task of its own, see [`Control::lock`]).
     pub async fn reload_locked(
         &self,
         _lock: &ReloadLock<'_>,
@@ -268,6 +298,9 @@ impl Control {
         if cfg.same_as(&applied) {
             return Ok(unchanged(&applied));
         }
+        // No other reload can load or apply between the load above and this
+        // apply: the caller holds the reload lock, in a task that is never
+        // dropped half-way (see `Control::lock`).
         let server = Arc::clone(&self.server);
         let cfg = tokio::task::spawn_blocking(move || -> Result<Config, ReloadError> {
             server.apply(&cfg)?;

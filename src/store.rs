@@ -45,14 +45,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     let file_name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
     // Unique per process and call: two threads writing the same file must
     // not share a temporary file.
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tmp_name.push(format!(".tmp{}.{seq}", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    let tmp = dir.join(tmp_name(file_name, seq));
 
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -76,6 +73,23 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     result
 }
 
+/// Bytes of the target's file name kept in its temporary name: with the
+/// `.tmp<pid>.<seq>` suffix that stays well under the 255-byte limit of a
+/// file name, however long the target's name (a 250-byte
+/// `<domain>.toml` once made every write fail with "File name too long").
+const TMP_NAME_KEEP: usize = 200;
+
+/// `.<file name, cut to TMP_NAME_KEEP bytes>.tmp<pid>.<seq>`: hidden, and
+/// recognisable as an unfinished write (see [`DirStore::open`]).
+fn tmp_name(file_name: &std::ffi::OsStr, seq: u64) -> String {
+    let shown = file_name.to_string_lossy();
+    let mut cut = shown.len().min(TMP_NAME_KEEP);
+    while !shown.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(".{}.tmp{}.{seq}", &shown[..cut], std::process::id())
+}
+
 /// Why the certificate store failed; each names the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,6 +105,12 @@ pub enum StoreError {
     },
     #[error("{0:?} is not a host name the store can hold")]
     BadName(String),
+    #[error("{path}: holds the data of {found:?}, not of {host:?}")]
+    WrongHost {
+        path: PathBuf,
+        host: String,
+        found: String,
+    },
     #[error("store task failed: {0}")]
     Task(String),
 }
@@ -213,19 +233,20 @@ impl DirStore {
         &self.root
     }
 
-    /// `certs/<host>.pem`.
+    /// `certs/<host>.pem` (`certs/<prefix>_<hash>.pem` for a long host:
+    /// see [`StoredName`]).
     pub fn cert_path(&self, host: &str) -> Result<PathBuf, StoreError> {
         Ok(self
             .root
             .join("certs")
-            .join(format!("{}.pem", file_stem(host)?)))
+            .join(format!("{}.pem", StoredName::of(host)?.stem)))
     }
 
     fn state_path(&self, host: &str) -> Result<PathBuf, StoreError> {
         Ok(self
             .root
             .join("state")
-            .join(format!("{}.json", file_stem(host)?)))
+            .join(format!("{}.json", StoredName::of(host)?.stem)))
     }
 
     fn account_path(&self, directory: &str) -> PathBuf {
@@ -235,35 +256,84 @@ impl DirStore {
     }
 
     /// The stored bundle of `host` (blocking; see [`CertStore::load_cert`]).
+    /// A hashed file's first line must name `host`; it is not returned.
     pub fn read_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        read_optional(&self.cert_path(host)?)
-    }
-
-    /// Stores the bundle of `host` atomically, 0600.
-    pub fn write_cert(&self, host: &str, bundle: &[u8]) -> Result<(), StoreError> {
+        let name = StoredName::of(host)?;
         let path = self.cert_path(host)?;
-        write_atomic(&path, bundle, KEY_MODE).map_err(|source| StoreError::Io { path, source })
-    }
-
-    /// The stored state of `host`; a broken file is an error naming it.
-    pub fn read_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
-        let path = self.state_path(host)?;
-        match read_optional(&path)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Json { path, source }),
+        let Some(bytes) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        if !name.hashed {
+            return Ok(Some(bytes));
+        }
+        match split_host_line(&bytes) {
+            Some((found, rest)) if found == host => Ok(Some(rest.to_vec())),
+            other => Err(StoreError::WrongHost {
+                path,
+                host: host.to_owned(),
+                found: other.map_or_else(|| "no host line".to_owned(), |(f, _)| f.to_owned()),
+            }),
         }
     }
 
-    /// Stores the state of `host` atomically.
-    pub fn write_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
+    /// Stores the bundle of `host` atomically, 0600 (a hashed file starts
+    /// with a `# host: <host>` line, which PEM readers skip).
+    pub fn write_cert(&self, host: &str, bundle: &[u8]) -> Result<(), StoreError> {
+        let name = StoredName::of(host)?;
+        let path = self.cert_path(host)?;
+        let data = if name.hashed {
+            let mut data = format!("{HOST_LINE}{host}\n").into_bytes();
+            data.extend_from_slice(bundle);
+            data
+        } else {
+            bundle.to_vec()
+        };
+        write_atomic(&path, &data, KEY_MODE).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The stored state of `host`; a broken file is an error naming it. A
+    /// hashed file's `"host"` field must name `host`.
+    pub fn read_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
+        let name = StoredName::of(host)?;
         let path = self.state_path(host)?;
-        let json = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Json {
+        let Some(bytes) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        let json = |source| StoreError::Json {
             path: path.clone(),
             source,
-        })?;
-        write_atomic(&path, &json, PUBLIC_MODE).map_err(|source| StoreError::Io { path, source })
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(json)?;
+        if name.hashed {
+            let found = value.get("host").and_then(serde_json::Value::as_str);
+            if found != Some(host) {
+                return Err(StoreError::WrongHost {
+                    path: path.clone(),
+                    host: host.to_owned(),
+                    found: found.unwrap_or("no \"host\" field").to_owned(),
+                });
+            }
+        }
+        CertState::deserialize(value).map(Some).map_err(json)
+    }
+
+    /// Stores the state of `host` atomically (a hashed file names `host` in
+    /// a `"host"` field).
+    pub fn write_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
+        let name = StoredName::of(host)?;
+        let path = self.state_path(host)?;
+        let json = |source| StoreError::Json {
+            path: path.clone(),
+            source,
+        };
+        let mut value = serde_json::to_value(state).map_err(json)?;
+        if name.hashed
+            && let Some(fields) = value.as_object_mut()
+        {
+            fields.insert("host".to_owned(), host.into());
+        }
+        let bytes = serde_json::to_vec_pretty(&value).map_err(json)?;
+        write_atomic(&path, &bytes, PUBLIC_MODE).map_err(|source| StoreError::Io { path, source })
     }
 
     /// The stored account credentials for `directory`.
@@ -278,7 +348,8 @@ impl DirStore {
     }
 
     /// Every host with a stored certificate (`certs/<host>.pem`), unsorted:
-    /// one directory listing, no file is opened.
+    /// one directory listing; no file is opened but the hashed ones of long
+    /// hosts, whose first line names their host.
     pub fn cert_hosts(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join("certs");
         let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io {
@@ -294,11 +365,37 @@ impl DirStore {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if let Some(host) = name.strip_suffix(".pem").and_then(|s| file_stem(s).ok()) {
-                hosts.push(host.to_owned());
+            if let Some(host) = self.host_of("certs", &name) {
+                hosts.push(host);
             }
         }
         Ok(hosts)
+    }
+
+    /// The host whose data file `sub/<file>` is: from the name, or, for a
+    /// hashed name, from the file's first line (`.pem`) or `"host"` field
+    /// (`.json`). `None` for anything else (unfinished writes, strays).
+    fn host_of(&self, sub: &str, file: &str) -> Option<String> {
+        let pem = sub == "certs";
+        let stem = file.strip_suffix(if pem { ".pem" } else { ".json" })?;
+        if let Ok(host) = file_stem(stem) {
+            return Some(host.to_owned());
+        }
+        if !StoredName::is_hashed(stem) {
+            return None;
+        }
+        let path = self.root.join(sub).join(file);
+        let host = if pem {
+            let mut head = Vec::with_capacity(300);
+            let file = fs::File::open(&path).ok()?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, 300), &mut head).ok()?;
+            split_host_line(&head)?.0.to_owned()
+        } else {
+            let value: serde_json::Value = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
+            value.get("host")?.as_str()?.to_owned()
+        };
+        // The name must be the one this host is stored under.
+        (StoredName::of(&host).ok()?.stem == stem).then_some(host)
     }
 
     /// Every host with a stored certificate or state, sorted (includes hosts
@@ -306,15 +403,9 @@ impl DirStore {
     pub fn hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = ["certs", "state"]
             .iter()
-            .filter_map(|sub| fs::read_dir(self.root.join(sub)).ok())
-            .flat_map(|entries| entries.filter_map(Result::ok))
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let stem = name
-                    .strip_suffix(".pem")
-                    .or_else(|| name.strip_suffix(".json"))?;
-                file_stem(stem).ok().map(str::to_owned)
-            })
+            .filter_map(|sub| Some((*sub, fs::read_dir(self.root.join(sub)).ok()?)))
+            .flat_map(|(sub, entries)| entries.filter_map(Result::ok).map(move |e| (sub, e)))
+            .filter_map(|(sub, e)| self.host_of(sub, &e.file_name().into_string().ok()?))
             .collect();
         hosts.sort();
         hosts.dedup();
@@ -371,6 +462,63 @@ impl CertStore for DirStore {
         let host = host.to_owned();
         let state = state.clone();
         self.blocking(move |s| s.write_state(&host, &state)).await
+    }
+}
+
+/// First line of a hashed certificate file; the host follows.
+const HOST_LINE: &str = "# host: ";
+
+/// `(host, rest)` of a hashed certificate file.
+fn split_host_line(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let end = bytes.iter().position(|&b| b == b'\n')?;
+    let host = std::str::from_utf8(&bytes[..end])
+        .ok()?
+        .strip_prefix(HOST_LINE)?;
+    Some((host, &bytes[end + 1..]))
+}
+
+/// Longest host stored under its own name: `<host>.json` has to fit in a
+/// file name (255 bytes). Every store written before hashed names existed
+/// keeps working, since no longer host could be stored then.
+const PLAIN_MAX: usize = 255 - ".json".len();
+/// Bytes of a long host kept readable in its hashed name.
+const HASHED_KEEP: usize = 200;
+
+/// The file name stem a host's data is stored under: the host itself when
+/// it fits, else `<first 200 bytes>_<32 hex digits of its SHA-256>` (a
+/// policy host may have 253 characters), with the host written inside the
+/// file so that listings still know it and a read can check it.
+struct StoredName {
+    stem: String,
+    hashed: bool,
+}
+
+impl StoredName {
+    fn of(host: &str) -> Result<StoredName, StoreError> {
+        let host = file_stem(host)?;
+        if host.len() <= PLAIN_MAX {
+            return Ok(StoredName {
+                stem: host.to_owned(),
+                hashed: false,
+            });
+        }
+        let digest = sha2::Sha256::digest(host.as_bytes());
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        // `file_stem` allows ASCII only: any byte offset is a char boundary.
+        Ok(StoredName {
+            stem: format!("{}_{hex}", &host[..HASHED_KEEP]),
+            hashed: true,
+        })
+    }
+
+    /// Whether `stem` has the shape of a hashed name (`_` is never in a host).
+    fn is_hashed(stem: &str) -> bool {
+        stem.split_once('_').is_some_and(|(prefix, hex)| {
+            prefix.len() == HASHED_KEEP
+                && file_stem(prefix).is_ok()
+                && hex.len() == 32
+                && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        })
     }
 }
 
@@ -501,6 +649,74 @@ mod tests {
         drop(store);
     }
 
+    /// Regression: a 253-character policy host (a 245-character domain)
+    /// made `certs/<host>.pem` and its temporary name too long for a file
+    /// name, so every issuance failed after the CA had signed.
+    #[tokio::test]
+    async fn longest_hosts_fit_and_short_ones_keep_their_layout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        let label = "a".repeat(63);
+        let long = format!("mta-sts.{label}.{label}.{label}.{}.example", "b".repeat(45));
+        assert_eq!(long.len(), 253);
+        // Same first 200 bytes: told apart by the hash.
+        let also_long = long.replace(".example", ".examplf");
+        let state = CertState {
+            failures: 1,
+            ..CertState::default()
+        };
+        for host in [&long, &also_long] {
+            store
+                .save_cert(host, format!("BUNDLE {host}").into_bytes())
+                .await
+                .expect("save cert");
+            store.save_state(host, &state).await.expect("save state");
+        }
+        for host in [&long, &also_long] {
+            assert_eq!(
+                store.load_cert(host).await.expect("load"),
+                Some(format!("BUNDLE {host}").into_bytes())
+            );
+            assert_eq!(
+                store.load_state(host).await.expect("load"),
+                Some(state.clone())
+            );
+            assert!(store.cert_path(host).expect("path").exists());
+        }
+        let mut listed = CertStore::cert_hosts(&store).await.expect("list");
+        listed.sort();
+        let mut expected = vec![long.clone(), also_long.clone()];
+        expected.sort();
+        assert_eq!(listed, expected);
+        assert_eq!(store.hosts(), expected);
+        for sub in ["certs", "state"] {
+            for e in fs::read_dir(dir.path().join("acme").join(sub)).expect("dir") {
+                let name = e.expect("entry").file_name();
+                assert!(name.len() <= 255, "{name:?}");
+                assert!(!name.to_string_lossy().contains(".tmp"), "{name:?}");
+            }
+        }
+        // A file that names another host is refused, not served.
+        fs::copy(
+            store.cert_path(&long).expect("path"),
+            store.cert_path(&also_long).expect("path"),
+        )
+        .expect("copy");
+        let err = store.read_cert(&also_long).expect_err("wrong host");
+        assert!(matches!(err, StoreError::WrongHost { .. }), "{err}");
+        // Hosts that fit keep `<host>.pem` / `<host>.json`, as before.
+        let fits = format!("{}example", "d.".repeat(120));
+        assert_eq!(fits.len(), 247);
+        store.save_cert(&fits, b"B".to_vec()).await.expect("save");
+        store.save_state(&fits, &state).await.expect("state");
+        assert!(dir.path().join(format!("acme/certs/{fits}.pem")).exists());
+        assert!(dir.path().join(format!("acme/state/{fits}.json")).exists());
+        assert_eq!(
+            fs::read(dir.path().join(format!("acme/certs/{fits}.pem"))).expect("read"),
+            b"B"
+        );
+    }
+
     #[test]
     fn atomic_write_sets_mode_and_replaces() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -519,5 +735,9 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        // The longest name a file may have: its temporary name still fits.
+        let longest = dir.path().join("x".repeat(255));
+        write_atomic(&longest, b"three", PUBLIC_MODE).expect("longest name");
+        assert_eq!(fs::read(&longest).expect("read"), b"three");
     }
 }

@@ -1209,3 +1209,138 @@ async fn certificate_broken_after_restart_is_refused_and_replaced() {
     assert_eq!(pebble.orders(), 3, "two first orders, one replacement");
     running.stop().await;
 }
+
+/// Regression (issue 9 item 10): the longest valid domain (245 characters,
+/// a 253-character policy host) added through the admin API of the real
+/// binary gets its certificate from pebble, is served with it, and the
+/// stored certificate is served again after a restart. The store's file
+/// names for such a host used to be too long: PUT answered 500, and an
+/// issued certificate could not be saved (and was ordered again forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn longest_domain_through_admin_api_gets_a_certificate() {
+    init();
+    let (http_port, tls_port) = (common::free_port(), common::free_port());
+    // Every name of the zone resolves to our listeners.
+    let Some(knot) = common::knot::Knot::start("example", "* A 127.0.0.1") else {
+        return;
+    };
+    let Some(pebble) = Pebble::start_resolving_with(http_port, tls_port, knot.addr) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _) = config(
+        dir.path(),
+        &pebble.directory,
+        &pebble.ca_roots,
+        "",
+        &["short.example".to_owned()],
+    );
+    let admin = common::loopback();
+    let token = "0123456789abcdef-acme-token";
+    std::fs::create_dir(dir.path().join("domains.d")).expect("domains.d");
+    std::fs::write(dir.path().join("admin.token"), token).expect("token");
+    let text = std::fs::read_to_string(&path)
+        .expect("config")
+        .replace(
+            "https = \"127.0.0.1:1\"",
+            &format!("https = \"127.0.0.1:{tls_port}\""),
+        )
+        .replace(
+            "http = \"127.0.0.1:2\"",
+            &format!("http = \"127.0.0.1:{http_port}\""),
+        );
+    let text = format!(
+        "domains_dir = \"{}\"\n{text}\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n",
+        dir.path().join("domains.d").display(),
+        dir.path().join("admin.token").display()
+    );
+    std::fs::write(&path, text).expect("config");
+    let https: SocketAddr = ([127, 0, 0, 1], tls_port).into();
+    let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
+    let proc = common::ServeProc::start(&path, https, http);
+
+    let label = "q".repeat(63);
+    let long = format!("{label}.{label}.{label}.{}.example", "r".repeat(45));
+    let host = format!("mta-sts.{long}");
+    assert_eq!(host.len(), 253);
+    let auth = format!("Bearer {token}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let put = loop {
+        match common::client::http_call(
+            admin,
+            "PUT",
+            &format!("/v1/domains/{long}"),
+            &[("Authorization", auth.as_str())],
+            Some(r#"{"mode": "enforce"}"#),
+        )
+        .await
+        {
+            Ok(resp) => break resp,
+            Err(e) if Instant::now() > deadline => panic!("admin API: {e}\n{}", proc.log()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(
+        put.status,
+        201,
+        "{}\n{}",
+        String::from_utf8_lossy(&put.body),
+        proc.log()
+    );
+
+    let root = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let first = loop {
+        match https_get(https, &host, POLICY, &root, &[]).await {
+            Ok(resp) => break resp,
+            Err(e) if Instant::now() > deadline => panic!(
+                "no certificate for the 253-character host: {e}\n{}\npebble log tail:\n{}",
+                proc.log(),
+                tail(&pebble.log(), 40)
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(first.status, 200);
+    assert!(first.body.contains("mode: enforce\r\n"), "{}", first.body);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&first.chain[0]).expect("leaf");
+    let san = leaf
+        .subject_alternative_name()
+        .expect("san")
+        .expect("san present");
+    assert!(
+        san.value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if *d == host)),
+        "the certificate names the 253-character host"
+    );
+    // Every stored file name fits; `mtasts certs` finds the host by the
+    // name written inside its files.
+    for sub in ["certs", "state"] {
+        for e in std::fs::read_dir(dir.path().join("state/acme").join(sub)).expect("dir") {
+            let name = e.expect("entry").file_name();
+            assert!(name.len() <= 255, "{name:?}");
+        }
+    }
+    let report = certs_json(&path);
+    let row = report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|r| r["host"] == host.as_str())
+        .unwrap_or_else(|| panic!("{host} not in {report}"))
+        .clone();
+    assert_eq!(row["state"], "valid", "{row}");
+
+    // Restart: the stored certificate is read back and served, not ordered
+    // again.
+    let orders = pebble.orders();
+    drop(proc);
+    let proc = common::ServeProc::start(&path, https, http);
+    let again = https_get(https, &host, POLICY, &root, &[])
+        .await
+        .unwrap_or_else(|e| panic!("after restart: {e}\n{}", proc.log()));
+    assert_eq!(serial(&again.chain[0]), serial(&first.chain[0]));
+    assert_eq!(pebble.orders(), orders, "no new order after the restart");
+}

@@ -31,6 +31,8 @@ pub struct Pebble {
     /// challtestsrv's DNS (UDP): every name → 127.0.0.1.
     pub dns: SocketAddr,
     listen: SocketAddr,
+    /// The DNS server pebble resolves names with (challtestsrv's, unless
+    /// [`Pebble::start_resolving_with`] named another).
     dns_port: u16,
     cts_mgmt: u16,
     config: PathBuf,
@@ -68,13 +70,25 @@ impl Pebble {
     /// for `validity` seconds (0 = pebble's default of 5 years).
     /// `None` when pebble is not installed and we are not in CI.
     pub fn start(http_port: u16, tls_port: u16, validity: u64) -> Option<Pebble> {
-        Self::launch(http_port, tls_port, validity, None)
+        Self::launch(http_port, tls_port, validity, None, None)
+    }
+
+    /// Like [`Pebble::start`], with pebble resolving names through the DNS
+    /// server at `resolver` instead of challtestsrv. challtestsrv does not
+    /// compress its answers, and pebble cannot read an answer for a name
+    /// near 253 characters ("dns: buffer size too small"); knotd's are fine.
+    pub fn start_resolving_with(
+        http_port: u16,
+        tls_port: u16,
+        resolver: SocketAddr,
+    ) -> Option<Pebble> {
+        Self::launch(http_port, tls_port, 0, None, Some(resolver))
     }
 
     /// Like [`Pebble::start`], but pebble requires external account binding
     /// with this key id and base64url HMAC key.
     pub fn start_eab(http_port: u16, tls_port: u16, kid: &str, hmac_b64: &str) -> Option<Pebble> {
-        Self::launch(http_port, tls_port, 0, Some((kid, hmac_b64)))
+        Self::launch(http_port, tls_port, 0, Some((kid, hmac_b64)), None)
     }
 
     fn launch(
@@ -82,6 +96,7 @@ impl Pebble {
         tls_port: u16,
         validity: u64,
         eab: Option<(&str, &str)>,
+        resolver: Option<SocketAddr>,
     ) -> Option<Pebble> {
         let (Some(pebble_bin), Some(cts_bin)) = (find("pebble"), find("pebble-challtestsrv"))
         else {
@@ -139,7 +154,7 @@ impl Pebble {
             mgmt,
             dns: SocketAddr::from(([127, 0, 0, 1], dns_port)),
             listen,
-            dns_port,
+            dns_port: resolver.map_or(dns_port, |r| r.port()),
             cts_mgmt,
             config,
             pebble_bin,
