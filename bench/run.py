@@ -166,6 +166,7 @@ http = "127.0.0.1:{self.http}"
 state_dir = "state"
 behind_proxy = true
 max_connections = 100000
+max_connections_per_ip = 100000
 [tls]
 mode = "self-signed"
 [defaults]

@@ -111,9 +111,15 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Open connections from one client address (an IPv6 client: its /64)
+    /// on the policy listeners, so one client cannot take every slot.
+    pub max_connections_per_ip: usize,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A connection, however busy, is closed gracefully after this long
+    /// (HTTP/2 clients that keep one connection forever release their slot).
+    pub max_connection_age: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
 }
@@ -122,9 +128,11 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_connections_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_connection_age: Duration::from_secs(3600),
             max_header_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -137,7 +145,13 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// File holding the bearer token (read at start, never logged).
     pub token_file: PathBuf,
+    /// Open admin connections: a budget of its own, so a flood on the
+    /// policy listeners never locks the operator out.
+    pub max_connections: usize,
 }
+
+/// Default of `admin.max_connections`.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// How the HTTPS listener gets its certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,9 +354,11 @@ struct RawServer {
     behind_proxy: Option<bool>,
     cert_cache: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
+    max_connections_per_ip: Option<Spanned<i64>>,
     handshake_timeout: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<toml::Value>>,
     idle_timeout: Option<Spanned<toml::Value>>,
+    max_connection_age: Option<Spanned<toml::Value>>,
     max_header_bytes: Option<Spanned<i64>>,
     shutdown_timeout: Option<Spanned<toml::Value>>,
 }
@@ -352,6 +368,7 @@ struct RawServer {
 struct RawAdmin {
     listen: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -849,6 +866,15 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
             )),
         }
     }
+    if let Some(n) = &raw.max_connections_per_ip {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if v > 0 => limits.max_connections_per_ip = v,
+            _ => report.errors.push(source.at(
+                n.span(),
+                "server.max_connections_per_ip must be a positive integer",
+            )),
+        }
+    }
     if let Some(n) = &raw.max_header_bytes {
         match usize::try_from(*n.get_ref()) {
             Ok(v) if (8192..=1024 * 1024).contains(&v) => limits.max_header_bytes = v,
@@ -870,6 +896,11 @@ fn server_config(source: &Source, raw: Option<RawServer>, report: &mut Report) -
             "header_read_timeout",
         ),
         (&raw.idle_timeout, &mut limits.idle_timeout, "idle_timeout"),
+        (
+            &raw.max_connection_age,
+            &mut limits.max_connection_age,
+            "max_connection_age",
+        ),
         (
             &raw.shutdown_timeout,
             &mut limits.shutdown_timeout,
@@ -1138,9 +1169,22 @@ fn admin_config(
         ));
         return None;
     };
+    let mut max_connections = ADMIN_MAX_CONNECTIONS;
+    if let Some(n) = &raw.max_connections {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if v > 0 => max_connections = v,
+            _ => {
+                report
+                    .errors
+                    .push(source.at(n.span(), "admin.max_connections must be a positive integer"));
+                return None;
+            }
+        }
+    }
     Some(AdminConfig {
         listen: addr,
         token_file: source.resolve(token_file.get_ref()),
+        max_connections,
     })
 }
 
@@ -2062,6 +2106,32 @@ name = "a.example"
         let errs = errors("[server]\nhttps = \"localhost\"\n");
         assert!(
             errs[0].starts_with("test.toml:2:9: server.https"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn connection_budget_keys() {
+        let cfg = load(
+            "[server]\nmax_connections_per_ip = 7\nmax_connection_age = \"10m\"\n[admin]\nlisten = \"127.0.0.1:8081\"\ntoken_file = \"t\"\nmax_connections = 3\n",
+        )
+        .expect("valid");
+        assert_eq!(cfg.server.limits.max_connections_per_ip, 7);
+        assert_eq!(
+            cfg.server.limits.max_connection_age,
+            Duration::from_secs(600)
+        );
+        assert_eq!(cfg.admin.as_ref().map(|a| a.max_connections), Some(3));
+        let errs = errors(
+            "[server]\nmax_connections_per_ip = 0\n[admin]\nlisten = \"127.0.0.1:8081\"\ntoken_file = \"t\"\nmax_connections = -1\n",
+        );
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("test.toml:2:26: server.max_connections_per_ip"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("test.toml:6:19: admin.max_connections"),
             "{errs:?}"
         );
     }

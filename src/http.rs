@@ -74,9 +74,72 @@ pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
     }
 }
 
+/// Whether a Host header value is a valid `uri-host [":" port]`
+/// (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal in brackets, or a name of
+/// dot-separated labels of 1..=63 letters, digits, `-` or `_` (one trailing
+/// dot allowed, 253 characters at most), optionally followed by `:` and
+/// digits. Anything else (raw bytes, spaces, empty labels) is a bad request,
+/// never a reason to fall back to the TLS server name.
+fn valid_host(raw: &[u8]) -> bool {
+    let (name, port) = if let Some(rest) = raw.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        (None, &rest[end + 1..])
+    } else {
+        match raw.iter().rposition(|&b| b == b':') {
+            Some(i) => (Some(&raw[..i]), &raw[i..]),
+            None => (Some(raw), &raw[raw.len()..]),
+        }
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let Some(name) = name else { return port_ok };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    port_ok
+        && !name.is_empty()
+        && name.len() <= 253
+        && name.split(|&b| b == b'.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The request's host as sent: the one Host header (HTTP/1.1), else the
+/// URI authority (HTTP/2 `:authority`, absolute-form targets). An empty or
+/// absent Host gives `Ok(None)`; two Host headers or one that is not a
+/// valid host give `Err` (RFC 9110 §7.2, RFC 9112 §3.2: 400).
+fn request_host<B>(req: &axum::http::Request<B>) -> Result<Option<&str>, Reject> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(Reject::BadHost),
+        (Some(h), None) if h.is_empty() => Ok(None),
+        (Some(h), None) => match h.to_str() {
+            Ok(s) if valid_host(h.as_bytes()) => Ok(Some(s)),
+            _ => Err(Reject::BadHost),
+        },
+        (None, _) => Ok(req.uri().authority().map(|a| a.as_str())),
+    }
+}
+
 /// Why a request gets no policy.
 #[derive(Debug)]
 enum Reject {
+    /// The Host header is not a valid host, or is repeated.
+    BadHost,
     UnknownHost,
     NotFound,
     Method,
@@ -89,6 +152,7 @@ enum Reject {
 impl Reject {
     fn outcome(&self) -> Outcome {
         match self {
+            Reject::BadHost => Outcome::BadHost,
             Reject::UnknownHost => Outcome::UnknownHost,
             Reject::NotFound => Outcome::NotFound,
             Reject::Method => Outcome::MethodNotAllowed,
@@ -101,6 +165,7 @@ impl Reject {
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
         let (status, body): (StatusCode, Cow<'static, str>) = match self {
+            Reject::BadHost => (StatusCode::BAD_REQUEST, "invalid Host header\n".into()),
             Reject::UnknownHost => (StatusCode::NOT_FOUND, "unknown host\n".into()),
             Reject::NotFound => (StatusCode::NOT_FOUND, "not found\n".into()),
             Reject::Method => (
@@ -149,7 +214,7 @@ pub fn answer<B>(
     req: &axum::http::Request<B>,
 ) -> Response {
     let metrics = &shared.metrics;
-    match respond(shared, listener, sni, req) {
+    let resp = match respond(shared, listener, sni, req) {
         Ok((resp, outcome)) => {
             metrics.request(listener, outcome);
             resp
@@ -158,7 +223,30 @@ pub fn answer<B>(
             metrics.request(listener, reject.outcome());
             reject.into_response()
         }
+    };
+    if req.method() == Method::HEAD {
+        without_body(resp)
+    } else {
+        resp
     }
+}
+
+/// The answer to a HEAD request: the GET response's headers, Content-Length
+/// included, and no body (RFC 9110 §9.3.2). hyper drops a HEAD response's
+/// body on HTTP/1.1 but sends it as DATA frames on HTTP/2, which clients
+/// treat as a protocol error (RFC 9113 §8.1.1); the axum router does the
+/// same as this for the routes it serves.
+fn without_body(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    if parts.status != StatusCode::NOT_MODIFIED
+        && let Some(len) = hyper::body::Body::size_hint(&body).exact()
+    {
+        parts
+            .headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
+    }
+    Response::from_parts(parts, Body::empty())
 }
 
 fn respond<B>(
@@ -168,11 +256,7 @@ fn respond<B>(
     req: &axum::http::Request<B>,
 ) -> Result<(Response, Outcome), Reject> {
     // HTTP/1.1 sends Host; HTTP/2 sends :authority, which hyper puts in the URI.
-    let raw_host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let raw_host = request_host(req)?;
     let host = match (raw_host.and_then(normalize_host), sni) {
         (Some(host), Some(sni)) if *host != *sni => return Err(Reject::Misdirected),
         (Some(host), _) => host,
@@ -285,6 +369,47 @@ mod tests {
         assert_eq!(normalize_host("[::1]:443"), None);
         assert_eq!(normalize_host(":443"), None);
         assert_eq!(normalize_host("a:b"), None);
+    }
+
+    #[test]
+    fn host_syntax() {
+        for ok in [
+            "mta-sts.example.com",
+            "MTA-STS.Example.COM.",
+            "mta-sts.example.com:443",
+            "mta-sts.example.com:",
+            "_x.example",
+            "127.0.0.1:8443",
+            "[::1]",
+            "[2001:db8::1]:443",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        let long_label = format!("{}.example", "a".repeat(64));
+        let long_name = ["a".repeat(63).as_str(); 5].join(".");
+        for bad in [
+            &b"\xff\xfe.example"[..],
+            b"mta-sts.example.com x",
+            b" mta-sts.example.com",
+            b"mta-sts..example.com",
+            b".example.com",
+            b"example.com..",
+            b".",
+            b":443",
+            b"mta-sts.example.com:443x",
+            b"mta-sts.example.com:1234567",
+            b"a:b:c",
+            b"[::1",
+            b"[]",
+            b"[::1]x",
+            b"[::1]:443:1",
+            b"user@mta-sts.example.com",
+            b"mta-sts.example.com/x",
+            long_label.as_bytes(),
+            long_name.as_bytes(),
+        ] {
+            assert!(!valid_host(bad), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[tokio::test]

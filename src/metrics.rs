@@ -29,9 +29,11 @@ pub enum Outcome {
     HttpsOnly,
     /// ACME HTTP-01 challenge answered.
     AcmeChallenge,
+    /// 400: the Host header is not a valid host.
+    BadHost,
 }
 
-const OUTCOMES: [(Outcome, &str); 8] = [
+const OUTCOMES: [(Outcome, &str); 9] = [
     (Outcome::Policy, "policy"),
     (Outcome::NotModified, "not_modified"),
     (Outcome::UnknownHost, "unknown_host"),
@@ -40,6 +42,7 @@ const OUTCOMES: [(Outcome, &str); 8] = [
     (Outcome::Misdirected, "misdirected"),
     (Outcome::HttpsOnly, "https_only"),
     (Outcome::AcmeChallenge, "acme_challenge"),
+    (Outcome::BadHost, "bad_host"),
 ];
 
 /// Result of a TLS handshake attempt.

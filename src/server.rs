@@ -7,11 +7,14 @@
 //! `tls.mode = "acme"` it also runs the certificate manager, answers
 //! HTTP-01 on the http listener and TLS-ALPN-01 on the https listener.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -60,6 +63,8 @@ pub struct Server {
     certs: Arc<CertIndex>,
     tls_config: Arc<rustls::ServerConfig>,
     limits: Limits,
+    /// Budget of the admin listener, apart from `limits.max_connections`.
+    admin_max_connections: usize,
     /// The local CA certificate of self-signed mode (the CA itself lives
     /// on as the index's loader).
     ca_path: PathBuf,
@@ -119,6 +124,10 @@ impl Server {
             tls_config: tls::server_config(Arc::clone(&certs)),
             certs,
             limits: config.server.limits.clone(),
+            admin_max_connections: config
+                .admin
+                .as_ref()
+                .map_or(crate::config::ADMIN_MAX_CONNECTIONS, |a| a.max_connections),
             ca_path: ca.as_ref().map_or_else(
                 || config.server.state_dir.join("ca/ca.pem"),
                 |ca| ca.cert_path.clone(),
@@ -230,7 +239,10 @@ impl Server {
         // handshaking), so shutdown waits for those too.
         let graceful = Arc::new(GracefulShutdown::new());
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The policy listeners share one budget; the admin listener has its
+        // own, so a flood on the former never locks the operator out.
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let per_client = Some(Arc::new(PerClient::new(self.limits.max_connections_per_ip)));
         let manager = match &self.acme {
             Some(acme) => {
                 // Hosts with a stored certificate are in the index before
@@ -250,8 +262,13 @@ impl Server {
         // path. The admin listener and the background tasks (ACME, reloads)
         // stay on the main runtime.
         let workers = serving_threads();
-        let https_ctx = Arc::new(ConnCtx::new(&self, Listener::Https, None));
-        let http_ctx = Arc::new(ConnCtx::new(&self, Listener::Http, None));
+        let https_ctx = Arc::new(ConnCtx::new(
+            &self,
+            Listener::Https,
+            None,
+            per_client.clone(),
+        ));
+        let http_ctx = Arc::new(ConnCtx::new(&self, Listener::Http, None, per_client));
         let (finish_tx, finish_rx) = watch::channel(false);
         // Never carries a message: closed once every serving thread has left
         // its accept loops and dropped its handles on `graceful`.
@@ -304,8 +321,8 @@ impl Server {
         if let Some((listener, router)) = admin {
             loops.spawn(accept_loop(
                 listener,
-                Arc::new(ConnCtx::new(&self, Listener::Http, Some(router))),
-                Arc::clone(&slots),
+                Arc::new(ConnCtx::new(&self, Listener::Http, Some(router), None)),
+                Arc::new(Semaphore::new(self.admin_max_connections)),
                 stop_rx.clone(),
                 Arc::clone(&graceful),
             ));
@@ -371,10 +388,17 @@ struct ConnCtx {
     limits: Limits,
     /// ACME mode: challenge answers and the TLS-ALPN-01 config.
     acme: Option<(Arc<Challenges>, Arc<rustls::ServerConfig>)>,
+    /// Open connections per client (policy listeners; `None` for admin).
+    per_client: Option<Arc<PerClient>>,
 }
 
 impl ConnCtx {
-    fn new(server: &Server, kind: Listener, router: Option<axum::Router>) -> Self {
+    fn new(
+        server: &Server,
+        kind: Listener,
+        router: Option<axum::Router>,
+        per_client: Option<Arc<PerClient>>,
+    ) -> Self {
         let limits = server.limits.clone();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -388,7 +412,11 @@ impl ConnCtx {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(100)
-            .keep_alive_interval(None);
+            // A peer that stops answering PINGs while a response is under
+            // way is dropped; idle and age limits are serve_io's (a client's
+            // own PINGs must not keep a connection open).
+            .keep_alive_interval(Some(bounded(limits.idle_timeout / 2)))
+            .keep_alive_timeout(bounded(limits.header_read_timeout));
         let acme = server
             .acme
             .as_ref()
@@ -416,8 +444,82 @@ impl ConnCtx {
             tls_config: Arc::clone(&server.tls_config),
             builder,
             limits,
+            per_client,
         }
     }
+}
+
+/// Open connections per client address, for `max_connections_per_ip`.
+/// IPv6 clients are counted per /64 (one subscriber's usual allocation).
+struct PerClient {
+    cap: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerClient {
+    fn new(cap: usize) -> PerClient {
+        PerClient {
+            cap,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+            },
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` at the cap.
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = PerClient::key(ip);
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+/// One connection counted in [`PerClient`]; released on drop.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .table
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What an accepted connection holds until it is closed: its share of the
+/// listener's budget and of its client's, the graceful-shutdown watcher
+/// (shutdown waits for it) and the server's stop signal.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _client: Option<ClientSlot>,
+    _watcher: Watcher,
+    stop: watch::Receiver<bool>,
 }
 
 async fn accept_loop(
@@ -448,12 +550,29 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        let client = match &ctx.per_client {
+            Some(table) => match table.acquire(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    ctx.metrics.connections_refused.inc();
+                    tracing::debug!(%peer, "per-client connection limit reached; closing");
+                    drop(tcp);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let slot = Slot {
+            _permit: permit,
+            _client: client,
+            _watcher: graceful.watcher(),
+            stop: stop.clone(),
+        };
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
             match ctx.kind {
-                Listener::Https => serve_tls(ctx, tcp, peer, watcher, permit).await,
+                Listener::Https => serve_tls(ctx, tcp, peer, slot).await,
                 Listener::Http if ctx.direct => {
                     let shared = Arc::clone(&ctx.shared);
                     let svc = hyper::service::service_fn(
@@ -466,24 +585,25 @@ async fn accept_loop(
                             )))
                         },
                     );
-                    serve_io(&ctx, tcp, svc, watcher, permit).await;
+                    serve_io(&ctx, tcp, svc, slot).await;
                 }
                 Listener::Http => {
+                    // Boxed so that the request tracking needs no pinning
+                    // (only the admin and ACME-mode http listeners route).
                     let svc = TowerToHyperService::new(ctx.router.clone());
-                    serve_io(&ctx, tcp, svc, watcher, permit).await;
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            Box::pin(hyper::service::Service::call(&svc, req))
+                        },
+                    );
+                    serve_io(&ctx, tcp, svc, slot).await;
                 }
             }
         });
     }
 }
 
-async fn serve_tls(
-    ctx: Arc<ConnCtx>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    watcher: Watcher,
-    permit: OwnedSemaphorePermit,
-) {
+async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Slot) {
     // One budget for reading the ClientHello and finishing the handshake.
     let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
@@ -548,7 +668,7 @@ async fn serve_tls(
             &req,
         )))
     });
-    serve_io(&ctx, tls, svc, watcher, permit).await;
+    serve_io(&ctx, tls, svc, slot).await;
 }
 
 /// The value of a handshake step that succeeded in time; a failure or a
@@ -608,32 +728,163 @@ async fn answer_tls_alpn01(
     }
 }
 
-async fn serve_io<I, S>(
-    ctx: &ConnCtx,
-    io: I,
-    svc: S,
-    watcher: Watcher,
-    permit: OwnedSemaphorePermit,
-) where
+/// Serves one connection until it ends or one of its limits closes it.
+///
+/// Limits at two levels: the byte level ([`IdleTimeout`]: nothing moved for
+/// `idle_timeout`), and the request level here, which HTTP/2 needs because
+/// PING, SETTINGS or WINDOW_UPDATE frames move bytes without a request:
+/// - no first request within `header_read_timeout`, or no new request (and
+///   none in flight) for `idle_timeout` afterwards;
+/// - open longer than `max_connection_age`, however busy.
+///
+/// Each closes gracefully (HTTP/2 GOAWAY, HTTP/1.1 after the response in
+/// flight); a client that does not finish within `shutdown_timeout` after
+/// that is cut off.
+async fn serve_io<I, S, F>(ctx: &ConnCtx, io: I, svc: S, mut slot: Slot)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     S: hyper::service::Service<
             hyper::Request<hyper::body::Incoming>,
             Response = axum::response::Response,
             Error = std::convert::Infallible,
+            Future = F,
         > + Clone
         + Send
         + 'static,
-    S::Future: Send + 'static,
+    F: Future<Output = Result<axum::response::Response, std::convert::Infallible>>
+        + Send
+        + Unpin
+        + 'static,
 {
-    // Idle limit: a connection on which no byte moves for idle_timeout is
-    // closed, between keep-alive requests, mid-request, or while the client
-    // does not read its response.
-    let io = TokioIo::new(IdleTimeout::new(io, ctx.limits.idle_timeout));
-    let conn = ctx.builder.serve_connection(io, svc).into_owned();
+    use tokio::time::Instant;
+    let limits = &ctx.limits;
+    let activity = Arc::new(Activity::default());
+    let svc = Tracked {
+        inner: svc,
+        activity: Arc::clone(&activity),
+    };
+    let io = TokioIo::new(IdleTimeout::new(io, limits.idle_timeout));
+    let conn = ctx.builder.serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
     ctx.metrics.connections_open.inc();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+    let opened = Instant::now();
+    let age = tokio::time::sleep_until(opened + bounded(limits.max_connection_age));
+    let mut age = std::pin::pin!(age);
+    // Checked a few times per limit, not per request (the hot path only
+    // counts): closes between the limit and 1.25 times the limit.
+    let check = tokio::time::sleep_until(opened + bounded(limits.header_read_timeout / 4));
+    let mut check = std::pin::pin!(check);
+    let (mut seen, mut quiet_since) = (0u64, opened);
+    let mut cutoff: Option<Instant> = None;
+    let why = loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break None;
+            }
+            () = async { tokio::time::sleep_until(cutoff.unwrap_or(opened)).await }, if cutoff.is_some() => {
+                break Some("did not close in time after being asked to");
+            }
+            _ = slot.stop.wait_for(|stop| *stop), if cutoff.is_none() => {
+                // Server shutdown: Server::run bounds the wait.
+                conn.as_mut().graceful_shutdown();
+                cutoff = Some(Instant::now() + bounded(limits.shutdown_timeout));
+            }
+            () = &mut age, if cutoff.is_none() => {
+                tracing::debug!("connection reached max_connection_age; closing");
+                conn.as_mut().graceful_shutdown();
+                cutoff = Some(Instant::now() + bounded(limits.shutdown_timeout));
+            }
+            () = &mut check, if cutoff.is_none() => {
+                let now = Instant::now();
+                let started = activity.started.load(Ordering::Relaxed);
+                if started != seen || activity.in_flight.load(Ordering::Relaxed) > 0 {
+                    (seen, quiet_since) = (started, now);
+                }
+                let limit = if seen == 0 {
+                    limits.header_read_timeout
+                } else {
+                    limits.idle_timeout
+                };
+                if now.saturating_duration_since(quiet_since) >= limit {
+                    tracing::debug!(requests = seen, "no request for {limit:?}; closing");
+                    conn.as_mut().graceful_shutdown();
+                    cutoff = Some(now + bounded(limits.shutdown_timeout));
+                } else {
+                    check.as_mut().reset(now + bounded(limit / 4));
+                }
+            }
+        }
+    };
+    if let Some(why) = why {
+        tracing::debug!("connection closed: {why}");
     }
     ctx.metrics.connections_open.dec();
-    drop(permit);
+    drop(slot);
+}
+
+/// A configured duration capped at a year, so that adding it to an instant
+/// can never overflow (a year is "never" for a connection).
+fn bounded(d: std::time::Duration) -> std::time::Duration {
+    d.min(std::time::Duration::from_secs(366 * 86_400))
+}
+
+/// Requests of one connection, for the request-level idle limit.
+#[derive(Default)]
+struct Activity {
+    /// Requests started on the connection so far.
+    started: AtomicU64,
+    /// Requests whose response is not ready yet.
+    in_flight: AtomicUsize,
+}
+
+/// A service that counts its requests in an [`Activity`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, R> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Unpin,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.activity.started.fetch_add(1, Ordering::Relaxed);
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        TrackedFuture {
+            inner: self.inner.call(req),
+            _in_flight: InFlight(Arc::clone(&self.activity)),
+        }
+    }
+}
+
+/// A response future counted as in flight until it is dropped.
+struct TrackedFuture<F> {
+    inner: F,
+    _in_flight: InFlight,
+}
+
+impl<F: Future + Unpin> Future for TrackedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -182,6 +182,64 @@ async fn methods_paths_and_hosts() {
     r.stop().await.expect("clean stop");
 }
 
+/// Regression (issue 9, serving 2): a Host header that is not a valid host
+/// (raw bytes, spaces, empty labels, two Host lines) got 200 and the SNI's
+/// policy. RFC 9110 §7.2 / RFC 9112 §3.2: 400. A valid Host with a port
+/// still works, and an HTTP/1.0 request without Host still gets the SNI's
+/// policy.
+#[tokio::test]
+async fn invalid_host_header_is_a_bad_request() {
+    let r = start("[[domain]]\nname = \"example.com\"\nmx = [\"mx.example.com\"]\n").await;
+    let sni = "mta-sts.example.com";
+    async fn raw(r: &Running, head: &[u8]) -> client::Response {
+        let mut tls = r
+            .client
+            .connect(r.https, "mta-sts.example.com")
+            .await
+            .expect("connect");
+        tls.write_all(head).await.expect("write");
+        let mut out = Vec::new();
+        match tls.read_to_end(&mut out).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
+            Err(e) => panic!("read: {e}"),
+        }
+        client::parse_response(&out, false)
+    }
+    for host in [
+        &b"\xff\xfe.example"[..],
+        b"mta-sts.example.com x",
+        b"mta-sts..example.com",
+        b".mta-sts.example.com",
+        b"mta-sts.example.com:https",
+    ] {
+        let mut head = format!("GET {POLICY_PATH} HTTP/1.1\r\nHost: ").into_bytes();
+        head.extend_from_slice(host);
+        head.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        let resp = raw(&r, &head).await;
+        assert_eq!(resp.status, 400, "Host {}", String::from_utf8_lossy(host));
+        assert!(!String::from_utf8_lossy(&resp.body).contains("STSv1"));
+    }
+    let twice = format!(
+        "GET {POLICY_PATH} HTTP/1.1\r\nHost: {sni}\r\nHost: {sni}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(
+        raw(&r, twice.as_bytes()).await.status,
+        400,
+        "two Host lines"
+    );
+    let resp = r
+        .client
+        .request(r.https, sni, "GET", "mta-sts.example.com:443", POLICY_PATH)
+        .await
+        .expect("request");
+    assert_eq!(resp.status, 200);
+    let old = raw(&r, format!("GET {POLICY_PATH} HTTP/1.0\r\n\r\n").as_bytes()).await;
+    assert_eq!(old.status, 200, "HTTP/1.0 without Host: the SNI's policy");
+    assert!(old.body.starts_with(b"version: STSv1\r\n"));
+    r.stop().await.expect("clean stop");
+}
+
 #[tokio::test]
 async fn unknown_sni_is_refused_with_unrecognized_name() {
     let r = start("[[domain]]\nname = \"example.com\"\nmx = [\"mx.example.com\"]\n").await;
