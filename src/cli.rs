@@ -103,8 +103,8 @@ pub enum Command {
         /// Is switching to mode = "enforce" safe? (implies --starttls)
         #[arg(long)]
         preflight_enforce: bool,
-        /// Trust this PEM bundle instead of the system roots (e.g. the local
-        /// CA at <state_dir>/ca/ca.pem).
+        /// Trust this PEM bundle instead of the platform's roots (e.g. the
+        /// local CA at <state_dir>/ca/ca.pem).
         #[arg(long, value_name = "PEM")]
         ca_file: Option<PathBuf>,
         /// Port of the policy host (senders use 443).
@@ -116,6 +116,10 @@ pub enum Command {
         /// Per network operation.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// For each domain's whole check (all lookups, fetches and MX
+        /// probes together); what is left is reported as a FAIL.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        deadline: std::time::Duration,
         #[arg(required = true)]
         domains: Vec<String>,
     },
@@ -287,6 +291,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             https_port,
             smtp_port,
             timeout,
+            deadline,
             domains,
         } => {
             let options = crate::check::Options {
@@ -300,6 +305,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 starttls,
                 preflight_enforce,
                 timeout,
+                deadline,
             };
             check(config.as_deref(), &options, format, &domains)
         }

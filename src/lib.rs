@@ -10,13 +10,15 @@
 //! - [`snapshot`]: the immutable host → pre-rendered policy map, swapped whole.
 //! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
-//! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records.
+//! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records, and the one
+//!   stub resolver (`dns::resolve`) of `check` and the ACME precheck.
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
 //!   files in `state_dir` behind the `CertStore` trait.
 //! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
-//! - [`check`]: live verification of a domain, like a sending MTA.
+//! - [`check`]: live verification of a domain, like a strict sending MTA
+//!   (`check::parse` reads what `check::probe` fetches).
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
 //! - [`admin`]: the token-protected admin API and `/metrics`.
 //! - [`cli`]: the subcommands; [`progress`]: the issuance progress line on

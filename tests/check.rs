@@ -22,6 +22,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const ZONE: &str = "example.test";
 
+/// Labels under ZONE whose policy host is a `fake_policy_host`.
+const FAKE_POLICY_DOMAINS: [&str; 6] = ["tdot", "ulabel", "crlfend", "blank", "plus", "nonemx"];
+
 const CONFIG: &str = r#"
 [defaults]
 mx = ["mx.good.example.test"]
@@ -56,6 +59,14 @@ mx = []
 
 [[domain]]
 name = "deleg.example.test"
+
+[[domain]]
+name = "v10.example.test"
+mx = ["mx.v10.example.test"]
+
+[[domain]]
+name = "implicit.example.test"
+mx = ["implicit.example.test"]
 "#;
 
 fn served_id(config: &Path, domain: &str) -> String {
@@ -110,11 +121,12 @@ impl TestCa {
 async fn fake_policy_host(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    response: &'static str,
+    response: String,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     while let Ok((tcp, _)) = listener.accept().await {
         let acceptor = acceptor.clone();
+        let response = response.clone();
         tokio::spawn(async move {
             let Ok(mut s) = acceptor.accept(tcp).await else {
                 return;
@@ -133,8 +145,16 @@ async fn fake_policy_host(
     }
 }
 
-/// An MX that offers STARTTLS with the given certificate.
-async fn fake_mx(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>) {
+/// The usual EHLO answer of [`fake_mx`].
+const EHLO_REPLY: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
+
+/// An MX that offers STARTTLS with the given certificate, answering EHLO
+/// with `ehlo`.
+async fn fake_mx(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ehlo: &'static [u8],
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     while let Ok((tcp, _)) = listener.accept().await {
         let acceptor = acceptor.clone();
@@ -143,9 +163,7 @@ async fn fake_mx(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfi
             let mut line = String::new();
             if s.write_all(b"220 mx.test ESMTP\r\n").await.is_err()
                 || s.read_line(&mut line).await.is_err()
-                || s.write_all(b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-                    .await
-                    .is_err()
+                || s.write_all(ehlo).await.is_err()
             {
                 return;
             }
@@ -212,6 +230,44 @@ impl World {
             ));
         }
         zone.push_str("_mta-sts.twotxt TXT \"v=STSv1; id=another;\"\n");
+        // TLS-RPT: valid for the domains that must pass, broken for twotxt.
+        for d in ["good", "deleg", "v10", "implicit"] {
+            zone.push_str(&format!(
+                "_smtp._tls.{d} TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@example.test\"\n"
+            ));
+        }
+        zone.push_str("_smtp._tls.twotxt TXT \"v=TLSRPTv1; rua=mailto:x\"\n");
+        // v10: beside its v=STSv1 record, a v=STSv10 one, which is no
+        // MTA-STS record at all.
+        zone.push_str(&format!(
+            "_mta-sts.v10 TXT \"v=STSv1; id={};\"\n_mta-sts.v10 TXT \"v=STSv10; id=zzz;\"\n\
+             mta-sts.v10 A 127.0.0.1\nv10 MX 10 mx.v10\nmx.v10 A 127.0.0.1\n",
+            id("v10.example.test")
+        ));
+        // implicit: no MX, an address: the domain is its own MX.
+        zone.push_str(&format!(
+            "_mta-sts.implicit TXT \"v=STSv1; id={};\"\nmta-sts.implicit A 127.0.0.1\nimplicit A 127.0.0.1\n",
+            id("implicit.example.test")
+        ));
+        // nullmx: RFC 7505 null MX.
+        zone.push_str("_mta-sts.nullmx TXT \"v=STSv1; id=fake1;\"\nnullmx MX 0 .\n");
+        // dblsemi: an empty field in the TXT.
+        zone.push_str("_mta-sts.dblsemi TXT \"v=STSv1;; id=a1;\"\n");
+        // twoaddr: one MX with two addresses; only 127.0.0.1 listens.
+        zone.push_str("twoaddr MX 10 mx.twoaddr\nmx.twoaddr A 127.0.0.1\nmx.twoaddr A 127.0.0.2\n");
+        // Domains whose policy host is a fake one serving a given body.
+        for d in FAKE_POLICY_DOMAINS {
+            zone.push_str(&format!(
+                "_mta-sts.{d} TXT \"v=STSv1; id=fake1;\"\nmta-sts.{d} A 127.0.0.1\n"
+            ));
+        }
+        zone.push_str("tdot MX 10 mx.good\ncrlfend MX 10 mx.good\nnonemx MX 10 mx.good\n");
+        zone.push_str("blank MX 10 mx.good\nplus MX 10 mx.good\n");
+        zone.push_str("ulabel MX 10 mx.xn--bcher-kva\nmx.xn--bcher-kva A 127.0.0.1\n");
+        // many: more addresses than fit a 512-byte UDP answer.
+        for i in 1..=40 {
+            zone.push_str(&format!("many A 127.0.1.{i}\n"));
+        }
         zone.push_str("uncovered MX 20 mx.elsewhere\nmx.elsewhere A 127.0.0.1\n");
         zone.push_str("testing MX 20 mx.elsewhere\n");
         // wrongid: the TXT carries an id that is not the served policy's.
@@ -284,7 +340,8 @@ impl World {
     }
 
     /// Spawns a fake policy host; returns its port.
-    fn fake_policy_host(&self, host: &str, response: &'static str) -> u16 {
+    fn fake_policy_host(&self, host: &str, response: &str) -> u16 {
+        let response = response.to_owned();
         let tls = self.test_ca.server_config(host);
         let listener = self
             .runtime
@@ -298,13 +355,50 @@ impl World {
 
     /// Spawns an MX with a certificate for `cert_host`; returns its port.
     fn fake_mx(&self, cert_host: &str) -> u16 {
+        self.fake_mx_with(cert_host, EHLO_REPLY)
+    }
+
+    /// Like `fake_mx`, answering EHLO with `ehlo`.
+    fn fake_mx_with(&self, cert_host: &str, ehlo: &'static [u8]) -> u16 {
         let tls = self.test_ca.server_config(cert_host);
         let listener = self
             .runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        self.runtime.spawn(fake_mx(listener, tls));
+        self.runtime.spawn(fake_mx(listener, tls, ehlo));
+        port
+    }
+
+    /// Serves `body` as the policy of `<label>.example.test` from a fake
+    /// policy host; returns its port.
+    fn fake_policy(&self, label: &str, body: &str) -> u16 {
+        self.fake_policy_host(
+            &format!("mta-sts.{label}.example.test"),
+            &format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    }
+
+    /// An SMTP listener on 127.0.0.1 that runs `script` on each connection;
+    /// returns its port.
+    fn raw_smtp<F, Fut>(&self, script: F) -> u16
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        self.runtime.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(script(tcp));
+            }
+        });
         port
     }
 
@@ -362,6 +456,10 @@ fn check_finds_each_broken_part() {
         r.has("OK", "mx", "mx.good.example.test is covered"),
         "{r:#?}"
     );
+    assert!(
+        r.has("OK", "tlsrpt", "_smtp._tls.good.example.test"),
+        "{r:#?}"
+    );
 
     // Delegated: the TXT and the policy host are reached through CNAMEs;
     // the fetch still uses the customer's name for SNI and Host.
@@ -403,6 +501,11 @@ fn check_finds_each_broken_part() {
     assert!(!ok);
     assert!(r.has("FAIL", "txt", "2 v=STSv1 TXT records"), "{r:#?}");
     assert_eq!(r.id, None);
+    // Its TLS-RPT record has a rua that is no address.
+    assert!(
+        r.has("FAIL", "tlsrpt", "is not a mailto: address"),
+        "{r:#?}"
+    );
 
     // A policy host that redirects, and one with the wrong content type.
     let port = w.fake_policy_host(
@@ -488,6 +591,9 @@ fn check_finds_each_broken_part() {
     assert!(r.has("FAIL", "preflight", "lists no mx patterns"), "{r:#?}");
     let (ok, r) = w.check(&[], "none.example.test");
     assert!(ok, "mode none itself is fine: {r:#?}");
+    // ... but it is no protection: said, not a plain OK.
+    assert_eq!(r.verdict, "WARN", "{r:#?}");
+    assert!(r.has("WARN", "policy", "senders apply no policy"), "{r:#?}");
     // Without an MX listening at all.
     let closed = common::free_port().to_string();
     let (ok, r) = w.check(
@@ -522,4 +628,268 @@ fn check_text_output_and_exit_code() {
     assert!(text.contains("good.example.test: OK\n"), "{text}");
     assert!(text.contains("twotxt.example.test: FAIL\n"), "{text}");
     assert!(text.contains("  FAIL txt "), "{text}");
+}
+
+/// Issue 9 items 19 and 20: records and policies that strict senders
+/// (mox, Stalwart, the RFC 8461 grammar) reject must not pass.
+#[test]
+fn check_parses_as_strictly_as_strict_senders() {
+    let Some(w) = World::start() else {
+        return;
+    };
+    // `v=STSv10` is not a v=STSv1 record: the v=STSv1 one is the only one.
+    let (ok, r) = w.check(&[], "v10.example.test");
+    assert!(ok, "{r:#?}");
+    assert_eq!(
+        r.id.as_deref(),
+        Some(served_id(&w.config, "v10.example.test").as_str())
+    );
+    assert!(!r.has("FAIL", "txt", "v=STSv1 TXT records"), "{r:#?}");
+    // An empty field in the TXT.
+    let (ok, r) = w.check(&[], "dblsemi.example.test");
+    assert!(!ok);
+    assert_eq!(r.id, None, "{r:#?}");
+    assert!(r.has("FAIL", "txt", "an empty field"), "{r:#?}");
+
+    let policy = |mx: &str, max_age: &str| {
+        format!("version: STSv1\r\nmode: testing\r\nmx: {mx}\r\nmax_age: {max_age}\r\n")
+    };
+    // Live mx patterns are taken as published: a trailing dot or a U-label
+    // is an error, not normalised into a match.
+    let port = w.fake_policy("tdot", &policy("mx.good.example.test.", "86400"));
+    let (ok, r) = w.check_port(port, &[], "tdot.example.test");
+    assert!(!ok, "{r:#?}");
+    assert!(r.has("FAIL", "policy", "ends with a dot"), "{r:#?}");
+    assert!(!r.has("OK", "mx", "is covered"), "{r:#?}");
+    let port = w.fake_policy("ulabel", &policy("mx.bücher.example.test", "86400"));
+    let (ok, r) = w.check_port(port, &[], "ulabel.example.test");
+    assert!(!ok, "{r:#?}");
+    assert!(r.has("FAIL", "policy", "is not ASCII"), "{r:#?}");
+    // A blank line; a signed max_age.
+    let body = policy("mx.good.example.test", "86400").replacen("\r\n", "\r\n\r\n", 1);
+    let port = w.fake_policy("blank", &body);
+    let (ok, r) = w.check_port(port, &[], "blank.example.test");
+    assert!(!ok, "{r:#?}");
+    assert!(r.has("FAIL", "policy", "line 2 is blank"), "{r:#?}");
+    let port = w.fake_policy("plus", &policy("mx.good.example.test", "+86400"));
+    let (ok, r) = w.check_port(port, &[], "plus.example.test");
+    assert!(!ok, "{r:#?}");
+    assert!(r.has("FAIL", "policy", "max_age \"+86400\""), "{r:#?}");
+    // CRLF throughout, no line end after the last field: valid, no LF warning.
+    let body = policy("mx.good.example.test", "86400");
+    let port = w.fake_policy("crlfend", body.trim_end());
+    let (_, r) = w.check_port(port, &[], "crlfend.example.test");
+    assert!(r.policy.is_some(), "{r:#?}");
+    assert!(!r.has("WARN", "policy", "LF"), "{r:#?}");
+}
+
+/// Issue 9 item 18: a live `mode: none` policy with mx lines is judged on
+/// them when asking whether enforce is safe.
+#[test]
+fn preflight_checks_mx_coverage_under_mode_none() {
+    let Some(w) = World::start() else {
+        return;
+    };
+    let port = w.fake_policy(
+        "nonemx",
+        "version: STSv1\r\nmode: none\r\nmx: mx.other.example.test\r\nmax_age: 86400\r\n",
+    );
+    let smtp = w.fake_mx("mx.good.example.test").to_string();
+    let (ok, r) = w.check_port(
+        port,
+        &["--preflight-enforce", "--smtp-port", &smtp],
+        "nonemx.example.test",
+    );
+    assert!(!ok, "{r:#?}");
+    assert_eq!(r.safe_to_enforce, Some(false), "{r:#?}");
+    assert!(
+        r.has("FAIL", "mx", "mx.good.example.test is not covered"),
+        "{r:#?}"
+    );
+}
+
+/// Issue 9 item 21: the SMTP reply reader is bounded, a bare final code
+/// ends a reply, every failing address is reported, and one domain's check
+/// has a deadline.
+#[test]
+fn check_smtp_probe_is_bounded_and_reports_every_address() {
+    let Some(w) = World::start() else {
+        return;
+    };
+    let starttls = |port: u16, extra: &[&str], domain: &str| {
+        let port = port.to_string();
+        let mut args = vec!["--starttls", "--smtp-port", &port];
+        args.extend_from_slice(extra);
+        w.check(&args, domain)
+    };
+    // A greeting line that never ends.
+    let endless_line = w.raw_smtp(|mut tcp| async move {
+        let _ = tcp.write_all(b"220 ").await;
+        let chunk = vec![b'A'; 64 * 1024];
+        for _ in 0..1024 {
+            if tcp.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (ok, r) = starttls(endless_line, &[], "good.example.test");
+    assert!(!ok);
+    assert!(
+        r.has("FAIL", "starttls", "an SMTP reply line longer than"),
+        "{r:#?}"
+    );
+    // An EHLO reply that never ends.
+    let endless_reply = w.raw_smtp(|tcp| async move {
+        let mut s = BufReader::new(tcp);
+        let mut line = String::new();
+        if s.write_all(b"220 ok\r\n").await.is_err() || s.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let chunk = b"250-PIPELINING\r\n".repeat(4096);
+        for _ in 0..1024 {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (ok, r) = starttls(endless_reply, &[], "good.example.test");
+    assert!(!ok);
+    assert!(
+        r.has("FAIL", "starttls", "an SMTP reply longer than"),
+        "{r:#?}"
+    );
+    // `250` alone is the last line of the EHLO reply (RFC 5321 §4.2).
+    let bare = w.fake_mx_with(
+        "mx.good.example.test",
+        b"250-mx.test\r\n250-STARTTLS\r\n250\r\n",
+    );
+    let (ok, r) = starttls(bare, &[], "good.example.test");
+    assert!(ok, "{r:#?}");
+    assert!(
+        r.has("OK", "starttls", "mx.good.example.test: STARTTLS"),
+        "{r:#?}"
+    );
+    // One MX, two addresses, one of them refusing: both are reported.
+    let smtp = w.fake_mx("mx.twoaddr.example.test");
+    let (ok, r) = starttls(smtp, &["--preflight-enforce"], "twoaddr.example.test");
+    assert!(!ok);
+    assert!(
+        r.has(
+            "FAIL",
+            "starttls",
+            "mx.twoaddr.example.test: connect 127.0.0.2"
+        ),
+        "{r:#?}"
+    );
+    assert!(
+        r.has("OK", "starttls", "mx.twoaddr.example.test: STARTTLS"),
+        "{r:#?}"
+    );
+    // An MX that accepts and says nothing: the deadline ends the check
+    // before the 5 s network timeout.
+    let silent = w.raw_smtp(|tcp| async move {
+        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+        drop(tcp);
+    });
+    let (ok, r) = starttls(silent, &["--deadline", "1s"], "good.example.test");
+    assert!(!ok);
+    assert!(r.has("FAIL", "deadline", "within 1s"), "{r:#?}");
+    assert!(r.has("OK", "txt", ""), "earlier findings are kept: {r:#?}");
+}
+
+/// Issue 9 item 21: implicit MX, null MX, TLS-RPT record.
+#[test]
+fn check_handles_implicit_and_null_mx_and_tlsrpt() {
+    let Some(w) = World::start() else {
+        return;
+    };
+    let (ok, r) = w.check(&[], "implicit.example.test");
+    assert!(ok, "{r:#?}");
+    assert_eq!(r.mx, ["implicit.example.test"], "{r:#?}");
+    assert!(r.has("OK", "mx", "implicit MX, RFC 5321"), "{r:#?}");
+    assert!(
+        r.has("OK", "mx", "implicit.example.test is covered"),
+        "{r:#?}"
+    );
+    let (_, r) = w.check(&[], "nullmx.example.test");
+    assert!(r.mx.is_empty(), "{r:#?}");
+    assert!(r.has("WARN", "mx", "null MX (RFC 7505)"), "{r:#?}");
+    let (_, r) = w.check(&[], "testing.example.test");
+    assert!(
+        r.has("WARN", "tlsrpt", "no v=TLSRPTv1 TXT record"),
+        "{r:#?}"
+    );
+}
+
+/// Issue 9 item 21: without `--ca-file` the platform's store is used, which
+/// honours SSL_CERT_FILE (rustls-native-certs), not a fixed Debian path.
+#[test]
+fn check_trusts_the_platform_store() {
+    let Some(w) = World::start() else {
+        return;
+    };
+    let resolver = w.knot.addr.to_string();
+    let port = w.https_port.to_string();
+    let out = std::process::Command::new(common::bin())
+        .env("SSL_CERT_FILE", &w.ca_bundle)
+        .env_remove("SSL_CERT_DIR")
+        .args([
+            "check",
+            "--resolver",
+            &resolver,
+            "--https-port",
+            &port,
+            "--format",
+            "json",
+            "good.example.test",
+        ])
+        .output()
+        .expect("run mtasts");
+    let reports: Vec<Report> = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        reports[0].has("OK", "policy", "mode enforce"),
+        "{:#?}",
+        reports[0]
+    );
+    assert!(out.status.success(), "{:#?}", reports[0]);
+}
+
+/// Issue 10: the one stub resolver asks again over TCP when a UDP answer
+/// is truncated (the ACME precheck's path).
+#[test]
+fn resolver_falls_back_to_tcp_on_truncation() {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    use mtasts::dns::resolve::{Protocol, Resolver};
+    let Some(w) = World::start() else {
+        return;
+    };
+    // knotd itself truncates this answer over UDP.
+    let mut query = Message::query();
+    query.add_query(Query::query(
+        Name::from_ascii("many.example.test.").expect("name"),
+        RecordType::A,
+    ));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    socket
+        .send_to(&query.to_vec().expect("wire"), w.knot.addr)
+        .expect("send");
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("answer");
+    let answer = Message::from_vec(&buf[..n]).expect("message");
+    assert!(answer.metadata.truncation, "knotd did not truncate");
+
+    let resolver = Resolver::new(
+        w.knot.addr,
+        Protocol::Udp,
+        std::time::Duration::from_secs(10),
+    );
+    let addrs = w
+        .runtime
+        .block_on(resolver.addresses("many.example.test"))
+        .expect("lookup");
+    assert_eq!(addrs.len(), 40, "{addrs:?}");
 }

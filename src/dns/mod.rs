@@ -4,9 +4,11 @@
 //! the customer and provider sides of delegated hosting.
 //!
 //! [`format`] renders them (zone file, JSON, CSV, octoDNS, Cloudflare,
-//! Route 53, user templates); [`update`] pushes them with RFC 2136.
+//! Route 53, user templates); [`update`] pushes them with RFC 2136;
+//! [`resolve`] is the stub resolver of `check` and the ACME precheck.
 
 pub mod format;
+pub mod resolve;
 pub mod update;
 
 use std::fmt::Write as _;
