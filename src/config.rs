@@ -30,7 +30,7 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 const MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One located problem in a config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Diagnostic {
     pub file: PathBuf,
     pub line: usize,
@@ -1189,19 +1189,34 @@ fn admin_config(
 }
 
 /// A duration given as seconds (integer) or humane text ("7d", "1w", "90s").
+/// Longest duration any setting accepts: ten years. Longer values mean
+/// "never" anyway, and adding them to an `Instant` or `SystemTime` could
+/// overflow and panic on every connection or ACME turn.
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
+
 fn duration(v: &toml::Value) -> Result<Duration, String> {
-    match v {
+    let d = match v {
         toml::Value::Integer(i) => u64::try_from(*i)
             .map(Duration::from_secs)
-            .map_err(|_| format!("{i} is negative")),
+            .map_err(|_| format!("{i} is negative"))?,
         toml::Value::String(s) => humantime::parse_duration(s.trim()).map_err(|e| {
             format!("{s:?} is not a duration ({e}); use seconds or e.g. \"7d\", \"1w\"")
-        }),
-        other => Err(format!(
-            "expected seconds or a duration string, found a {}",
-            other.type_str()
-        )),
+        })?,
+        other => {
+            return Err(format!(
+                "expected seconds or a duration string, found a {}",
+                other.type_str()
+            ));
+        }
+    };
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{} s is longer than ten years ({} s), the longest duration accepted",
+            d.as_secs(),
+            MAX_DURATION.as_secs()
+        ));
     }
+    Ok(d)
 }
 
 /// One layer of policy settings (defaults or a domain) with its source.
@@ -1252,6 +1267,40 @@ fn domain_name(
     }
 }
 
+/// `[defaults]` checked on its own, whether or not a domain uses it: a
+/// provider that starts with no domains and adds them through the admin API
+/// learns of a bad default from `check-config`, not from its first domain.
+/// Only errors count here (a domain that inherits a value reports its own
+/// warnings); the rule that a policy needs an mx belongs to domains.
+fn validate_defaults(defaults: &Layer<'_>, certs: &mut CertReader, report: &mut Report) {
+    let empty = RawPolicy::default();
+    let none = Layer::new(defaults.source, &empty);
+    let Ok(name) = DomainName::parse("defaults.invalid") else {
+        return;
+    };
+    // Errors about the entry as a whole are placed at its origin; there is
+    // no entry here, so the origin is line 0 and such errors are dropped.
+    let origin = Diagnostic {
+        file: defaults.source.path.clone(),
+        line: 0,
+        col: 0,
+        message: String::new(),
+    };
+    let mut own = Report::default();
+    let _ = domain_config(
+        defaults.source,
+        defaults.raw,
+        name,
+        origin,
+        &none,
+        certs,
+        &mut own,
+    );
+    report
+        .errors
+        .extend(own.errors.into_iter().filter(|e| e.line != 0));
+}
+
 /// One domain's settings over `defaults`. On an error the name and origin
 /// come back (the errors are in `report`).
 fn domain_config(
@@ -1265,8 +1314,10 @@ fn domain_config(
 ) -> Result<DomainConfig, (DomainName, Diagnostic)> {
     let domain = Layer::new(source, raw);
     let errors_before = report.errors.len();
-    // RFC 8461 §8.3: a retiring domain serves `mode: none` (new id) and no
-    // mx; its mx sources are not read (the mail server may be gone).
+    // RFC 8461 §8.3: a retiring domain serves `mode: none` (new id). It
+    // keeps its mx lines (Stalwart refuses a policy without one and reports
+    // sts-policy-invalid); a source that cannot be read any more (the mail
+    // server may be gone) is only a warning then.
     let retire = raw.retire.as_ref().is_some_and(|r| *r.get_ref());
 
     let mode = match pick(&domain, defaults, |r| r.mode.as_ref()) {
@@ -1324,65 +1375,82 @@ fn domain_config(
 
     // Explicit mx wins over mx_certs at the same level; a domain's own
     // setting wins over [defaults].
-    let (mx, mx_source) = if retire {
-        (Vec::new(), MxSource::Explicit)
-    } else if raw.mx.is_some() || (raw.mx_certs.is_none() && defaults.raw.mx.is_some()) {
-        let Some((src, list)) = pick(&domain, defaults, |r| r.mx.as_ref()) else {
-            return Err((name, origin));
-        };
-        let mut mx = Vec::new();
-        for item in list.get_ref() {
-            match MxPattern::parse(item.get_ref()) {
-                Ok(p) => mx.push(p),
-                Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
-            }
-        }
-        (mx, MxSource::Explicit)
-    } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
-        let mut mx = Vec::new();
-        let mut paths = Vec::new();
-        for item in list.get_ref() {
-            let path = src.resolve(item.get_ref());
-            // A glob (crate::mxcert::expand) may match nothing, and a file
-            // it matches that gives no names is skipped with a warning; a
-            // file named as such must give names.
-            let glob = crate::mxcert::is_glob(&path);
-            let files = certs.expand(&path).unwrap_or_else(|msg| {
-                report.errors.push(src.at(item.span(), msg));
-                Vec::new()
-            });
-            if glob && files.is_empty() {
-                report.warnings.push(src.at(
-                    item.span(),
-                    format!("{name}: mx_certs glob {} matches no file", path.display()),
-                ));
-            }
-            for file in files {
-                match certs.read(&file) {
-                    Ok(names) => {
-                        mx.extend(names.patterns.iter().cloned());
-                        for (skipped, why) in &names.skipped {
-                            report.warnings.push(src.at(
-                                item.span(),
-                                format!(
-                                    "{name}: skipping {skipped:?} from {}: {why}",
-                                    file.display()
-                                ),
-                            ));
-                        }
-                    }
-                    Err(msg) if glob => report
-                        .warnings
-                        .push(src.at(item.span(), format!("{name}: skipping {msg}"))),
-                    Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
+    if let (Some(_), Some(certs_list)) = (&raw.mx, &raw.mx_certs) {
+        report.warnings.push(source.at(
+            certs_list.span(),
+            format!(
+                "{name}: both mx and mx_certs are set; mx wins and mx_certs is ignored (remove one)"
+            ),
+        ));
+    }
+    let errors_before_mx = report.errors.len();
+    let (mx, mx_source) =
+        if raw.mx.is_some() || (raw.mx_certs.is_none() && defaults.raw.mx.is_some()) {
+            let Some((src, list)) = pick(&domain, defaults, |r| r.mx.as_ref()) else {
+                return Err((name, origin));
+            };
+            let mut mx = Vec::new();
+            for item in list.get_ref() {
+                match MxPattern::parse(item.get_ref()) {
+                    Ok(p) => mx.push(p),
+                    Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
                 }
             }
-            paths.push(path);
+            (mx, MxSource::Explicit)
+        } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
+            let mut mx = Vec::new();
+            let mut paths = Vec::new();
+            for item in list.get_ref() {
+                let path = src.resolve(item.get_ref());
+                // A glob (crate::mxcert::expand) may match nothing, and a file
+                // it matches that gives no names is skipped with a warning; a
+                // file named as such must give names.
+                let glob = crate::mxcert::is_glob(&path);
+                let files = certs.expand(&path).unwrap_or_else(|msg| {
+                    report.errors.push(src.at(item.span(), msg));
+                    Vec::new()
+                });
+                if glob && files.is_empty() {
+                    report.warnings.push(src.at(
+                        item.span(),
+                        format!("{name}: mx_certs glob {} matches no file", path.display()),
+                    ));
+                }
+                for file in files {
+                    match certs.read(&file) {
+                        Ok(names) => {
+                            mx.extend(names.patterns.iter().cloned());
+                            for (skipped, why) in &names.skipped {
+                                report.warnings.push(src.at(
+                                    item.span(),
+                                    format!(
+                                        "{name}: skipping {skipped:?} from {}: {why}",
+                                        file.display()
+                                    ),
+                                ));
+                            }
+                        }
+                        Err(msg) if glob => report
+                            .warnings
+                            .push(src.at(item.span(), format!("{name}: skipping {msg}"))),
+                        Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
+                    }
+                }
+                paths.push(path);
+            }
+            (mx, MxSource::Certs(paths))
+        } else {
+            (Vec::new(), MxSource::Explicit)
+        };
+    if retire && report.errors.len() > errors_before_mx {
+        for mut e in report.errors.split_off(errors_before_mx) {
+            e.message = format!(
+                "{name} is retiring, so this is not an error, but its policy loses these mx lines: {}",
+                e.message
+            );
+            report.warnings.push(e);
         }
-        (mx, MxSource::Certs(paths))
-    } else {
-        (Vec::new(), MxSource::Explicit)
-    };
+    }
     let mut mx = mx;
     mx.sort();
     mx.dedup();
@@ -1415,12 +1483,24 @@ fn domain_config(
 
     let host = host_record(&domain, defaults, report);
 
+    let policy = Policy { mode, mx, max_age };
+    let body_len = policy.rendered_len();
+    if body_len > crate::policy::MAX_BODY_BYTES {
+        report.errors.push(Diagnostic {
+            message: format!(
+                "{name}: the policy body would be {body_len} bytes ({} mx); senders read at most {} bytes (RFC 8461 §3.3), so use wildcard mx patterns or fewer hosts",
+                policy.mx.len(),
+                crate::policy::MAX_BODY_BYTES
+            ),
+            ..origin.clone()
+        });
+    }
     if report.errors.len() > errors_before {
         return Err((name, origin));
     }
     Ok(DomainConfig {
         name,
-        policy: Policy { mode, mx, max_age },
+        policy,
         mx_source,
         tlsrpt_rua,
         ttl,
@@ -1430,11 +1510,29 @@ fn domain_config(
     })
 }
 
-/// RFC 8460 §3: `rua` is one or more `mailto:` or `https:` URIs.
+/// RFC 8460 §3: `rua` is one or more `mailto:` or `https:` URIs, joined by
+/// commas in the TXT record, so a literal `,` or `!` inside one must be
+/// percent-encoded; the record is ASCII.
 fn rua_list(src: &Source, v: &Spanned<toml::Value>, report: &mut Report) -> Vec<String> {
     let items: Vec<&str> = match v.get_ref() {
         toml::Value::String(s) => vec![s.as_str()],
-        toml::Value::Array(a) => a.iter().filter_map(toml::Value::as_str).collect(),
+        toml::Value::Array(a) => {
+            let mut items = Vec::with_capacity(a.len());
+            for (i, item) in a.iter().enumerate() {
+                match item.as_str() {
+                    Some(s) => items.push(s),
+                    None => report.errors.push(src.at(
+                        v.span(),
+                        format!(
+                            "tlsrpt_rua item {} is a {}, not a string URI",
+                            i + 1,
+                            item.type_str()
+                        ),
+                    )),
+                }
+            }
+            items
+        }
         _ => {
             report
                 .errors
@@ -1445,28 +1543,11 @@ fn rua_list(src: &Source, v: &Spanned<toml::Value>, report: &mut Report) -> Vec<
     let mut out = Vec::new();
     for item in items {
         let item = item.trim();
-        let scheme_ok = item.starts_with("mailto:") || item.starts_with("https://");
-        let bad_char = item
-            .chars()
-            .find(|c| c.is_whitespace() || matches!(c, ';' | ',' | '"' | '\\') || c.is_control());
-        if !scheme_ok {
-            report.errors.push(src.at(
-                v.span(),
-                format!(
-                    "tlsrpt_rua {item:?} must start with \"mailto:\" or \"https://\" (RFC 8460 §3)"
-                ),
-            ));
-        } else if let Some(c) = bad_char {
-            report.errors.push(src.at(
-                v.span(),
-                format!("tlsrpt_rua {item:?} contains {c:?}; percent-encode it"),
-            ));
-        } else if item.len() <= "mailto:".len() {
-            report
+        match rua_uri(item) {
+            Ok(()) => out.push(item.to_owned()),
+            Err(why) => report
                 .errors
-                .push(src.at(v.span(), format!("tlsrpt_rua {item:?} has no address")));
-        } else {
-            out.push(item.to_owned());
+                .push(src.at(v.span(), format!("tlsrpt_rua {item:?}: {why}"))),
         }
     }
     if out.is_empty() && matches!(v.get_ref(), toml::Value::Array(a) if a.is_empty()) {
@@ -1475,6 +1556,81 @@ fn rua_list(src: &Source, v: &Spanned<toml::Value>, report: &mut Report) -> Vec<
             .push(src.at(v.span(), "tlsrpt_rua is empty; remove it or add a URI"));
     }
     out
+}
+
+/// Why one `rua` URI would not be usable by a reporter, if it would not.
+fn rua_uri(item: &str) -> Result<(), String> {
+    if let Some(c) = item.chars().find(|c| !c.is_ascii()) {
+        return Err(format!(
+            "contains the non-ASCII character {c:?}; percent-encode it (or use the A-label of a domain)"
+        ));
+    }
+    if let Some(c) = item.chars().find(|c| {
+        c.is_ascii_whitespace() || c.is_ascii_control() || matches!(c, ';' | ',' | '!' | '"' | '\\')
+    }) {
+        return Err(format!(
+            "contains {c:?}; percent-encode it (RFC 8460 §3: `,` and `!` separate URIs in the record)"
+        ));
+    }
+    let bytes = item.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+        {
+            return Err("has a `%` that is not followed by two hex digits".to_owned());
+        }
+    }
+    if let Some(rest) = item.strip_prefix("mailto:") {
+        let addr = rest.split('?').next().unwrap_or_default();
+        let Some((local, domain)) = addr.rsplit_once('@') else {
+            return Err("is not a mailto: address (expected mailto:local@domain)".to_owned());
+        };
+        if local.is_empty() {
+            return Err("has an empty local part before `@`".to_owned());
+        }
+        DomainName::parse(domain).map_err(|e| format!("mail domain: {e}"))?;
+        return Ok(());
+    }
+    if let Some(rest) = item.strip_prefix("https://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(
+                "has user information in the URI; reporters post to a plain host".to_owned(),
+            );
+        }
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (addr, port) = v6
+                    .split_once(']')
+                    .ok_or_else(|| "has an unclosed `[` in the host".to_owned())?;
+                addr.parse::<std::net::Ipv6Addr>()
+                    .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+                if !(port.is_empty() || port.strip_prefix(':').is_some_and(port_ok)) {
+                    return Err(format!("has an invalid port {port:?}"));
+                }
+                return Ok(());
+            }
+            None => match authority.rsplit_once(':') {
+                Some((h, port)) if port_ok(port) => h,
+                Some((_, port)) => return Err(format!("has an invalid port {port:?}")),
+                None => authority,
+            },
+        };
+        if host.is_empty() {
+            return Err("has no host after https://".to_owned());
+        }
+        if host.parse::<std::net::Ipv4Addr>().is_err() {
+            DomainName::parse(host).map_err(|e| format!("host: {e}"))?;
+        }
+        return Ok(());
+    }
+    Err("must start with \"mailto:\" or \"https://\" (RFC 8460 §3)".to_owned())
+}
+
+fn port_ok(port: &str) -> bool {
+    !port.is_empty() && port.len() <= 5 && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 fn host_record(domain: &Layer<'_>, defaults: &Layer<'_>, report: &mut Report) -> HostRecord {
@@ -2047,16 +2203,35 @@ name = "a.example"
     }
 
     #[test]
-    fn retire_serves_mode_none_without_mx() {
+    fn retire_serves_mode_none_keeping_mx() {
         let cfg = load(
-            "[defaults]\nmx_certs = [\"/nonexistent/mx.pem\"]\nmax_age = \"2d\"\n\n[[domain]]\nname = \"a.example\"\nmode = \"enforce\"\nretire = true\n",
+            "[[domain]]\nname = \"a.example\"\nmx_certs = [\"/nonexistent/mx.pem\"]\nmax_age = \"2d\"\nmode = \"enforce\"\nretire = true\n",
         )
-        .expect("a retiring domain reads no mx sources");
+        .expect("a retiring domain's unreadable mx source is only a warning");
         let a = &cfg.domains[0];
         assert!(a.retire);
         assert_eq!(a.policy.mode, Mode::None);
         assert!(a.policy.mx.is_empty());
         assert_eq!(a.policy.max_age, 172_800, "max_age as configured");
+        assert!(
+            cfg.warnings
+                .iter()
+                .any(|w| w.message.contains("a.example is retiring")),
+            "{:?}",
+            cfg.warnings
+        );
+        let cfg = load(
+            "[[domain]]\nname = \"a.example\"\nmx = [\"mx2.example\", \"mx1.example\"]\nmode = \"enforce\"\nretire = true\n",
+        )
+        .expect("retiring");
+        let mx: Vec<&str> = cfg.domains[0]
+            .policy
+            .mx
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        assert_eq!(mx, ["mx1.example", "mx2.example"], "mx lines kept");
+        assert_eq!(cfg.domains[0].policy.mode, Mode::None);
         let errs = errors("[defaults]\nretire = true\nmode = \"none\"\n");
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(

@@ -35,6 +35,10 @@ pub enum NameError {
     InvalidChar { name: String, ch: char },
     #[error("{name:?} has a label that starts or ends with '-'")]
     Hyphen { name: String },
+    #[error(
+        "{name:?} has the label {label:?}, which starts with \"xn--\" but is not valid punycode for an internationalized label"
+    )]
+    BadALabel { name: String, label: String },
     #[error("{name:?} needs at least two labels (e.g. example.com)")]
     SingleLabel { name: String },
     #[error("{name:?} looks like an IP address; a host name is required")]
@@ -169,6 +173,12 @@ fn check_host(name: &str, max: usize) -> Result<(), NameError> {
         if label.starts_with('-') || label.ends_with('-') {
             return Err(NameError::Hyphen { name: owned() });
         }
+        if !a_label_ok(label) {
+            return Err(NameError::BadALabel {
+                name: owned(),
+                label: label.to_owned(),
+            });
+        }
     }
     if labels < 2 {
         return Err(NameError::SingleLabel { name: owned() });
@@ -178,6 +188,24 @@ fn check_host(name: &str, max: usize) -> Result<(), NameError> {
         return Err(NameError::IpAddress { name: owned() });
     }
     Ok(())
+}
+
+/// An ASCII label is fine unless it claims to be an A-label (`xn--`): then
+/// it must decode as punycode to a valid U-label that encodes back to the
+/// same text (RFC 5890 §2.3.2.1). Senders that convert names (mox, Stalwart)
+/// fail on `xn--zz`, so it is refused here, not published.
+fn a_label_ok(label: &str) -> bool {
+    if !label
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("xn--"))
+    {
+        return true;
+    }
+    let (unicode, result) = idna::domain_to_unicode(label);
+    if result.is_err() || unicode.is_ascii() {
+        return false;
+    }
+    idna::domain_to_ascii(&unicode).is_ok_and(|back| back.eq_ignore_ascii_case(label))
 }
 
 /// The policy mode (RFC 8461 §5).
@@ -227,7 +255,28 @@ pub struct Policy {
     pub max_age: u64,
 }
 
+/// Largest policy body senders fetch: RFC 8461 §3.3 lets them stop reading
+/// after 64 KiB (postfix-mta-sts-resolver, mailauth and Stalwart do), so a
+/// longer body is no policy at all.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
 impl Policy {
+    /// Length in bytes of [`Policy::render`]'s output, without rendering.
+    pub fn rendered_len(&self) -> usize {
+        let digits = self.max_age.checked_ilog10().map_or(1, |d| d as usize + 1);
+        "version: STSv1\r\nmode: ".len()
+            + self.mode.as_str().len()
+            + 2
+            + self
+                .mx
+                .iter()
+                .map(|mx| "mx: ".len() + mx.as_str().len() + 2)
+                .sum::<usize>()
+            + "max_age: ".len()
+            + digits
+            + 2
+    }
+
     /// Renders the policy body (RFC 8461 §3.2): `version: STSv1` first, then
     /// mode, every mx, max_age; CRLF line ends. The output is a pure function
     /// of the policy, so the id derived from it is stable across runs.
@@ -361,6 +410,23 @@ mod tests {
     }
 
     #[test]
+    fn rendered_len_is_the_length_of_the_body() {
+        for (mode, n, max_age) in [
+            (Mode::Enforce, 3, 604_800),
+            (Mode::None, 0, 0),
+            (Mode::Testing, 1, 9),
+            (Mode::Testing, 2, 10),
+            (Mode::Enforce, 40, 31_557_600),
+        ] {
+            let mx = (0..n)
+                .map(|i| MxPattern::parse(&format!("mx{i}.example.com")).expect("mx"))
+                .collect();
+            let p = Policy { mode, mx, max_age };
+            assert_eq!(p.rendered_len(), p.render().len(), "{p:?}");
+        }
+    }
+
+    #[test]
     fn domain_names() {
         assert_eq!(
             DomainName::parse("Example.COM.").map(|d| d.to_string()),
@@ -373,6 +439,31 @@ mod tests {
         assert!(matches!(
             DomainName::parse("localhost"),
             Err(NameError::SingleLabel { .. })
+        ));
+        // A-labels are checked: punycode that decodes, to a valid U-label,
+        // that encodes back the same way.
+        assert_eq!(
+            DomainName::parse("XN--BCHER-KVA.example").map(|d| d.to_string()),
+            Ok("xn--bcher-kva.example".to_owned())
+        );
+        for bad in [
+            "xn--zz.example",
+            "xn--.example",
+            "xn--abc-.example",
+            "mx.xn--a.example",
+        ] {
+            assert!(
+                matches!(
+                    DomainName::parse(bad),
+                    Err(NameError::BadALabel { .. } | NameError::Hyphen { .. })
+                ),
+                "{bad}: {:?}",
+                DomainName::parse(bad)
+            );
+        }
+        assert!(matches!(
+            MxPattern::parse("*.xn--zz.example"),
+            Err(NameError::BadALabel { .. })
         ));
         assert!(matches!(
             DomainName::parse("192.0.2.1"),

@@ -204,7 +204,8 @@ async fn admin_crud_is_persisted_and_validated() {
         .expect("retiring domain served");
     assert_eq!(
         served.body,
-        b"version: STSv1\r\nmode: none\r\nmax_age: 604800\r\n"
+        b"version: STSv1\r\nmode: none\r\nmx: mx1.customer.example\r\nmax_age: 604800\r\n",
+        "a retiring domain keeps its mx lines (issue 9 item 13)"
     );
 
     // Bad requests.

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::knot::{KEY_NAME, Knot};
 use common::{mtasts, output_text as text};
@@ -122,35 +122,11 @@ fn id_of(body: &[u8]) -> String {
 }
 
 /// GET the policy over the plain listener (behind_proxy = true serves it).
-fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.{domain}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).ok()?;
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
-    resp.starts_with(b"HTTP/1.1 200")
-        .then(|| resp[split + 4..].to_vec())
-}
-
 fn txt(knot: &Knot, name: &str) -> Vec<String> {
     knot.rrset(name, RecordType::TXT)
         .into_iter()
         .map(|(_, v)| v)
         .collect()
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Adds a TXT record someone else owns (a TSIG-signed RFC 2136 UPDATE).
@@ -248,15 +224,18 @@ fn retire_publishes_mode_none_then_prune_waits_for_the_old_max_age() {
     )
     .expect("write config");
     let serve = common::ServeProc::start(&setup.config, https, http);
-    let body = served_body(http.port(), A).expect("policy served");
-    assert_eq!(body, b"version: STSv1\r\nmode: none\r\nmax_age: 3\r\n");
+    let body = common::served_body(http.port(), A).expect("policy served");
+    assert_eq!(
+        body, b"version: STSv1\r\nmode: none\r\nmx: mx1.example.test\r\nmax_age: 3\r\n",
+        "mode none, mx lines kept (issue 9 item 13)"
+    );
     let new_txt = format!("v=STSv1; id={};", id_of(&body));
     assert_ne!(new_txt, old_txt, "a new id");
     assert_eq!(setup.records_txt(A), new_txt, "records print the new id");
-    wait_until("the new id in DNS", || {
+    common::wait_for("the new id in DNS", || {
         txt(&knot, "_mta-sts.a.example.test.") == [new_txt.clone()]
     });
-    wait_until("retire.json", || {
+    common::wait_for("retire.json", || {
         setup
             .state()
             .is_some_and(|s| s["domains"][A]["since"].is_u64())

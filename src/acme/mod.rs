@@ -966,7 +966,7 @@ impl<S: CertStore> Manager<S> {
                     schedule::renew_at(info.not_before, info.not_after, self.cfg.renew_before);
                 if renew <= unix(now) {
                     tracing::warn!(host = %host, "renew_before is longer than the certificate lifetime; renewing after retry_initial");
-                    renew = unix(now + self.cfg.retry_initial);
+                    renew = unix(schedule::after(now, self.cfg.retry_initial));
                 }
                 tracing::info!(
                     host = %host,
@@ -995,7 +995,7 @@ impl<S: CertStore> Manager<S> {
                     self.cfg.retry_max,
                     fastrand::f64(),
                 );
-                let retry = now + delay;
+                let retry = schedule::after(now, delay);
                 state.next_attempt = Some(unix(retry));
                 let serving = serving == Some(true);
                 tracing::warn!(

@@ -16,6 +16,14 @@ pub fn unix(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// `t + d`, saturating at ten years after `t` instead of panicking: config
+/// bounds every duration, and a value that slipped through (a stored state,
+/// a future setting) must still not stop the manager.
+pub fn after(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d.min(crate::config::MAX_DURATION))
+        .unwrap_or(t)
+}
+
 /// The `SystemTime` of unix seconds `secs` (clamped at the epoch).
 pub fn from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))

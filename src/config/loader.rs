@@ -32,7 +32,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     Config, ConfigErrors, Diagnostic, Entry, Layer, MainParts, RawDomainFile, domain_source, merge,
-    parse_main, read_limited, toml_error, validate_entries,
+    parse_main, read_limited, toml_error, validate_defaults, validate_entries,
 };
 use crate::mxcert;
 
@@ -390,6 +390,7 @@ impl Loader {
         let files: Vec<CachedFile> = slots.into_iter().flatten().collect();
         let t_files = t0.elapsed();
 
+        validate_defaults(&defaults, &mut certs, &mut report);
         let main_entries =
             validate_entries(&source, &entries, &defaults, &mut certs, &self.main_entries);
         certs.take_touched();
@@ -439,6 +440,10 @@ impl Loader {
         self.stats = stats;
         let path = source.path.clone();
         self.main_text = Some(source.text);
+        // A bad [defaults] value is reported once, not again for every
+        // domain that inherits it.
+        let mut seen = HashSet::new();
+        report.errors.retain(|d| seen.insert(d.clone()));
         if report.errors.is_empty() {
             Ok(Config {
                 path,

@@ -195,3 +195,30 @@ pub fn server_section(https: SocketAddr, http: SocketAddr, state_dir: &Path) -> 
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
+
+/// The policy body served over plain HTTP on `http_port` for `domain`
+/// (the policy listener answers HTTP too), or `None` unless 200.
+pub fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.{domain}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
+    resp.starts_with(b"HTTP/1.1 200")
+        .then(|| resp[split + 4..].to_vec())
+}
+
+/// Polls `done` every 50 ms for up to 15 s; fails the test naming `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
