@@ -132,9 +132,15 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<Reply, Str
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
         let bad = || format!("unexpected SMTP reply line {text:?}");
+        // RFC 5321 §4.2: the first digit is 2..5, the second 0..5.
         let this: u16 = text
             .get(..3)
-            .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|c| {
+                let b = c.as_bytes();
+                (b'2'..=b'5').contains(&b[0])
+                    && (b'0'..=b'5').contains(&b[1])
+                    && b[2].is_ascii_digit()
+            })
             .and_then(|c| c.parse().ok())
             .ok_or_else(bad)?;
         if *code.get_or_insert(this) != this {
@@ -242,6 +248,17 @@ mod tests {
         assert!(reply(b"250-a\r\n251 b\r\n").await.is_err());
         assert!(reply(b"25x a\r\n").await.is_err());
         assert!(reply(b"250+a\r\n").await.is_err());
+        // Found by tests/fuzz.rs: codes outside RFC 5321's 2yz..5yz.
+        for bad in [
+            &b"000 a\r\n"[..],
+            b"099\r\n",
+            b"600 x\r\n",
+            b"270 x\r\n",
+            b"1\r\n",
+        ] {
+            assert!(reply(bad).await.is_err(), "{bad:?}");
+        }
+        assert_eq!(reply(b"554 no\r\n").await.map(|r| r.code), Ok(554));
         assert!(
             reply(b"250-a\r\n").await.is_err(),
             "closed inside the reply"
