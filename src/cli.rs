@@ -812,6 +812,23 @@ fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Temporary files that an earlier process killed mid-write left in the
+/// directories mtasts writes to (see [`crate::store::remove_stale_temps`]).
+fn remove_stale_temps(cfg: &Config) {
+    let state = &cfg.server.state_dir;
+    let mut dirs = vec![state.clone(), state.join("ca")];
+    for sub in ["accounts", "certs", "state"] {
+        dirs.push(state.join("acme").join(sub));
+    }
+    dirs.extend(cfg.domains_dir.iter().cloned());
+    for dir in dirs {
+        let n = crate::store::remove_stale_temps(&dir);
+        if n > 0 {
+            tracing::info!(dir = %dir.display(), removed = n, "removed temporary files left by an interrupted write");
+        }
+    }
+}
+
 async fn serve_async(
     cfg: Config,
     loader: Option<Loader>,
@@ -821,6 +838,7 @@ async fn serve_async(
     let started = std::time::Instant::now();
     // Before anything is bound: whoever sees a port answer may signal us.
     let signals = Signals::register()?;
+    remove_stale_temps(&cfg);
     let setup = cfg.clone();
     let server = tokio::task::spawn_blocking(move || Server::new(&setup))
         .await

@@ -90,6 +90,45 @@ fn tmp_name(file_name: &std::ffi::OsStr, seq: u64) -> String {
     format!(".{}.tmp{}.{seq}", &shown[..cut], std::process::id())
 }
 
+/// Removes the temporary files of [`write_atomic`] that a process killed
+/// between writing and renaming left in `dir` (never loaded, since they do
+/// not end in `.toml`/`.pem`/`.json`, but they pile up). Only files whose
+/// writer is gone are removed: a live process's (e.g. `mtasts retire`
+/// running beside `serve`) are left alone. Returns how many were removed.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_writer) else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && entry.file_type().is_ok_and(|t| t.is_file()) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), "cannot remove a stale temporary file: {e}")
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// The pid in a [`tmp_name`] (`.<name>.tmp<pid>.<seq>`), if `name` is one.
+fn temp_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (head, seq) = rest.rsplit_once('.')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (_, pid) = head.rsplit_once(".tmp")?;
+    pid.parse().ok()
+}
+
 /// Why the certificate store failed; each names the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -551,6 +590,27 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temporary_files_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ours = tmp_name(std::ffi::OsStr::new("a.example.toml"), 7);
+        assert_eq!(temp_writer(&ours), Some(std::process::id()));
+        // pid 4194304 is above Linux's pid_max: never a live process.
+        let dead = ".b.example.toml.tmp4194304.3";
+        for name in [ours.as_str(), dead, "b.example.toml", ".hidden", ".x.tmp12"] {
+            std::fs::write(dir.path().join(name), "x").expect("write");
+        }
+        assert_eq!(remove_stale_temps(dir.path()), 1);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        left.sort();
+        let mut want = vec![".hidden", ".x.tmp12", ours.as_str(), "b.example.toml"];
+        want.sort_unstable();
+        assert_eq!(left, want);
+    }
 
     #[tokio::test]
     async fn dir_store_round_trip_and_layout() {
