@@ -279,7 +279,33 @@ fn environment() -> Result<Environment<'static>, minijinja::Error> {
             .build()?,
     );
     env.add_filter("csv", csv_field);
+    env.add_filter("yaml", yaml_string);
     Ok(env)
+}
+
+/// A YAML double-quoted scalar that every YAML parser reads back as
+/// `value`: JSON string syntax (a subset of YAML's double-quoted style),
+/// with the characters JSON leaves raw but YAML does not take as they are
+/// escaped too. YAML 1.1 (PyYAML, which octoDNS uses) reads U+0085, U+2028
+/// and U+2029 as line breaks, folding them into a space, and neither 1.1
+/// nor 1.2 allows DEL, the C1 controls or U+FFFE/U+FFFF raw in a stream.
+fn yaml_string(value: String) -> String {
+    let json = serde_json::Value::String(value).to_string();
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        match c {
+            '\u{7f}'..='\u{9f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{feff}'
+            | '\u{fffe}'
+            | '\u{ffff}' => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// RFC 4180 field: quoted when it holds a comma, quote, CR or LF.
@@ -358,6 +384,42 @@ mod tests {
         assert_eq!(out, "_mta-sts.example.com. TXT v=STSv1; id=abc;\n");
         let err = render_source("t", "{{ records[0].nmae }}", &recs).expect_err("typo");
         assert!(err.to_string().starts_with("template t:"), "{err}");
+    }
+
+    #[test]
+    fn yaml_strings_read_back_unchanged() {
+        let tricky = [
+            "v=STSv1; id=abc;",
+            "quote \" backslash \\ tab \t",
+            "line\u{2028}separator\u{2029}paragraph\u{85}next-line",
+            "del\u{7f} c1\u{9b} bom\u{feff} nonchars\u{fffe}\u{ffff}",
+            "b\u{fc}cher \u{1f600} \u{a0}",
+        ];
+        for value in tricky {
+            let quoted = yaml_string(value.to_owned());
+            assert!(
+                !quoted.contains(['\u{7f}', '\u{85}', '\u{2028}', '\u{2029}', '\u{fffe}']),
+                "{quoted}"
+            );
+            let back: String =
+                serde_norway::from_str(&quoted).unwrap_or_else(|e| panic!("{quoted}: {e}"));
+            assert_eq!(back, value, "{quoted}");
+        }
+        // Through the octoDNS template: the value is one YAML string.
+        let recs = vec![rec(
+            "_mta-sts.example.com.",
+            "TXT",
+            "v=STSv1;\u{2028}id=abc;",
+        )];
+        let out = render(Format::Octodns, &recs).expect("renders");
+        assert!(!out.contains('\u{2028}'), "{out}");
+        let docs: serde_norway::Value =
+            serde_norway::from_str(out.split_once("---\n").expect("document start").1)
+                .expect("YAML");
+        assert_eq!(
+            docs["_mta-sts"][0]["values"][0].as_str(),
+            Some("v=STSv1\\;\u{2028}id=abc\\;")
+        );
     }
 
     #[test]
