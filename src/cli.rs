@@ -462,12 +462,21 @@ fn records(
             "note: no host record for {first}{more} (set host_a/host_aaaa or host_cname); point it at this server"
         );
     }
-    let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
-    let text = match &template {
-        Some((p, source)) => dns::format::render_source(&p.display().to_string(), source, &recs)?,
-        None => dns::format::render(format.into(), &recs)?,
-    };
-    std::io::stdout().write_all(text.as_bytes())?;
+    let recs = dns::each_record(&snapshot, &only, side, cfg.delegation.as_ref())?;
+    match &template {
+        Some((p, source)) => {
+            // A user template sees every record at once (its context).
+            let recs: Vec<dns::Record> = recs.collect();
+            let text = dns::format::render_source(&p.display().to_string(), source, &recs)?;
+            std::io::stdout().write_all(text.as_bytes())?;
+        }
+        None => {
+            // Built-in formats stream, one zone at a time.
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            dns::write::write_records(format.into(), recs, &mut out)?;
+            out.flush()?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -217,7 +217,7 @@ fn context(records: &[Record]) -> Context<'_> {
 /// key): the text split into alternating non-digit and digit runs, text
 /// runs compared by code point, digit runs by numeric value, a shorter
 /// sequence of equal runs first.
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+pub(super) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let (mut a, mut b) = (natural_runs(a), natural_runs(b));
     loop {
         return match (a.next(), b.next()) {
@@ -289,7 +289,7 @@ fn environment() -> Result<Environment<'static>, minijinja::Error> {
 /// escaped too. YAML 1.1 (PyYAML, which octoDNS uses) reads U+0085, U+2028
 /// and U+2029 as line breaks, folding them into a space, and neither 1.1
 /// nor 1.2 allows DEL, the C1 controls or U+FFFE/U+FFFF raw in a stream.
-fn yaml_string(value: String) -> String {
+pub(super) fn yaml_string(value: String) -> String {
     let json = serde_json::Value::String(value).to_string();
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
@@ -309,7 +309,7 @@ fn yaml_string(value: String) -> String {
 }
 
 /// RFC 4180 field: quoted when it holds a comma, quote, CR or LF.
-fn csv_field(value: String) -> String {
+pub(super) fn csv_field(value: String) -> String {
     if value.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {

@@ -10,6 +10,7 @@
 pub mod format;
 pub mod resolve;
 pub mod update;
+pub mod write;
 
 use std::fmt::Write as _;
 
@@ -243,21 +244,33 @@ pub fn records(
     side: Side,
     delegation: Option<&Delegation>,
 ) -> Result<Vec<Record>, RecordsError> {
+    Ok(each_record(snapshot, only, side, delegation)?.collect())
+}
+
+/// [`records`] one at a time, grouped by zone (what [`write`] needs): a
+/// million domains never hold all their records in memory at once.
+pub fn each_record<'a>(
+    snapshot: &'a Snapshot,
+    only: &'a [DomainName],
+    side: Side,
+    delegation: Option<&'a Delegation>,
+) -> Result<impl Iterator<Item = Record> + 'a, RecordsError> {
+    let wanted: std::collections::HashSet<&DomainName> = only.iter().collect();
     let sites = snapshot
         .sites()
         .iter()
-        .filter(|s| only.is_empty() || only.contains(&s.domain.name));
-    let out = match (side, delegation) {
-        (Side::Full, _) => sites.flat_map(|s| site_records(s)).collect(),
-        (Side::Customer, Some(del)) => sites.flat_map(|s| customer_records(s, del)).collect(),
-        (Side::Provider, Some(del)) => {
-            let mut out = policy_host_records(del);
-            out.extend(sites.flat_map(|s| provider_records(s, del)));
-            out
-        }
+        .filter(move |s| wanted.is_empty() || wanted.contains(&s.domain.name));
+    let head: Vec<Record> = match (side, delegation) {
+        (Side::Provider, Some(del)) => policy_host_records(del),
+        (Side::Full, _) | (Side::Customer, Some(_)) => Vec::new(),
         (Side::Customer | Side::Provider, None) => return Err(RecordsError::NoDelegation),
     };
-    Ok(out)
+    let per_site = move |s: &'a std::sync::Arc<Site>| match (side, delegation) {
+        (Side::Customer, Some(del)) => customer_records(s, del),
+        (Side::Provider, Some(del)) => provider_records(s, del),
+        _ => site_records(s),
+    };
+    Ok(head.into_iter().chain(sites.flat_map(per_site)))
 }
 
 /// Zone-file lines: `name ttl IN type value`.
