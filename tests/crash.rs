@@ -33,10 +33,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 const TOKEN: &str = "crash-test-token-0123456789abcdef";
-/// Names the admin API creates and updates: `a0.example.com` …
-const API_DOMAINS: u64 = 12;
-/// Names the config file gains, one per reload: `r0.example.com` …
-const CONFIG_DOMAINS: u64 = 6;
+// Names: the admin API creates `a0.example.com`, `a1.example.com`, … and
+// updates them; each reload adds `r0.example.com`, `r1.example.com`, … to
+// the config file. New names keep certificate orders going in every life.
 
 /// xorshift64*: a small, replayable source of random moments.
 struct Rng(u64);
@@ -239,25 +238,30 @@ fn mx_of(name: &str, v: u64) -> String {
 /// One admin write or one reload, at random, until `stop`.
 fn workload(rig: &Rig, pid: u32, rng: &mut Rng, ledger: &Mutex<Ledger>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        if rng.below(5) == 0 {
+        let pick = rng.below(12);
+        if pick == 0 {
             let mut l = ledger.lock().expect("ledger");
-            if (l.config.len() as u64) < CONFIG_DOMAINS {
-                let name = format!("r{}.example.com", l.config.len());
-                l.config.push(name);
-                rig.write_config(&l.config);
-                l.reloads += 1;
-                drop(l);
-                let _ = Command::new("kill")
-                    .args(["-HUP", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            let name = format!("r{}.example.com", l.config.len());
+            l.config.push(name);
+            rig.write_config(&l.config);
+            l.reloads += 1;
+            drop(l);
+            let _ = Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
         } else {
-            let name = format!("a{}.example.com", rng.below(API_DOMAINS));
-            let v = {
+            let (name, v) = {
                 let mut l = ledger.lock().expect("ledger");
+                let known = l.api.len() as u64;
+                // One write in six (or the first) creates a new domain.
+                let index = if known == 0 || pick <= 2 {
+                    known
+                } else {
+                    rng.below(known)
+                };
                 l.next_version += 1;
-                l.next_version
+                (format!("a{index}.example.com"), l.next_version)
             };
             let mode = if v % 2 == 0 { "enforce" } else { "testing" };
             let body = format!(
