@@ -19,5 +19,5 @@ out=$(cargo test --release --locked --test crash -- --nocapture 2>&1) || {
   exit 1
 }
 end=$(date +%s)
-echo "$out" | grep '^| '
+echo "$out" | grep '^|'
 printf '| seconds (release build, whole run) | %d |\n' "$((end - start))"
