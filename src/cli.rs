@@ -387,6 +387,7 @@ fn check_config(path: &Path) -> ExitCode {
                 cfg.warnings.len(),
                 plural(cfg.warnings.len())
             );
+            exit_without_freeing(cfg);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -405,6 +406,15 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// For one-shot commands about to exit: leaves `value` to the operating
+/// system instead of freeing it piece by piece. A million domains' config
+/// is millions of small allocations; freeing them took an eighth of
+/// `check-config`. Nothing in it needs a destructor to run (no files or
+/// connections are held open by a loaded config).
+fn exit_without_freeing<T>(value: T) {
+    std::mem::forget(value);
 }
 
 fn with_severity(d: &crate::config::Diagnostic, severity: &str) -> String {
@@ -477,6 +487,7 @@ fn records(
             out.flush()?;
         }
     }
+    exit_without_freeing((cfg, snapshot));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1223,11 +1223,35 @@ fn duration(v: &toml::Value) -> Result<Duration, String> {
 struct Layer<'a> {
     source: &'a Source,
     raw: &'a RawPolicy,
+    /// `[defaults]` only: its `mx` list parsed, sorted and deduplicated
+    /// once, when every item is valid. At a million domains that inherit it,
+    /// parsing the same patterns again for each was an eighth of the load.
+    mx: Option<Vec<MxPattern>>,
 }
 
 impl<'a> Layer<'a> {
     fn new(source: &'a Source, raw: &'a RawPolicy) -> Self {
-        Self { source, raw }
+        Self {
+            source,
+            raw,
+            mx: None,
+        }
+    }
+
+    /// The `[defaults]` layer, with what every inheriting domain would
+    /// compute the same way done once.
+    fn defaults(source: &'a Source, raw: &'a RawPolicy) -> Self {
+        let mx = raw.mx.as_ref().and_then(|list| {
+            let mut mx = list
+                .get_ref()
+                .iter()
+                .map(|item| MxPattern::parse(item.get_ref()).ok())
+                .collect::<Option<Vec<_>>>()?;
+            mx.sort();
+            mx.dedup();
+            Some(mx)
+        });
+        Self { source, raw, mx }
     }
 }
 
@@ -1390,7 +1414,11 @@ fn domain_config(
                 return Err((name, origin));
             };
             let mut mx = Vec::new();
-            for item in list.get_ref() {
+            let inherited = raw.mx.is_none().then_some(defaults.mx.as_ref()).flatten();
+            if let Some(parsed) = inherited {
+                mx.clone_from(parsed);
+            }
+            for item in list.get_ref().iter().filter(|_| inherited.is_none()) {
                 match MxPattern::parse(item.get_ref()) {
                     Ok(p) => mx.push(p),
                     Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),

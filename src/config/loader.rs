@@ -265,7 +265,7 @@ impl Loader {
             entries,
             mut report,
         } = main;
-        let defaults = Layer::new(&source, &defaults);
+        let defaults = Layer::defaults(&source, &defaults);
         // Cached entries were validated against the main file's [defaults]
         // and domains_dir: any change of its text validates everything again.
         let main_same = self.main_text.as_deref() == Some(source.text.as_str());
@@ -341,8 +341,10 @@ impl Loader {
         };
         // A full load (start, main file changed) reads and parses every
         // file: spread it over the cores. A reload of a few files stays here.
+        // (Providers keep many domains per file: a million domains in 1,000
+        // files is a full load too.)
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let results = if threads > 1 && work.len() >= 1024 {
+        let results = if threads > 1 && work.len() >= 2 * threads {
             let chunk = work.len().div_ceil(threads);
             let mut chunks = Vec::new();
             while work.len() > chunk {
