@@ -393,24 +393,6 @@ host_a = ["127.0.0.1"]
     }
 }
 
-/// GET the policy over the plain listener (behind_proxy = true serves it there).
-fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .ok()?;
-    write!(
-        s,
-        "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.{domain}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).ok()?;
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
-    resp.starts_with(b"HTTP/1.1 200")
-        .then(|| resp[split + 4..].to_vec())
-}
-
 fn id_of(body: &[u8]) -> String {
     Sha256::digest(body)[..16]
         .iter()
@@ -471,7 +453,7 @@ fn serve_pushes_after_start_and_after_reload() {
         knot.log()
     );
     assert_eq!(
-        served_body(http.port(), "a.example.test").map(|b| id_of(&b)),
+        common::served_body(http.port(), "a.example.test").map(|b| id_of(&b)),
         Some(first.clone())
     );
     eventually_served(&knot, &setup.records(&[]), ZONE);
@@ -491,7 +473,7 @@ fn serve_pushes_after_start_and_after_reload() {
         serve_log()
     );
     assert_eq!(
-        served_body(http.port(), "a.example.test").map(|b| id_of(&b)),
+        common::served_body(http.port(), "a.example.test").map(|b| id_of(&b)),
         Some(second)
     );
     eventually_served(&knot, &setup.records(&[]), ZONE);

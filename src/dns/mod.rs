@@ -273,22 +273,6 @@ pub fn each_record<'a>(
     Ok(head.into_iter().chain(sites.flat_map(per_site)))
 }
 
-/// Zone-file lines: `name ttl IN type value`.
-pub fn to_bind(records: &[Record]) -> String {
-    let mut out = String::new();
-    for r in records {
-        let _ = writeln!(
-            out,
-            "{} {} IN {} {}",
-            r.name,
-            r.ttl,
-            r.rtype,
-            r.zone_value()
-        );
-    }
-    out
-}
-
 /// Quotes TXT data for a zone file: `"` and `\` escaped, bytes outside
 /// printable ASCII as `\DDD`, split into ≤255-byte character-strings.
 pub fn quote_txt(value: &str) -> String {

@@ -26,17 +26,9 @@ pub struct Knot {
     pub secret: String,
 }
 
-fn find(cmd: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(cmd))
-        .find(|p| p.is_file())
-}
-
 /// knotd's path, or `None` (after saying so) when tests may skip.
 pub fn knotd() -> Option<PathBuf> {
-    match find("knotd") {
+    match super::find_binary("knotd") {
         Some(p) => Some(p),
         None if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!(

@@ -39,6 +39,16 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port between {LOW} and {}", LOW + SPAN);
 }
 
+/// An installed program: `cmd` on `PATH`, else in the sbin and bin
+/// directories Debian packages use (knotd lives in /usr/sbin).
+pub fn find_binary(cmd: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+}
+
 /// Runs `mtasts` with `args` to completion.
 pub fn mtasts(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().expect("run mtasts")

@@ -42,14 +42,6 @@ pub struct Pebble {
     starts: u32,
 }
 
-fn find(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn wait_tcp(addr: SocketAddr, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -98,8 +90,10 @@ impl Pebble {
         eab: Option<(&str, &str)>,
         resolver: Option<SocketAddr>,
     ) -> Option<Pebble> {
-        let (Some(pebble_bin), Some(cts_bin)) = (find("pebble"), find("pebble-challtestsrv"))
-        else {
+        let (Some(pebble_bin), Some(cts_bin)) = (
+            super::find_binary("pebble"),
+            super::find_binary("pebble-challtestsrv"),
+        ) else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!(
                     "pebble / pebble-challtestsrv not found and CI=true: install the Debian package `pebble` (scripts/test.sh does)"
