@@ -17,7 +17,6 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const ZONE: &str = "example.test";
@@ -77,10 +76,7 @@ fn served_id(config: &Path, domain: &str) -> String {
         domain,
     ]);
     assert!(out.status.success());
-    Sha256::digest(&out.stdout)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::policy_id(&out.stdout)
 }
 
 /// A test CA that signs the certificates of the fake servers.

@@ -12,7 +12,6 @@ use common::client::TlsClient;
 use common::mtasts;
 use hickory_proto::rr::{Name, RData, RecordType, RrKey};
 use hickory_proto::serialize::txt::Parser;
-use sha2::{Digest, Sha256};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -20,10 +19,7 @@ fn text(b: &[u8]) -> String {
 
 /// The id scheme documented in docs: hex of the first 16 bytes of SHA-256.
 fn expected_id(body: &[u8]) -> String {
-    Sha256::digest(body)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::policy_id(body)
 }
 
 fn repo_file(name: &str) -> String {

@@ -12,7 +12,6 @@ use common::knot::{KEY_NAME, Knot};
 use common::{mtasts, output_text as text};
 use hickory_proto::rr::RecordType;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 const ZONE: &str = "example.test";
 
@@ -71,10 +70,7 @@ impl Setup {
     fn served_id(&self, domain: &str) -> String {
         let out = mtasts(&["policy", "--config", self.path(), domain]);
         assert!(out.status.success(), "{}", text(&out).1);
-        Sha256::digest(&out.stdout)[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        common::policy_id(&out.stdout)
     }
 }
 
@@ -394,10 +390,7 @@ host_a = ["127.0.0.1"]
 }
 
 fn id_of(body: &[u8]) -> String {
-    Sha256::digest(body)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::policy_id(body)
 }
 
 /// Polls knot until `_mta-sts.<domain>` holds exactly `want`.

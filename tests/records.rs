@@ -13,7 +13,6 @@ use common::mtasts;
 use hickory_proto::rr::{Name, RData};
 use hickory_proto::serialize::txt::Parser;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 /// (owner FQDN with dot, type, ttl, value unquoted).
 type Rr = (String, String, u32, String);
@@ -86,10 +85,7 @@ fn expected_id(f: &Fixture, domain: &str) -> String {
     let out = mtasts(&["policy", "--config", config, domain]);
     assert!(out.status.success());
     assert!(out.stdout.starts_with(b"version: STSv1\r\n"));
-    Sha256::digest(&out.stdout)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::policy_id(&out.stdout)
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,7 +15,6 @@ use std::time::Instant;
 use common::knot::{KEY_NAME, Knot};
 use common::{mtasts, output_text as text};
 use hickory_proto::rr::RecordType;
-use sha2::{Digest, Sha256};
 
 const ZONE: &str = "example.test";
 
@@ -115,10 +114,7 @@ impl Setup {
 }
 
 fn id_of(body: &[u8]) -> String {
-    Sha256::digest(body)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::policy_id(body)
 }
 
 /// GET the policy over the plain listener (behind_proxy = true serves it).

@@ -49,6 +49,16 @@ pub fn find_binary(cmd: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A policy's id as the docs define it, computed here independently of
+/// the library: lowercase hex of the first 16 bytes of SHA-256 of the body.
+pub fn policy_id(body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(body)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Runs `mtasts` with `args` to completion.
 pub fn mtasts(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().expect("run mtasts")
