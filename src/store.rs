@@ -290,7 +290,7 @@ impl DirStore {
 
     fn account_path(&self, directory: &str) -> PathBuf {
         let digest = sha2::Sha256::digest(directory.as_bytes());
-        let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let hex = data_encoding::HEXLOWER.encode(&digest[..8]);
         self.root.join("accounts").join(format!("{hex}.json"))
     }
 
@@ -542,7 +542,7 @@ impl StoredName {
             });
         }
         let digest = sha2::Sha256::digest(host.as_bytes());
-        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        let hex = data_encoding::HEXLOWER.encode(&digest[..16]);
         // `file_stem` allows ASCII only: any byte offset is a char boundary.
         Ok(StoredName {
             stem: format!("{}_{hex}", &host[..HASHED_KEEP]),

@@ -230,11 +230,8 @@ pub fn delegated_name(domain: &DomainName, zone: &DomainName) -> String {
         return format!("{name}.");
     }
     let digest = Sha256::digest(domain.as_str().as_bytes());
-    let mut out = String::from("h-");
-    for byte in &digest[..16] {
-        let _ = write!(out, "{byte:02x}");
-    }
-    format!("{out}.{zone}.")
+    let hex = data_encoding::HEXLOWER.encode(&digest[..16]);
+    format!("h-{hex}.{zone}.")
 }
 
 /// Records for all sites, or only those whose domain is in `only`.
