@@ -995,9 +995,8 @@ fn acme_config(source: &Source, raw: RawTls, report: &mut Report) -> AcmeConfig 
     }
     match (&raw.eab_kid, &raw.eab_hmac_key) {
         (Some(kid), Some(key)) => {
-            use base64::Engine as _;
             let text = key.get_ref().trim().trim_end_matches('=');
-            match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text) {
+            match data_encoding::BASE64URL_NOPAD.decode(text.as_bytes()) {
                 Ok(bytes) if !bytes.is_empty() => {
                     cfg.eab = Some(Eab {
                         kid: kid.get_ref().trim().to_owned(),
@@ -2117,6 +2116,31 @@ mod tests {
         match load(text) {
             Ok(_) => panic!("expected errors"),
             Err(e) => e.errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn eab_hmac_key_is_base64url() {
+        let with = |key: &str| {
+            format!(
+                "[tls]\nmode = \"acme\"\neab_kid = \"kid-1\"\neab_hmac_key = \"{key}\"\n[[domain]]\nname = \"a.example\"\nmx = [\"mx.a.example\"]\n"
+            )
+        };
+        // base64url without padding, and with the padding some CAs print.
+        for (key, bytes) in [("_-8", vec![0xffu8, 0xef]), ("_-8=", vec![0xff, 0xef])] {
+            let cfg = load(&with(key)).unwrap_or_else(|e| panic!("{key}: {e:?}"));
+            assert_eq!(
+                cfg.tls.acme.eab.as_ref().map(|e| e.hmac_key.clone()),
+                Some(bytes)
+            );
+        }
+        for key in ["not base64!", "/+8", "", "A"] {
+            let errs = errors(&with(key));
+            assert!(
+                errs.iter()
+                    .any(|e| e.contains("tls.eab_hmac_key must be the base64url key")),
+                "{key}: {errs:?}"
+            );
         }
     }
 

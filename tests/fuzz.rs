@@ -455,10 +455,9 @@ fn mail_server_certificates() {
     let pem = prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..300),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(|der| {
-            use base64::Engine as _;
             format!(
                 "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-                base64::engine::general_purpose::STANDARD.encode(der)
+                data_encoding::BASE64.encode(&der)
             )
             .into_bytes()
         }),
