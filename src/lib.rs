@@ -10,8 +10,9 @@
 //! - [`snapshot`]: the immutable host → pre-rendered policy map, swapped whole.
 //! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
-//! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records, and the one
-//!   stub resolver (`dns::resolve`) of `check` and the ACME precheck.
+//! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records (`dns::write`
+//!   streams the built-in formats), and the one stub resolver
+//!   (`dns::resolve`) of `check` and the ACME precheck.
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
@@ -23,6 +24,8 @@
 //! - [`admin`]: the token-protected admin API and `/metrics`.
 //! - [`cli`]: the subcommands; [`progress`]: the issuance progress line on
 //!   a terminal, kept apart from the log lines.
+//! - [`sync`]: the one rule for `std::sync` locks (a poisoned lock is used
+//!   as it is).
 
 pub mod acme;
 pub mod admin;
@@ -43,4 +46,5 @@ pub mod retire;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod sync;
 pub mod tls;

@@ -5,7 +5,7 @@
 //! the progress report of journals and files.
 
 use std::io::{IsTerminal, Write};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::acme::Progress;
@@ -21,7 +21,7 @@ const DEFAULT_WIDTH: usize = 80;
 static SHOWN: Mutex<bool> = Mutex::new(false);
 
 fn shown() -> MutexGuard<'static, bool> {
-    SHOWN.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::sync::lock(&SHOWN)
 }
 
 /// Carriage return, then erase to the end of the line (ECMA-48 EL): the

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
@@ -477,7 +477,7 @@ impl PerClient {
     /// A slot for one more connection from `ip`, or `None` at the cap.
     fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let key = PerClient::key(ip);
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = crate::sync::lock(&self.open);
         let n = open.entry(key).or_insert(0);
         if *n >= self.cap {
             return None;
@@ -498,11 +498,7 @@ struct ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut open = self
-            .table
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut open = crate::sync::lock(&self.table.open);
         if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -162,11 +162,11 @@ impl CertIndex {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Box<str>, Served>> {
-        self.hosts.read().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::read(&self.hosts)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Served>> {
-        self.hosts.write().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::write(&self.hosts)
     }
 
     fn next_version(&self) -> u64 {

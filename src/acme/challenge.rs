@@ -4,7 +4,7 @@
 //! ClientHello offers the `acme-tls/1` protocol.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -31,10 +31,7 @@ pub struct Challenges {
     tls_alpn01: Mutex<HashMap<String, Arc<CertifiedKey>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves a plain map behind: still usable.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::sync::lock;
 
 impl Challenges {
     /// The key authorization for an HTTP-01 `token`, while its order is open.

@@ -290,10 +290,7 @@ impl<S: CertStore> Manager<S> {
 
     /// The counters as of the last scheduler round.
     pub fn progress(&self) -> Progress {
-        self.progress
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::lock(&self.progress).clone()
     }
 
     fn targets(&self, snapshot: &Snapshot) -> Vec<Target> {
@@ -356,11 +353,7 @@ impl<S: CertStore> Manager<S> {
         mut stop: watch::Receiver<bool>,
     ) {
         let Prepared(first, listed) = prepared;
-        let unusable = self
-            .unusable
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let unusable = crate::sync::lock(&self.unusable).take();
         // A second `run` (not done) would get no reports: a channel that
         // stays open and empty.
         let (_open, empty) = tokio::sync::mpsc::unbounded_channel();
@@ -489,9 +482,7 @@ impl<S: CertStore> Manager<S> {
     }
 
     fn pacer_lock(&self) -> std::sync::MutexGuard<'_, Pacer> {
-        self.pacer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.pacer)
     }
 
     /// Brings `entries` in line with the snapshot: loads newly wanted hosts
@@ -1031,9 +1022,7 @@ impl<S: CertStore> Manager<S> {
     }
 
     fn progress_lock(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.progress
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.progress)
     }
 
     fn update_progress(&self, entries: &Queue<Entry>, in_flight: usize) {
