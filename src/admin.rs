@@ -92,6 +92,10 @@ pub fn router(control: Arc<Control>, token: Vec<u8>) -> Router {
         .route("/v1/reload", post(reload))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // Probes for load balancers and Kubernetes: no token (they cannot
+        // send one), and they say nothing beyond up / ready.
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
@@ -170,6 +174,50 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
     } else {
         ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
     }
+}
+
+/// `GET /healthz`: the process is alive and answering (liveness).
+async fn healthz() -> Response {
+    probe_answer(StatusCode::OK, "ok\n")
+}
+
+/// `GET /readyz`: a policy snapshot is being served and the store it keeps
+/// certificates and state in is reachable (readiness): `state_dir` is a
+/// directory this process can still list. 503 otherwise, without details
+/// (the log says more); the policy listeners keep serving either way.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let server = state.control.server();
+    if server.generation() == 0 {
+        return probe_answer(StatusCode::SERVICE_UNAVAILABLE, "not ready: no snapshot\n");
+    }
+    let dir = state.control.config().server.state_dir.clone();
+    let reachable = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::task::spawn_blocking(move || std::fs::read_dir(&dir).is_ok()),
+    )
+    .await;
+    match reachable {
+        Ok(Ok(true)) => probe_answer(StatusCode::OK, "ready\n"),
+        _ => {
+            tracing::warn!("readyz: state_dir cannot be listed; answering 503");
+            probe_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: store unreachable\n",
+            )
+        }
+    }
+}
+
+fn probe_answer(status: StatusCode, body: &'static str) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

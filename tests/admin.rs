@@ -98,6 +98,49 @@ async fn admin_requires_the_token() {
 }
 
 #[tokio::test]
+async fn health_and_readiness_probes_need_no_token_and_say_nothing_else() {
+    let s = setup();
+    let _proc = ServeProc::start(&s.config, s.https, s.http);
+    wait_until("admin listener", || async {
+        tokio::net::TcpStream::connect(s.admin).await.is_ok()
+    })
+    .await;
+    for (path, body) in [("/healthz", "ok\n"), ("/readyz", "ready\n")] {
+        let resp = client::http_call(s.admin, "GET", path, &[], None)
+            .await
+            .expect("call");
+        assert_eq!(resp.status, 200, "{path}");
+        assert_eq!(resp.body, body.as_bytes(), "{path}");
+        assert_eq!(resp.header("cache-control"), Some("no-store"), "{path}");
+    }
+    // The store (state_dir) gone: not ready, but alive.
+    let state = s.dir.path().join("state");
+    let moved = s.dir.path().join("state.away");
+    std::fs::rename(&state, &moved).expect("move state_dir away");
+    let resp = client::http_call(s.admin, "GET", "/readyz", &[], None)
+        .await
+        .expect("call");
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.body, b"not ready: store unreachable\n");
+    let resp = client::http_call(s.admin, "GET", "/healthz", &[], None)
+        .await
+        .expect("call");
+    assert_eq!(resp.status, 200);
+    std::fs::rename(&moved, &state).expect("move state_dir back");
+    let resp = client::http_call(s.admin, "GET", "/readyz", &[], None)
+        .await
+        .expect("call");
+    assert_eq!(resp.status, 200);
+    // Everything else still needs the token.
+    for path in ["/readyz/x", "/v1/domains", "/metrics", "/healthzz"] {
+        let resp = client::http_call(s.admin, "GET", path, &[], None)
+            .await
+            .expect("call");
+        assert_eq!(resp.status, 401, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn admin_crud_is_persisted_and_validated() {
     let s = setup();
     let mut proc = ServeProc::start(&s.config, s.https, s.http);
