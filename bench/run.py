@@ -20,6 +20,16 @@ Scenarios per domain count N:
                cache must miss (conn/s; no time cap below 600 s)
   h2           HTTP/2 over TLS with h2load, one domain (req/s)
   reload       add one domain (config + reload) until it is served (s)
+  check-config, records
+               mtasts only: `check-config` and `records --format bind` over
+               the same config, wall time (s) and peak memory (-peak, MB)
+
+Domains are written 1,000 per file in domains_dir. Above --nginx-max
+(100,000) nginx is not run (over 10 GB at 100,000 on this machine kind) and
+mtasts gets start, rss, reload and the commands only, unless --scenarios
+asks for load scenarios:
+
+    bash bench/run.sh --domains 100000 1000000
 """
 
 import argparse
@@ -174,7 +184,10 @@ mode = "enforce"
 max_age = "1w"
 mx = ["mx1.provider.example", "*.mx.provider.example"]
 """)
-        self.add_domains(range(n), "base.toml")
+        # One file per 1,000 domains, as providers keep them (and as the
+        # loader spreads over the cores).
+        for j in range(0, n, 1000):
+            self.add_domains(range(j, min(n, j + 1000)), f"base{j // 1000:04}.toml")
         self.proc = None
 
     def add_domains(self, rng, fname):
@@ -302,6 +315,15 @@ def measure(server, n, args, rows):
         print(f"{server.name} did not serve {host(n - 1)} in time", file=sys.stderr)
         return
     if server.name == "mtasts":
+        measure_commands(server, n, rows)
+    if n > args.nginx_max and not args.scenarios:
+        # Past nginx's reach the table compares nothing: start, memory,
+        # commands and reload only (a handshake per name first would take
+        # half an hour at 1,000,000).
+        rows.append((server.name, n, "rss", "MB", rss_mb(server.pid()), None))
+        measure_reload(server, n, args, rows)
+        return
+    if server.name == "mtasts":
         # mtasts issues its self-signed certificates on first use (the state
         # directory is new): one handshake per domain first, so the load
         # scenarios compare serving, not issuing, and nginx finds every
@@ -330,11 +352,31 @@ def measure(server, n, args, rows):
         if errors:
             print(f"{server.name} {scen}: {errors} errors", file=sys.stderr)
     rows.append((server.name, n, "rss", "MB", rss_mb(server.pid()), None))
+    measure_reload(server, n, args, rows)
+
+
+def measure_reload(server, n, args, rows):
     new = n + 1
     t0 = time.time()
     server.reload_add(new)
     ok = wait_served(server.https, host(new), server.ca, t0 + args.start_timeout)
     rows.append((server.name, n, "reload", "s", time.time() - t0 if ok else float("nan"), None))
+
+
+def measure_commands(server, n, rows):
+    """`check-config` and `records` (all domains, bind) on the same config:
+    wall time and peak memory, from /usr/bin/time's view of the process."""
+    for scen, argv in [("check-config", ["check-config"]),
+                       ("records", ["records", "--format", "bind"])]:
+        t0 = time.time()
+        with open(os.devnull, "w") as null:
+            proc = subprocess.Popen([MTASTS, *argv, "--config", "mtasts.toml"], cwd=server.dir,
+                                    stdout=null, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.time() - t0
+        ok = os.waitstatus_to_exitcode(status) == 0
+        rows.append((server.name, n, scen, "s", wall if ok else float("nan"), None))
+        rows.append((server.name, n, f"{scen}-peak", "MB", usage.ru_maxrss / 1024, None))
 
 
 def table(rows):
@@ -368,6 +410,8 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--nginx-max", type=int, default=100000,
+                    help="skip nginx above this many domains (it needs over 10 GB at 100,000)")
     ap.add_argument("--scenarios", nargs="+", default=None,
                     help="load scenarios to run (default: all); start, rss and reload always run")
     args = ap.parse_args()
@@ -386,8 +430,12 @@ def main():
             ng = None
             try:
                 measure(mt, n, args, rows)
-                ng = Nginx(work, n, mt)
-                measure(ng, n, args, rows)
+                if n > args.nginx_max:
+                    print(f"nginx skipped at {n:,} domains (--nginx-max {args.nginx_max:,}): "
+                          "it needs over 10 GB of memory at 100,000", file=sys.stderr)
+                else:
+                    ng = Nginx(work, n, mt)
+                    measure(ng, n, args, rows)
             finally:
                 mt.stop()
                 if ng:
@@ -402,6 +450,9 @@ def main():
         pass
     header = (f"Machine: {os.cpu_count()} cores, {cpu}; load: {args.connections} connections, "
               f"{args.seconds:g} s per scenario, one client thread; loopback.\n\n")
+    if any(n > args.nginx_max for n in args.domains):
+        header += (f"nginx is not run above {args.nginx_max:,} domains: it needs over 10 GB "
+                   "of memory at 100,000 on this machine kind; compare with its 100,000 row.\n\n")
     text = header + table(rows) + "\n"
     with open(os.path.join(ROOT, "bench/last.md"), "w") as f:
         f.write(text)
