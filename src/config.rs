@@ -719,11 +719,34 @@ fn merge<'a>(
     count: usize,
     report: &mut Report,
 ) -> Vec<Arc<DomainConfig>> {
-    let mut domains: Vec<Arc<DomainConfig>> = Vec::with_capacity(count);
-    let mut seen: HashMap<&DomainName, &Diagnostic> = HashMap::with_capacity(count);
-    for entry in files.flat_map(|f| f.iter()) {
-        if let Some((name, origin)) = entry.name() {
-            if let Some(first) = seen.get(name) {
+    let entries: Vec<&Entry> = files.flat_map(|f| f.iter()).collect();
+    // Names with their position in file order, sorted by name then
+    // position: the first of a run of equal names is the definition that
+    // wins, the others are duplicates. One sort of a million pairs instead
+    // of a million hash-map inserts and a second sort of the result.
+    let mut named: Vec<(&DomainName, usize)> = Vec::with_capacity(count);
+    named.extend(
+        entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.name().map(|(name, _)| (name, i))),
+    );
+    named.sort_unstable();
+    // Position of a duplicate → position of the definition that wins.
+    let mut duplicate_of: HashMap<usize, usize> = HashMap::new();
+    for pair in named.windows(2) {
+        if let [(a, first), (b, dup)] = pair
+            && a == b
+        {
+            let winner = duplicate_of.get(first).copied().unwrap_or(*first);
+            duplicate_of.insert(*dup, winner);
+        }
+    }
+    for (i, entry) in entries.iter().enumerate() {
+        if let Some(&winner) = duplicate_of.get(&i) {
+            if let (Some((name, origin)), Some((_, first))) =
+                (entry.name(), entries.get(winner).and_then(|w| w.name()))
+            {
                 let mut dup = origin.clone();
                 dup.message = format!(
                     "duplicate domain {name} (first defined at {}:{}:{})",
@@ -732,23 +755,26 @@ fn merge<'a>(
                     first.col
                 );
                 report.errors.push(dup);
-                continue;
             }
-            seen.insert(name, origin);
+            continue;
         }
         match entry {
-            Entry::Valid { domain, warnings } => {
-                report.warnings.extend(warnings.iter().cloned());
-                domains.push(Arc::clone(domain));
-            }
+            Entry::Valid { warnings, .. } => report.warnings.extend(warnings.iter().cloned()),
             Entry::Invalid(e) => {
                 report.errors.extend(e.errors.iter().cloned());
                 report.warnings.extend(e.warnings.iter().cloned());
             }
         }
     }
-    domains.sort_by(|a, b| a.name.cmp(&b.name));
-    domains
+    // Already in name order: the winners that are valid.
+    named
+        .iter()
+        .filter(|(_, i)| !duplicate_of.contains_key(i))
+        .filter_map(|&(_, i)| match entries.get(i) {
+            Some(Entry::Valid { domain, .. }) => Some(Arc::clone(domain)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn read_limited(path: &Path) -> Result<String, String> {
