@@ -76,37 +76,31 @@ pub fn write_records<W: Write>(
             out.write_all(b"]\n")
         }
         Format::Octodns => each_zone(records, |zone, recs| octodns_zone(out, zone, recs)),
-        Format::Cloudflare => {
-            out.write_all(b"{\n")?;
-            let mut first = true;
-            each_zone(records, |zone, recs| {
-                if !first {
-                    out.write_all(b",\n")?;
-                }
-                first = false;
-                cloudflare_zone(out, zone, recs)
-            })?;
-            if !first {
-                out.write_all(b"\n")?;
-            }
-            out.write_all(b"}\n")
-        }
-        Format::Route53 => {
-            out.write_all(b"{\n")?;
-            let mut first = true;
-            each_zone(records, |zone, recs| {
-                if !first {
-                    out.write_all(b",\n")?;
-                }
-                first = false;
-                route53_zone(out, zone, recs)
-            })?;
-            if !first {
-                out.write_all(b"\n")?;
-            }
-            out.write_all(b"}\n")
-        }
+        Format::Cloudflare => zones_object(out, records, cloudflare_zone),
+        Format::Route53 => zones_object(out, records, route53_zone),
     }
+}
+
+/// The JSON object the Cloudflare and Route 53 templates wrap around their
+/// zones: `{`, one member per zone written by `zone`, comma-separated, `}`.
+fn zones_object<W: Write>(
+    out: &mut W,
+    records: impl IntoIterator<Item = Record>,
+    zone: fn(&mut W, &str, &[Record]) -> io::Result<()>,
+) -> io::Result<()> {
+    out.write_all(b"{\n")?;
+    let mut first = true;
+    each_zone(records, |name, recs| {
+        if !first {
+            out.write_all(b",\n")?;
+        }
+        first = false;
+        zone(out, name, recs)
+    })?;
+    if !first {
+        out.write_all(b"\n")?;
+    }
+    out.write_all(b"}\n")
 }
 
 /// Calls `f` with each run of records that share a zone.
