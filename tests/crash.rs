@@ -117,19 +117,7 @@ impl Rig {
 listen = "{admin}"
 token_file = "admin.token"
 
-[tls]
-mode = "acme"
-directory = "{directory}"
-ca_roots = "{roots}"
-contact = "hostmaster@example.com"
-challenge = "http-01"
-max_concurrent_orders = 2
-orders_per_hour = 100000
-retry_initial = "1s"
-retry_max = "2s"
-# Test names do not resolve through the system resolver.
-precheck_dns = false
-
+{tls}
 [defaults]
 mode = "testing"
 max_age = "1d"
@@ -141,8 +129,9 @@ name = "base0.example.com"
 [[domain]]
 name = "base1.example.com"
 "#,
-            directory = pebble.directory,
-            roots = pebble.ca_roots.display(),
+            tls = pebble.tls_section(
+                "max_concurrent_orders = 2\norders_per_hour = 100000\nretry_max = \"2s\"",
+            ),
         ));
         let config = common::write(dir.path(), "mtasts.toml", &base);
         Some(Rig {

@@ -42,28 +42,12 @@ impl Batch {
         let pebble = Pebble::start(http.port(), https.port(), 0)?;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut text = common::server_section(https, http, &dir.path().join("state"));
-        text.push_str(&format!(
-            r#"
-[tls]
-mode = "acme"
-directory = "{directory}"
-ca_roots = "{roots}"
-contact = "hostmaster@example.com"
-challenge = "http-01"
-max_concurrent_orders = 1
-orders_per_hour = 10000
-retry_initial = "1s"
-retry_max = "3s"
-# Test names do not resolve through the system resolver.
-precheck_dns = false
-
-[defaults]
-mode = "testing"
-mx = ["mx.example.net"]
-"#,
-            directory = pebble.directory,
-            roots = pebble.ca_roots.display(),
-        ));
+        text.push_str(
+            &pebble.tls_section(
+                "max_concurrent_orders = 1\norders_per_hour = 10000\nretry_max = \"3s\"",
+            ),
+        );
+        text.push_str("\n[defaults]\nmode = \"testing\"\nmx = [\"mx.example.net\"]\n");
         for i in 0..DOMAINS {
             text.push_str(&format!("\n[[domain]]\nname = \"p{i}.example.com\"\n"));
         }

@@ -210,6 +210,18 @@ impl Pebble {
         self.log().matches("POST /order-plz").count()
     }
 
+    /// A `[tls]` section for ACME against this pebble with HTTP-01,
+    /// 1 s first retry and no DNS precheck (test names do not resolve
+    /// through the system resolver), followed by `extra` lines (order
+    /// limits, retry_max) that differ between tests.
+    pub fn tls_section(&self, extra: &str) -> String {
+        format!(
+            "[tls]\nmode = \"acme\"\ndirectory = \"{}\"\nca_roots = \"{}\"\ncontact = \"hostmaster@example.com\"\nchallenge = \"http-01\"\nretry_initial = \"1s\"\nprecheck_dns = false\n{extra}\n",
+            self.directory,
+            self.ca_roots.display()
+        )
+    }
+
     /// The root that issues certificates now (`/roots/0`, new per start).
     pub async fn root(&self) -> Vec<u8> {
         let roots = std::fs::read(&self.ca_roots).expect("ca roots");
