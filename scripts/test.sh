@@ -3,13 +3,13 @@
 # apt-get as root, else through sudo) and runs every check and test:
 # rustfmt, clippy with warnings as errors, and all unit and integration tests,
 # ending with one line "N passed, M failed" for the whole suite.
-# Tests that need pebble or knot start them on free loopback ports and stop
+# Tests that need pebble, knot or PostgreSQL start them on free loopback ports and stop
 # them; under CI=true a missing one fails the test instead of skipping it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # command:package pairs; a command may live in /usr/sbin.
-want="pebble:pebble pebble-challtestsrv:pebble knotd:knot kdig:knot-dnsutils keymgr:knot curl:curl"
+want="pebble:pebble pebble-challtestsrv:pebble knotd:knot kdig:knot-dnsutils keymgr:knot curl:curl setpriv:util-linux"
 missing=""
 for pair in $want; do
   cmd=${pair%%:*}
@@ -18,6 +18,10 @@ for pair in $want; do
     case " $missing " in *" $pkg "*) ;; *) missing="$missing $pkg" ;; esac
   fi
 done
+# PostgreSQL's server binaries live off PATH (/usr/lib/postgresql/<v>/bin).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing="$missing postgresql"
+fi
 if [ -n "$missing" ]; then
   echo "installing test dependencies:$missing"
   sudo=""

@@ -185,10 +185,31 @@ async fn healthz() -> Response {
 /// certificates and state in is reachable (readiness): `state_dir` is a
 /// directory this process can still list. 503 otherwise, without details
 /// (the log says more); the policy listeners keep serving either way.
-async fn readyz(State(state): State<AdminState>) -> Response {
+///
+/// With the shared store (PostgreSQL) the database must answer too. A
+/// replica keeps serving policies through a database outage, so a load
+/// balancer that should keep sending it traffic then asks
+/// `/readyz?store=optional`, which leaves the database out (used by
+/// deploy/kubernetes: otherwise a database outage would take every
+/// replica out of the Service at once).
+async fn readyz(
+    State(state): State<AdminState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
     let server = state.control.server();
     if server.generation() == 0 {
         return probe_answer(StatusCode::SERVICE_UNAVAILABLE, "not ready: no snapshot\n");
+    }
+    let store_optional = query.as_deref() == Some("store=optional");
+    if let Some(pg) = state.control.pg()
+        && !store_optional
+        && let Err(e) = pg.ping().await
+    {
+        tracing::warn!(error = %e, "readyz: the shared store is unreachable; answering 503");
+        return probe_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store unreachable\n",
+        );
     }
     let dir = state.control.config().server.state_dir.clone();
     let reachable = tokio::time::timeout(
@@ -409,7 +430,8 @@ impl DomainSpec {
             ApiError::new(StatusCode::BAD_REQUEST, format!("cannot write domain: {e}"))
         })?;
         Ok(format!(
-            "# Managed by the mtasts admin API; edits by hand are kept until the next PUT.\n{body}"
+            "{}; edits by hand are kept until the next PUT.\n{body}",
+            crate::replica::MANAGED_HEADER
         ))
     }
 }
@@ -510,6 +532,17 @@ async fn write_and_reload(
             ),
         ));
     }
+    // Replicas: the write is shared through the database, so it is refused
+    // up front while the database cannot be reached.
+    if let Some(pg) = control.pg()
+        && let Err(e) = pg.ping().await
+    {
+        tracing::warn!(error = %e, "admin write refused: the shared store is unreachable");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the shared store (PostgreSQL) is unreachable; nothing was changed, try again later",
+        ));
+    }
     // The file as it is now, which may differ from what was last applied
     // (a hand edit not reloaded yet, or rejected).
     let previous = owned_file(&file, name)?;
@@ -532,20 +565,38 @@ async fn write_and_reload(
         }
         None => std::fs::remove_file(&file).map_err(io_err)?,
     }
-    let reloaded = match control.reload_locked(lock, Trigger::Admin).await {
+    let restore = || {
+        let restored = match &previous {
+            Some(old) => store::write_atomic(&file, old, store::PUBLIC_MODE),
+            None => std::fs::remove_file(&file),
+        };
+        match restored {
+            Ok(()) => tracing::info!(file = %file.display(), "admin write undone"),
+            Err(re) => tracing::error!("cannot restore {}: {re}", file.display()),
+        }
+    };
+    let mut reloaded = match control.reload_locked(lock, Trigger::Admin).await {
         Ok(r) => r,
         Err(e) => {
-            let restored = match &previous {
-                Some(old) => store::write_atomic(&file, old, store::PUBLIC_MODE),
-                None => std::fs::remove_file(&file),
-            };
-            match restored {
-                Ok(()) => tracing::info!(file = %file.display(), "admin write undone"),
-                Err(re) => tracing::error!("cannot restore {}: {re}", file.display()),
-            }
+            restore();
             return Err(e.into());
         }
     };
+    // Shared with the other replicas once it is known to be valid.
+    if let Some(pg) = control.pg()
+        && let Err(e) = pg.put_domain(name.as_str(), content.as_deref()).await
+    {
+        tracing::error!(error = %e, "admin write could not be shared; undoing it here");
+        restore();
+        if let Ok(r) = control.reload_locked(lock, Trigger::Admin).await {
+            reloaded = r;
+        }
+        let _ = reloaded;
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the shared store (PostgreSQL) failed during the write; nothing was changed, try again later",
+        ));
+    }
     let view = match content {
         Some(_) => {
             let snapshot = control.server().snapshot();

@@ -143,6 +143,31 @@ pub enum Command {
         #[command(subcommand)]
         command: DnsCommand,
     },
+    /// The shared store of replicas ([store] backend = "postgres").
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Apply the PostgreSQL schema (serve does it too, at start; safe while
+    /// replicas run and when several start at once).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Copy a files store (ACME account, certificates, keys, state,
+    /// retirement records) and the API-managed files of domains_dir into
+    /// PostgreSQL. Idempotent; newer data in the database is kept.
+    Import {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The state_dir to read.
+        #[arg(long, value_name = "STATE_DIR")]
+        from_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,7 +349,73 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     domains,
                 },
         } => dns_push(&config, side, dry_run, prune, &domains),
+        Command::Store { command } => store_command(command),
     }
+}
+
+/// `mtasts store migrate|import`.
+fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
+    let config = match &command {
+        StoreCommand::Migrate { config } | StoreCommand::Import { config, .. } => config,
+    };
+    let cfg = load(config)?;
+    let crate::config::StoreConfig::Postgres(pg) = &cfg.store else {
+        anyhow::bail!(
+            "{}: [store] backend is \"files\"; set backend = \"postgres\" and url (docs/REPLICAS.md)",
+            config.display()
+        );
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let store = crate::store::pg::PgStore::open(pg, &cfg.server.state_dir)?;
+        let applied = store.migrate().await?;
+        let newest = crate::store::pg::MIGRATIONS.last().map_or(0, |m| m.0);
+        match applied.as_slice() {
+            [] => println!("schema is current (version {newest})"),
+            versions => println!(
+                "applied schema version{} {}; schema is at version {newest}",
+                if versions.len() == 1 { "" } else { "s" },
+                versions
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+        if let StoreCommand::Import { from_dir, .. } = &command {
+            let done = crate::store::import::import(
+                &store,
+                from_dir,
+                cfg.domains_dir.as_deref(),
+                &cfg.tls.acme.directory,
+            )
+            .await?;
+            println!(
+                "imported from {}: {} account{}, {} certificate{}, {} state{}, {} domain{}, {} document{}",
+                from_dir.display(),
+                done.accounts,
+                plural(done.accounts),
+                done.certs,
+                plural(done.certs),
+                done.states,
+                plural(done.states),
+                done.domains,
+                plural(done.domains),
+                done.documents,
+                plural(done.documents),
+            );
+            for (path, why) in &done.skipped {
+                eprintln!("skipped {}: {why}", path.display());
+            }
+            if !done.skipped.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
 }
 
 fn certs(path: &Path, format: CertsFormat) -> anyhow::Result<ExitCode> {
@@ -823,13 +914,89 @@ fn serve(
         .context("cannot start the async runtime")?;
     // Without one, mx shrinks under enforce are held (see crate::mxhold).
     let mx_resolver = mx_resolver.or_else(|| crate::check::system_resolver().ok());
+    let (cfg, loader, shared) = match &cfg.store {
+        crate::config::StoreConfig::Postgres(pg) => {
+            let pg = pg.clone();
+            runtime.block_on(open_shared(cfg, loader, &pg))?
+        }
+        crate::config::StoreConfig::Files => (cfg, loader, None),
+    };
     runtime.block_on(serve_async(
         cfg,
         loader,
         path.map(Path::to_owned),
         mx_resolver,
+        shared,
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The shared store of a replica, and the mirror of its API-managed domains.
+struct Shared {
+    store: crate::store::pg::PgStore,
+    sync: Option<crate::replica::DomainSync>,
+    heartbeat: Duration,
+}
+
+/// Opens the PostgreSQL store and brings `domains_dir` in line with its
+/// API-managed domains before the first snapshot (reloading `cfg` if that
+/// changed anything). A database that cannot be reached is not fatal: the
+/// replica starts from its cache and catches up once it answers.
+async fn open_shared(
+    cfg: Config,
+    loader: Option<Loader>,
+    pg: &crate::config::PgConfig,
+) -> anyhow::Result<(Config, Option<Loader>, Option<Shared>)> {
+    use crate::replica::DomainSync;
+    let store = crate::store::pg::PgStore::open(pg, &cfg.server.state_dir)?;
+    let mut ready = true;
+    if let Err(e) = store.migrate().await {
+        ready = false;
+        tracing::error!(error = %e, "the shared store cannot be reached; serving from the cache in state_dir and retrying");
+        let retry = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if retry.migrate().await.is_ok() {
+                    tracing::info!("the shared store answers again");
+                    return;
+                }
+            }
+        });
+    }
+    let mut sync = cfg.domains_dir.as_deref().map(DomainSync::new);
+    let (mut cfg, mut loader) = (cfg, loader);
+    if ready && let Some(sync) = sync.as_mut() {
+        let changed = sync.catch_up(&store).await?;
+        if !changed.is_empty()
+            && let Some(l) = loader.as_mut()
+        {
+            tracing::info!(
+                changed = changed.len(),
+                "mirrored API-managed domains from the shared store"
+            );
+            match l.load() {
+                Ok(c) => cfg = c,
+                Err(e) => {
+                    tracing::error!(
+                        "domains from the shared store are rejected here; starting without those changes:\n{e}"
+                    );
+                    DomainSync::undo(&changed);
+                    cfg = l.load().map_err(print_config_errors)?;
+                }
+            }
+        }
+    }
+    let _ = &mut loader;
+    Ok((
+        cfg,
+        loader,
+        Some(Shared {
+            store,
+            sync,
+            heartbeat: pg.heartbeat,
+        }),
+    ))
 }
 
 /// Temporary files that an earlier process killed mid-write left in the
@@ -854,13 +1021,17 @@ async fn serve_async(
     loader: Option<Loader>,
     path: Option<PathBuf>,
     mx_resolver: Option<std::net::SocketAddr>,
+    shared: Option<Shared>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // Before anything is bound: whoever sees a port answer may signal us.
     let signals = Signals::register()?;
     remove_stale_temps(&cfg);
     let setup = cfg.clone();
-    let server = tokio::task::spawn_blocking(move || Server::new(&setup))
+    let store = shared
+        .as_ref()
+        .map(|s| crate::store::AnyStore::Postgres(s.store.clone()));
+    let server = tokio::task::spawn_blocking(move || Server::with_store(&setup, store))
         .await
         .context("certificate setup panicked")??;
     let server = Arc::new(server);
@@ -902,11 +1073,21 @@ async fn serve_async(
     // after every reload once the new snapshot is applied.
     let auto_push = dns::update::AutoPush::start();
     auto_push.submit(&cfg, &snapshot)?;
-    let control = Arc::new(
-        Control::new(Arc::clone(&server), path.clone(), cfg.clone(), loader)
-            .with_auto_push(auto_push)
-            .with_mx_resolver(mx_resolver),
-    );
+    let mut control = Control::new(Arc::clone(&server), path.clone(), cfg.clone(), loader)
+        .with_auto_push(auto_push)
+        .with_mx_resolver(mx_resolver);
+    if let Some(shared) = &shared {
+        control = control.with_store(shared.store.clone());
+    }
+    let control = Arc::new(control);
+    let replica = shared.map(|shared| {
+        tokio::spawn(crate::replica::run(
+            Arc::clone(&control),
+            shared.store,
+            shared.sync,
+            shared.heartbeat,
+        ))
+    });
     // The first load's parse is freed by now.
     tokio::task::spawn_blocking(crate::memory::release_free_memory).await?;
     let (shutdown, reloads) = signals.split(Arc::clone(&control));
@@ -932,6 +1113,13 @@ async fn serve_async(
     let progress_line = tokio::spawn(crate::progress::show(Arc::clone(&server)));
     let result = Arc::clone(&server).run(https, http, admin, shutdown).await;
     reloader.abort();
+    if let Some(replica) = replica {
+        replica.abort();
+        if let Some(pg) = control.pg() {
+            // Not waited for by auto_push any more.
+            let _ = pg.leave().await;
+        }
+    }
     progress_line.abort();
     // Stopped for sure (not drawing again) before its line is erased.
     let _ = progress_line.await;

@@ -17,8 +17,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod loader;
+mod store;
 use loader::CertReader;
 pub use loader::Loader;
+pub use store::{PgConfig, PgUrl, StoreConfig, check_url as check_pg_url};
 
 use crate::policy::{DomainName, MAX_AGE_LIMIT, MAX_AGE_RECOMMENDED_MIN, Mode, MxPattern, Policy};
 
@@ -89,6 +91,8 @@ pub struct Config {
     pub delegation: Option<Delegation>,
     /// `[dns.update]`: where `mtasts dns push` sends RFC 2136 updates.
     pub dns_update: Option<DnsUpdate>,
+    /// `[store]`: files in `state_dir` (default) or PostgreSQL.
+    pub store: StoreConfig,
 }
 
 /// `[server]`: listeners, state and connection limits.
@@ -336,6 +340,7 @@ struct RawMain {
     domain: Vec<Spanned<RawPolicy>>,
     delegation: Option<Spanned<RawDelegation>>,
     dns: Option<RawDns>,
+    store: Option<Spanned<store::RawStore>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -514,6 +519,7 @@ impl Config {
             && self.admin == other.admin
             && self.delegation == other.delegation
             && self.dns_update == other.dns_update
+            && self.store == other.store
             && self.domains.len() == other.domains.len()
             && self
                 .domains
@@ -532,6 +538,7 @@ struct MainParts {
     admin: Option<AdminConfig>,
     delegation: Option<Delegation>,
     dns_update: Option<DnsUpdate>,
+    store: StoreConfig,
     /// `domains_dir`, resolved, and where the main file names it.
     domains_dir: Option<(PathBuf, Range<usize>)>,
     defaults: RawPolicy,
@@ -574,6 +581,7 @@ fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, Confi
         .and_then(|d| d.update.as_ref())
         .and_then(|u| dns_update_config(&main, u, &mut report));
     let admin = admin_config(&main, raw.admin, &mut report);
+    let store = store::store_config(&main, raw.store, &mut report);
 
     let defaults = match raw.defaults {
         Some(d) => {
@@ -604,6 +612,7 @@ fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, Confi
         admin,
         delegation,
         dns_update,
+        store,
         domains_dir,
         defaults,
         entries: raw.domain,

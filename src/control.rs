@@ -90,6 +90,8 @@ pub struct Control {
     holding: AtomicBool,
     /// Watches the directories of the `mx_certs` files, once [`watch`] runs.
     cert_watch: std::sync::Mutex<Option<CertWatch>>,
+    /// The shared store of replicas (`[store] backend = "postgres"`).
+    pg: Option<crate::store::pg::PgStore>,
 }
 
 /// The watcher of the certificate directories and what it watches
@@ -132,6 +134,7 @@ impl Control {
             mx_resolver: None,
             holding: AtomicBool::new(false),
             cert_watch: std::sync::Mutex::new(None),
+            pg: None,
         }
     }
 
@@ -147,6 +150,17 @@ impl Control {
     pub fn with_auto_push(mut self, auto_push: AutoPush) -> Control {
         self.auto_push = Some(auto_push);
         self
+    }
+
+    /// Admin writes go to the shared store `pg` too (replicas).
+    pub fn with_store(mut self, pg: crate::store::pg::PgStore) -> Control {
+        self.pg = Some(pg);
+        self
+    }
+
+    /// The shared store of replicas, if any.
+    pub fn pg(&self) -> Option<&crate::store::pg::PgStore> {
+        self.pg.as_ref()
     }
 
     pub fn server(&self) -> &Arc<Server> {

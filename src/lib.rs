@@ -42,6 +42,7 @@ pub mod mxcert;
 pub mod mxhold;
 pub mod policy;
 pub mod progress;
+pub mod replica;
 pub mod retire;
 pub mod server;
 pub mod snapshot;

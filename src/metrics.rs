@@ -68,6 +68,8 @@ pub enum Trigger {
     Signal,
     Watch,
     Admin,
+    /// Another replica changed API-managed domains in the shared store.
+    Store,
 }
 
 impl Trigger {
@@ -76,6 +78,7 @@ impl Trigger {
             Trigger::Signal => "sighup",
             Trigger::Watch => "watch",
             Trigger::Admin => "admin",
+            Trigger::Store => "store",
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::http::{self, Listener, Shared};
 use crate::idle::IdleTimeout;
 use crate::metrics::{Handshake, Metrics};
 use crate::snapshot::Snapshot;
-use crate::store::{DirStore, StoreError};
+use crate::store::{AnyStore, DirStore, StoreError};
 use crate::tls::{self, CertIndex, LocalCa, TlsError};
 
 /// Why the server could not start or apply a config.
@@ -47,7 +47,7 @@ pub enum ServeError {
 
 /// The ACME side of a server (`tls.mode = "acme"`).
 struct AcmeParts {
-    manager: Arc<Manager<DirStore>>,
+    manager: Arc<Manager<AnyStore>>,
     /// Each applied snapshot goes here; the manager follows it.
     sites: watch::Sender<Arc<Snapshot>>,
     challenges: Arc<Challenges>,
@@ -77,6 +77,13 @@ impl Server {
     /// when [`Server::run`]'s manager gets them. Blocking (key generation,
     /// file I/O): call it before serving or from `spawn_blocking`.
     pub fn new(config: &Config) -> Result<Server, ServeError> {
+        Server::with_store(config, None)
+    }
+
+    /// [`Server::new`] on a given store (`[store] backend = "postgres"`:
+    /// opened by the caller, which needs the runtime); `None`: the files
+    /// store in `state_dir`.
+    pub fn with_store(config: &Config, store: Option<AnyStore>) -> Result<Server, ServeError> {
         let (ca, certs, acme) = match config.tls.mode {
             TlsMode::SelfSigned => {
                 let ca = Arc::new(LocalCa::load_or_create(&config.server.state_dir)?);
@@ -87,15 +94,21 @@ impl Server {
                 (Some(ca), certs, None)
             }
             TlsMode::Acme => {
+                let challenges = Arc::new(Challenges::default());
                 // Loaded from the store on each host's first handshake; the
                 // manager says which hosts have one and hands over new ones.
-                let store = Arc::new(DirStore::open(&config.server.state_dir)?);
+                let store = Arc::new(match store {
+                    Some(store) => store,
+                    None => AnyStore::Files(DirStore::open(&config.server.state_dir)?),
+                });
+                if let AnyStore::Postgres(pg) = &*store {
+                    challenges.share(pg.clone());
+                }
                 let (loader, unusable) = StoreLoader::new(Arc::clone(&store));
                 let certs = Arc::new(CertIndex::lazy(
                     Arc::new(loader) as Arc<dyn tls::CertLoader>,
                     config.server.cert_cache,
                 ));
-                let challenges = Arc::new(Challenges::default());
                 let manager = Manager::new(
                     config.tls.acme.clone(),
                     store,
@@ -147,6 +160,13 @@ impl Server {
     /// The ACME manager's counters (`None` in self-signed mode).
     pub fn acme_progress(&self) -> Option<Progress> {
         self.acme.as_ref().map(|a| a.manager.progress())
+    }
+
+    /// Another replica stored a certificate for `host` (shared store).
+    pub fn store_changed(&self, host: &str) {
+        if let Some(acme) = &self.acme {
+            acme.manager.store_changed(host);
+        }
     }
 
     /// The SNI index (which hosts can complete a handshake right now).
@@ -700,11 +720,15 @@ async fn answer_tls_alpn01(
     peer: SocketAddr,
     deadline: tokio::time::Instant,
 ) {
-    let armed = start
+    let host = start
         .client_hello()
         .server_name()
         .and_then(http::normalize_host)
-        .is_some_and(|host| challenges.tls_alpn01(&host).is_some());
+        .map(|h| h.into_owned());
+    let armed = match host {
+        Some(host) => challenges.tls_alpn01_anywhere(&host).await.is_some(),
+        None => false,
+    };
     if !armed {
         let mut io = start.io;
         let _ = tokio::time::timeout_at(deadline, async {

@@ -16,6 +16,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+pub mod import;
+pub mod pg;
+
 #[cfg(unix)]
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
@@ -152,6 +155,8 @@ pub enum StoreError {
     },
     #[error("store task failed: {0}")]
     Task(String),
+    #[error("PostgreSQL store: {0}")]
+    Database(String),
 }
 
 /// What the certificate manager remembers about one host between attempts
@@ -227,6 +232,115 @@ pub trait CertStore: Send + Sync + 'static {
         host: &str,
         state: &CertState,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The right to order a certificate for `host` now, held until the
+    /// claim is dropped; `Err(wait)` while another replica orders it (its
+    /// claim lasts `wait` unless renewed). One process alone (the files
+    /// store) always gets it.
+    fn claim(
+        &self,
+        host: &str,
+    ) -> impl Future<Output = Result<Result<Claim, std::time::Duration>, StoreError>> + Send {
+        let _ = host;
+        std::future::ready(Ok(Ok(Claim(None))))
+    }
+    /// One of `per_hour` order slots counted over every process sharing
+    /// the store: `None` when taken, else how long until one frees up. One
+    /// process alone paces itself (and answers `None`).
+    fn order_slot(
+        &self,
+        host: &str,
+        per_hour: u32,
+    ) -> impl Future<Output = Result<Option<std::time::Duration>, StoreError>> + Send {
+        let _ = (host, per_hour);
+        std::future::ready(Ok(None))
+    }
+}
+
+/// A held order claim (see [`CertStore::claim`]).
+pub struct Claim(#[allow(dead_code)] Option<pg::PgClaim>);
+
+/// The store a server runs on: `[store] backend`.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Files(DirStore),
+    Postgres(pg::PgStore),
+}
+
+impl AnyStore {
+    /// The PostgreSQL store, when that is the backend.
+    pub fn postgres(&self) -> Option<&pg::PgStore> {
+        match self {
+            AnyStore::Postgres(p) => Some(p),
+            AnyStore::Files(_) => None,
+        }
+    }
+}
+
+impl CertStore for AnyStore {
+    async fn load_account(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            AnyStore::Files(s) => s.load_account(directory).await,
+            AnyStore::Postgres(s) => s.load_account(directory).await,
+        }
+    }
+    async fn save_account(&self, directory: &str, credentials: Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Files(s) => s.save_account(directory, credentials).await,
+            AnyStore::Postgres(s) => s.save_account(directory, credentials).await,
+        }
+    }
+    async fn load_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            AnyStore::Files(s) => s.load_cert(host).await,
+            AnyStore::Postgres(s) => s.load_cert(host).await,
+        }
+    }
+    async fn save_cert(&self, host: &str, bundle: Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Files(s) => s.save_cert(host, bundle).await,
+            AnyStore::Postgres(s) => s.save_cert(host, bundle).await,
+        }
+    }
+    fn load_cert_blocking(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            AnyStore::Files(s) => s.load_cert_blocking(host),
+            AnyStore::Postgres(s) => s.load_cert_blocking(host),
+        }
+    }
+    async fn cert_hosts(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            AnyStore::Files(s) => CertStore::cert_hosts(s).await,
+            AnyStore::Postgres(s) => s.cert_hosts().await,
+        }
+    }
+    async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
+        match self {
+            AnyStore::Files(s) => s.load_state(host).await,
+            AnyStore::Postgres(s) => s.load_state(host).await,
+        }
+    }
+    async fn save_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Files(s) => s.save_state(host, state).await,
+            AnyStore::Postgres(s) => s.save_state(host, state).await,
+        }
+    }
+    async fn claim(&self, host: &str) -> Result<Result<Claim, std::time::Duration>, StoreError> {
+        match self {
+            AnyStore::Files(_) => Ok(Ok(Claim(None))),
+            AnyStore::Postgres(s) => Ok(s.claim(host).await?.map(|c| Claim(Some(c)))),
+        }
+    }
+    async fn order_slot(
+        &self,
+        host: &str,
+        per_hour: u32,
+    ) -> Result<Option<std::time::Duration>, StoreError> {
+        match self {
+            AnyStore::Files(_) => Ok(None),
+            AnyStore::Postgres(s) => s.order_slot(host, per_hour).await,
+        }
+    }
 }
 
 /// The directory store: `<state_dir>/acme/{accounts,certs,state}/`.

@@ -4,7 +4,8 @@
 //! ClientHello offers the `acme-tls/1` protocol.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -23,25 +24,111 @@ pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// The challenge answers currently offered; filled by the order in flight,
 /// read by the listeners. Entries live only while their order is open.
+///
+/// With a shared store (replicas on PostgreSQL) the answers are published
+/// there too, and a validation this process has no answer for is looked up
+/// there: any replica answers for an order any replica placed.
 #[derive(Debug, Default)]
 pub struct Challenges {
     /// HTTP-01: token → key authorization.
     http01: Mutex<HashMap<String, String>>,
     /// TLS-ALPN-01: host → self-signed certificate with the acmeIdentifier.
     tls_alpn01: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// TLS-ALPN-01 certificates made here for another replica's order,
+    /// with when they were made (kept [`REMOTE_ALPN_TTL`]).
+    remote_alpn: Mutex<HashMap<String, (Arc<CertifiedKey>, Instant)>>,
+    shared: OnceLock<Shared>,
 }
 
+#[derive(Debug)]
+struct Shared {
+    store: PgStore,
+    /// Database lookups in flight for unknown tokens: bounded, so random
+    /// requests to the challenge path cannot flood the database.
+    lookups: tokio::sync::Semaphore,
+}
+
+/// Database lookups of unknown challenge keys at once.
+const SHARED_LOOKUPS: usize = 8;
+/// How long a TLS-ALPN-01 certificate made for another replica's order is
+/// kept (a CA validates from several vantage points within seconds).
+const REMOTE_ALPN_TTL: Duration = Duration::from_secs(120);
+
+const HTTP01: &str = "http-01";
+const TLS_ALPN01: &str = "tls-alpn-01";
+
+use crate::store::pg::PgStore;
 use crate::sync::lock;
 
 impl Challenges {
+    /// Publishes answers in `store` too, and looks up there what this
+    /// process does not know.
+    pub fn share(&self, store: PgStore) {
+        let _ = self.shared.set(Shared {
+            store,
+            lookups: tokio::sync::Semaphore::new(SHARED_LOOKUPS),
+        });
+    }
+
     /// The key authorization for an HTTP-01 `token`, while its order is open.
     pub fn http01(&self, token: &str) -> Option<String> {
         lock(&self.http01).get(token).cloned()
     }
 
+    /// [`Challenges::http01`], else the answer another replica published.
+    pub async fn http01_anywhere(&self, token: &str) -> Option<String> {
+        if let Some(answer) = self.http01(token) {
+            return Some(answer);
+        }
+        // RFC 8555 §8.1: tokens are base64url; anything else is not asked.
+        if token.is_empty()
+            || token.len() > 256
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return None;
+        }
+        let shared = self.shared.get()?;
+        let _permit = shared.lookups.try_acquire().ok()?;
+        match shared.store.challenge(HTTP01, token).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up an HTTP-01 answer of another replica");
+                None
+            }
+        }
+    }
+
     /// The TLS-ALPN-01 certificate for `host`, while its order is open.
     pub fn tls_alpn01(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        lock(&self.tls_alpn01).get(host).cloned()
+        if let Some(cert) = lock(&self.tls_alpn01).get(host).cloned() {
+            return Some(cert);
+        }
+        let mut remote = lock(&self.remote_alpn);
+        remote.retain(|_, (_, made)| made.elapsed() < REMOTE_ALPN_TTL);
+        remote.get(host).map(|(cert, _)| Arc::clone(cert))
+    }
+
+    /// [`Challenges::tls_alpn01`], else a certificate for the answer
+    /// another replica published (made here, kept briefly).
+    pub async fn tls_alpn01_anywhere(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(cert) = self.tls_alpn01(host) {
+            return Some(cert);
+        }
+        let shared = self.shared.get()?;
+        let _permit = shared.lookups.try_acquire().ok()?;
+        let digest = match shared.store.challenge(TLS_ALPN01, host).await {
+            Ok(Some(hex)) => data_encoding::HEXLOWER.decode(hex.as_bytes()).ok()?,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up a TLS-ALPN-01 answer of another replica");
+                return None;
+            }
+        };
+        let cert = Arc::new(alpn_cert(host, &digest).ok()?);
+        lock(&self.remote_alpn).insert(host.to_owned(), (Arc::clone(&cert), Instant::now()));
+        Some(cert)
     }
 
     /// Publishes answers until the returned guard is dropped.
@@ -50,6 +137,7 @@ impl Challenges {
             challenges: Arc::clone(self),
             tokens: Vec::new(),
             hosts: Vec::new(),
+            unpublished: Vec::new(),
         }
     }
 }
@@ -59,19 +147,50 @@ pub struct Armed {
     challenges: Arc<Challenges>,
     tokens: Vec<String>,
     hosts: Vec<String>,
+    /// (kind, key, value) not yet in the shared store.
+    unpublished: Vec<(&'static str, String, String)>,
 }
 
 impl Armed {
     /// Answers HTTP-01 `token` with `key_authorization`.
     pub fn http01(&mut self, token: String, key_authorization: String) {
-        lock(&self.challenges.http01).insert(token.clone(), key_authorization);
+        lock(&self.challenges.http01).insert(token.clone(), key_authorization.clone());
+        self.unpublished
+            .push((HTTP01, token.clone(), key_authorization));
         self.tokens.push(token);
     }
 
-    /// Answers TLS-ALPN-01 handshakes for `host` with `cert`.
-    pub fn tls_alpn01(&mut self, host: &str, cert: Arc<CertifiedKey>) {
+    /// Answers TLS-ALPN-01 handshakes for `host` with a certificate for
+    /// the SHA-256 `digest` of the key authorization.
+    pub fn tls_alpn01(&mut self, host: &str, digest: &[u8]) -> Result<(), String> {
+        let cert = Arc::new(alpn_cert(host, digest)?);
         lock(&self.challenges.tls_alpn01).insert(host.to_owned(), cert);
+        self.unpublished.push((
+            TLS_ALPN01,
+            host.to_owned(),
+            data_encoding::HEXLOWER.encode(digest),
+        ));
         self.hosts.push(host.to_owned());
+        Ok(())
+    }
+
+    /// Makes the answers armed so far known to every replica (nothing to
+    /// do without a shared store). Call before telling the CA to validate.
+    pub async fn publish(&mut self) -> Result<(), String> {
+        let Some(shared) = self.challenges.shared.get() else {
+            self.unpublished.clear();
+            return Ok(());
+        };
+        for (kind, key, value) in std::mem::take(&mut self.unpublished) {
+            shared
+                .store
+                .put_challenge(kind, &key, &value)
+                .await
+                .map_err(|e| {
+                    format!("cannot share the challenge answer with the other replicas: {e}")
+                })?;
+        }
+        Ok(())
     }
 }
 
@@ -85,6 +204,23 @@ impl Drop for Armed {
         let mut alpn = lock(&self.challenges.tls_alpn01);
         for h in &self.hosts {
             alpn.remove(h);
+        }
+        drop(alpn);
+        if let Some(shared) = self.challenges.shared.get()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let store = shared.store.clone();
+            let tokens = std::mem::take(&mut self.tokens);
+            let hosts = std::mem::take(&mut self.hosts);
+            handle.spawn(async move {
+                for (kind, keys) in [(HTTP01, tokens), (TLS_ALPN01, hosts)] {
+                    if !keys.is_empty()
+                        && let Err(e) = store.remove_challenges(kind, &keys).await
+                    {
+                        tracing::debug!(error = %e, "cannot withdraw shared challenge answers; they expire");
+                    }
+                }
+            });
         }
     }
 }
@@ -149,7 +285,7 @@ pub fn http01_router(challenges: Arc<Challenges>) -> Router {
 }
 
 async fn http01(State(challenges): State<Arc<Challenges>>, Path(token): Path<String>) -> Response {
-    match challenges.http01(&token) {
+    match challenges.http01_anywhere(&token).await {
         Some(key_authorization) => {
             let mut resp = key_authorization.into_response();
             resp.headers_mut().insert(

@@ -125,6 +125,9 @@ pub struct Progress {
 
 /// What a finished attempt reports back to the scheduler.
 struct Attempted {
+    /// Held until the outcome is stored: no other replica orders the host
+    /// before this one's certificate is in the shared store.
+    claim: Option<crate::store::Claim>,
     host: Box<str>,
     /// An order reached the CA (counts for pacing).
     ordered: bool,
@@ -137,7 +140,22 @@ enum Outcome {
     Issued(Box<Issued>),
     /// Nothing to renew yet; look again then.
     Later(SystemTime),
+    /// Another replica sharing the store has stored a newer certificate.
+    Adopted(Adopted),
 }
+
+/// A certificate another replica stored, checked and ready to serve.
+struct Adopted {
+    key: Arc<CertifiedKey>,
+    not_before: i64,
+    not_after: i64,
+    state: CertState,
+}
+
+/// Longest wait before looking again at a host another replica is
+/// ordering (its certificate usually arrives earlier, announced by the
+/// store; a dead replica's claim ends with its lease).
+const CLAIMED_RETRY: Duration = Duration::from_secs(30);
 
 /// What the scheduler keeps per host: small, since there is one per
 /// configured domain (100,000 of them and more).
@@ -246,6 +264,9 @@ pub struct Manager<S: CertStore> {
     progress: Mutex<Progress>,
     /// Reports of [`StoreLoader`]; taken by [`Manager::run`].
     unusable: Mutex<Option<Unusable>>,
+    /// Hosts whose stored certificate another process changed.
+    changed_tx: tokio::sync::mpsc::UnboundedSender<Box<str>>,
+    changed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Box<str>>>>,
 }
 
 /// Longest one exchange with the CA (account, order, validation,
@@ -273,7 +294,10 @@ impl<S: CertStore> Manager<S> {
         challenges: Arc<Challenges>,
         unusable: Unusable,
     ) -> Manager<S> {
+        let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel();
         Manager {
+            changed_tx,
+            changed_rx: Mutex::new(Some(changed_rx)),
             unusable: Mutex::new(Some(unusable)),
             pacer: Mutex::new(Pacer::new(cfg.orders_per_hour)),
             cfg,
@@ -286,6 +310,12 @@ impl<S: CertStore> Manager<S> {
             ari_unsupported: false.into(),
             progress: Mutex::new(Progress::default()),
         }
+    }
+
+    /// Another replica stored a certificate for `host`: serve it if it is
+    /// newer than ours.
+    pub fn store_changed(&self, host: &str) {
+        let _ = self.changed_tx.send(host.into());
     }
 
     /// The counters as of the last scheduler round.
@@ -358,6 +388,8 @@ impl<S: CertStore> Manager<S> {
         // stays open and empty.
         let (_open, empty) = tokio::sync::mpsc::unbounded_channel();
         let mut unusable = unusable.unwrap_or(empty);
+        let (_open, empty) = tokio::sync::mpsc::unbounded_channel();
+        let mut changed = crate::sync::lock(&self.changed_rx).take().unwrap_or(empty);
         // Everything the store holds for the configured hosts: their state
         // (backoff, order times) and each certificate's validity.
         let mut entries = Queue::new();
@@ -386,6 +418,7 @@ impl<S: CertStore> Manager<S> {
                         schedule::challenge_for(self.cfg.challenge, state)
                     });
                     let renew_at = entry.renew_at;
+                    let expires = entry.expires;
                     let handle = tasks.spawn(async move {
                         // The served leaf (for ARI): from the SNI index's
                         // cache, else from the store.
@@ -395,8 +428,10 @@ impl<S: CertStore> Manager<S> {
                             }
                             None => None,
                         };
-                        let (ordered, result) = me.attempt(&target, kind, leaf).await;
+                        let (claim, ordered, result) =
+                            me.attempt(&target, kind, leaf, expires).await;
                         Attempted {
+                            claim,
                             host: target.host,
                             ordered,
                             kind,
@@ -449,6 +484,14 @@ impl<S: CertStore> Manager<S> {
                         entries.insert(host, entry);
                     }
                 }
+                Some(host) = changed.recv() => {
+                    if !entries.is_busy(&host)
+                        && let Some(entry) = entries.get(&host)
+                        && let Some(adopted) = self.stored_newer(&host, entry.expires).await
+                    {
+                        self.adopt(&mut entries, &host, adopted);
+                    }
+                }
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match done {
                         Ok((id, done)) => {
@@ -462,6 +505,7 @@ impl<S: CertStore> Manager<S> {
                             if let Some(host) = task_hosts.remove(&e.id()) {
                                 entries.done(&host);
                                 let done = Attempted {
+                                    claim: None,
                                     host,
                                     ordered: false,
                                     kind: self.cfg.challenge,
@@ -683,6 +727,90 @@ impl<S: CertStore> Manager<S> {
         target: &Target,
         kind: ChallengeKind,
         current: Option<(Vec<u8>, i64)>,
+        expires: Option<i64>,
+    ) -> (Option<crate::store::Claim>, bool, Result<Outcome, Failure>) {
+        let (ordered, result) = match self.store.claim(&target.host).await {
+            Ok(Ok(claim)) => {
+                // A certificate another replica stored since this host was
+                // read (it held the claim until it had stored it).
+                if let Some(adopted) = self.stored_newer(&target.host, expires).await {
+                    return (Some(claim), false, Ok(Outcome::Adopted(adopted)));
+                }
+                let (ordered, result) = self.attempt_claimed(target, kind, current).await;
+                return (Some(claim), ordered, result);
+            }
+            Ok(Err(left)) => {
+                tracing::debug!(host = %target.host, "another replica is ordering this certificate");
+                // Its certificate is usually announced earlier; if the
+                // other replica died, its claim has ended by then.
+                let wait =
+                    (left + Duration::from_millis(fastrand::u64(100..1000))).min(CLAIMED_RETRY);
+                (false, Ok(Outcome::Later(SystemTime::now() + wait)))
+            }
+            Err(e) => (
+                false,
+                Err(Failure::new(
+                    FailureKind::Local,
+                    format!("cannot claim the order in the shared store: {e}"),
+                )),
+            ),
+        };
+        (None, ordered, result)
+    }
+
+    /// A certificate of `host` in the store that expires later than
+    /// `known` (the one served here), checked and ready to serve.
+    async fn stored_newer(&self, host: &str, known: Option<i64>) -> Option<Adopted> {
+        let state = self.store.load_state(host).await.ok()??;
+        let recorded = state.cert_not_after?;
+        if known.is_some_and(|k| recorded <= k) {
+            return None;
+        }
+        let bundle = self.store.load_cert(host).await.ok()??;
+        let (key, info) = order::inspect(host, &bundle).ok()?;
+        if info.not_after <= unix(SystemTime::now()) || known.is_some_and(|k| info.not_after <= k) {
+            return None;
+        }
+        Some(Adopted {
+            key: Arc::new(key),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            state,
+        })
+    }
+
+    /// Serves a certificate another replica stored, and schedules its
+    /// renewal like one issued here.
+    fn adopt(&self, entries: &mut Queue<Entry>, host: &str, adopted: Adopted) {
+        let now = SystemTime::now();
+        let Adopted {
+            key,
+            not_before,
+            not_after,
+            state,
+        } = adopted;
+        let renew = schedule::renew_at(not_before, not_after, self.cfg.renew_before);
+        self.index.land(host, key);
+        tracing::info!(
+            host,
+            not_after = %status::fmt_time(not_after),
+            "serving the certificate another replica stored"
+        );
+        let due = self.first_check(renew, now, 1.0);
+        entries.update(host, |entry| {
+            entry.renew_at = Some(renew);
+            entry.expires = Some(not_after);
+            entry.state = Entry::keep(state);
+            entry.due = due;
+        });
+    }
+
+    /// [`Manager::attempt`] once this process holds the claim.
+    async fn attempt_claimed(
+        &self,
+        target: &Target,
+        kind: ChallengeKind,
+        current: Option<(Vec<u8>, i64)>,
     ) -> (bool, Result<Outcome, Failure>) {
         let now = SystemTime::now();
         let mut replaces = None;
@@ -712,6 +840,26 @@ impl<S: CertStore> Manager<S> {
             match wait {
                 Ok(()) => break,
                 Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+            }
+        }
+        // Replicas sharing a store count the CA's hourly budget together.
+        loop {
+            match self
+                .store
+                .order_slot(&target.host, self.cfg.orders_per_hour)
+                .await
+            {
+                Ok(None) => break,
+                Ok(Some(wait)) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+                Err(e) => {
+                    return (
+                        false,
+                        Err(Failure::new(
+                            FailureKind::Local,
+                            format!("cannot count orders in the shared store: {e}"),
+                        )),
+                    );
+                }
             }
         }
         // Each request is bounded in `order` (30 s); this bounds the whole
@@ -894,7 +1042,9 @@ impl<S: CertStore> Manager<S> {
     /// Records the outcome of an attempt: a new certificate is stored first,
     /// then served; a failure schedules a retry with backoff.
     async fn finish(&self, entries: &mut Queue<Entry>, done: Attempted) {
+        // Released when this returns, after the certificate is stored.
         let Attempted {
+            claim: _claim,
             host,
             ordered,
             kind,
@@ -918,6 +1068,12 @@ impl<S: CertStore> Manager<S> {
         let issued = match result {
             Ok(Outcome::Later(at)) => {
                 entries.update(&host, |entry| entry.due = at);
+                return;
+            }
+            Ok(Outcome::Adopted(adopted)) => {
+                if entries.get(&host).is_some() {
+                    self.adopt(entries, &host, adopted);
+                }
                 return;
             }
             Ok(Outcome::Issued(issued)) => Ok(issued),

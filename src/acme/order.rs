@@ -12,7 +12,7 @@ use instant_acme::{
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::sign::CertifiedKey;
 
-use super::challenge::{Challenges, alpn_cert};
+use super::challenge::Challenges;
 use super::schedule::{self, VALIDATION_PREFIX};
 use super::{Failure, FailureKind};
 use crate::config::{ChallengeKind, KeyType};
@@ -244,11 +244,15 @@ pub async fn issue(
                     armed.http01(challenge.token.clone(), key_auth.as_str().to_owned());
                 }
                 ChallengeKind::TlsAlpn01 => {
-                    let cert = alpn_cert(host, key_auth.digest().as_ref())
+                    armed
+                        .tls_alpn01(host, key_auth.digest().as_ref())
                         .map_err(|e| Failure::new(FailureKind::Local, e))?;
-                    armed.tls_alpn01(host, Arc::new(cert));
                 }
             }
+            armed
+                .publish()
+                .await
+                .map_err(|e| Failure::new(FailureKind::Local, e))?;
             // A CA may already answer this POST with the validation's
             // outcome (pebble does when it validates quickly): that is a
             // failed validation like one reported in the order, so the next

@@ -260,6 +260,7 @@ impl Loader {
             admin,
             delegation,
             dns_update,
+            store,
             domains_dir,
             defaults,
             entries,
@@ -457,6 +458,7 @@ impl Loader {
                 warnings: report.warnings,
                 delegation,
                 dns_update,
+                store,
             })
         } else {
             Err(ConfigErrors {

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod knot;
 pub mod pebble;
+pub mod postgres;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -200,6 +200,11 @@ impl Pebble {
         }
     }
 
+    /// The pebble process id (to stop and continue it).
+    pub fn pid(&self) -> Option<u32> {
+        self.pebble.as_ref().map(Child::id)
+    }
+
     /// Everything pebble logged since its last start.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()

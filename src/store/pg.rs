@@ -1,0 +1,1146 @@
+//! The shared store of replicas: PostgreSQL (`[store] backend = "postgres"`).
+//!
+//! Everything `state_dir` holds in the files store lives in tables here
+//! (schema in [`MIGRATIONS`]); `state_dir` keeps a copy of each certificate
+//! and state as a cache, read only when the database cannot be reached, so
+//! a replica keeps serving through an outage and deleting `state_dir` loses
+//! nothing.
+//!
+//! Replicas coordinate through the database alone:
+//! - one order per host cluster-wide: a claim row with a lease
+//!   ([`PgStore::claim`]), renewed while the order runs; a replica that dies
+//!   mid-order is replaced once its lease ends;
+//! - CA pacing counted over every replica's orders ([`PgStore::order_slot`]);
+//! - challenge answers in a table, so any replica answers any validation;
+//! - changes announced with `NOTIFY mtasts` (`cert:<host>`, `domain`), which
+//!   every replica LISTENs to ([`listen`]).
+//!
+//! Private keys and account credentials are encrypted with `key_file`
+//! (AES-256-GCM, the row's key as associated data) before they are sent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::mpsc;
+
+use super::{CertState, CertStore, DirStore, StoreError};
+use crate::config::{PgConfig, PgUrl};
+
+/// Schema versions, applied in order by [`PgStore::migrate`]. A replica of
+/// an older version keeps working on a newer schema as long as migrations
+/// only add (see docs/REPLICAS.md, upgrades).
+pub const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE mtasts_accounts (
+        directory text PRIMARY KEY,
+        credentials bytea NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE mtasts_certs (
+        host text PRIMARY KEY,
+        bundle bytea NOT NULL,
+        updated_by text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE mtasts_cert_state (
+        host text PRIMARY KEY,
+        state text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE mtasts_order_claims (
+        host text PRIMARY KEY,
+        replica text NOT NULL,
+        expires_at timestamptz NOT NULL);
+    CREATE TABLE mtasts_orders (
+        id bigserial PRIMARY KEY,
+        host text NOT NULL,
+        replica text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX mtasts_orders_at ON mtasts_orders (at);
+    CREATE TABLE mtasts_challenges (
+        kind text NOT NULL,
+        key text NOT NULL,
+        value text NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (kind, key));
+    CREATE SEQUENCE mtasts_domain_seq;
+    CREATE TABLE mtasts_domains (
+        name text PRIMARY KEY,
+        body text,
+        seq bigint NOT NULL,
+        updated_by text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX mtasts_domains_seq ON mtasts_domains (seq);
+    CREATE TABLE mtasts_documents (
+        name text PRIMARY KEY,
+        body text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE mtasts_replicas (
+        id text PRIMARY KEY,
+        generation bigint NOT NULL,
+        served text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now());",
+)];
+
+/// The NOTIFY channel.
+pub const CHANNEL: &str = "mtasts";
+
+/// Advisory lock key of migrations (any constant; "mtst").
+const MIGRATION_LOCK: i64 = 0x6d74_7374;
+/// Advisory lock key of the order pacing count.
+const PACING_LOCK: i64 = 0x6d74_7375;
+
+/// Prefix of an encrypted value.
+const SEALED: &[u8] = b"mtasts-aes256gcm:";
+
+/// Challenge answers older than this are dropped (an order never takes
+/// longer: see the manager's attempt timeout).
+const CHALLENGE_TTL_SECS: i64 = 600;
+
+/// Why the database could not be used.
+fn db_err(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(format!("{what}: {e}"))
+}
+
+/// The PostgreSQL store of one replica.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    pg: tokio_postgres::Config,
+    cache: DirStore,
+    cipher: Option<LessSafeKey>,
+    timeout: Duration,
+    lease: Duration,
+    /// This replica's id (host name, pid, random suffix).
+    replica: String,
+    /// The last query reached the database.
+    reachable: AtomicBool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("replica", &self.inner.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the URL of `cfg` (a `url_file` is read now; it should be 0600).
+pub fn connection_config(cfg: &PgConfig) -> Result<tokio_postgres::Config, StoreError> {
+    let text = match &cfg.url {
+        PgUrl::Inline(url) => url.clone(),
+        PgUrl::File(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            warn_if_readable(path);
+            text.trim().to_owned()
+        }
+    };
+    crate::config::check_pg_url(&text)
+        .map_err(|e| StoreError::Database(format!("store.url: {e}")))?;
+    let mut config: tokio_postgres::Config = text
+        .parse()
+        .map_err(|e| StoreError::Database(format!("store.url: {e}")))?;
+    config.connect_timeout(cfg.connect_timeout);
+    // A replica that vanishes without closing its connections (power, a
+    // partition) is noticed by the server within about a minute.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(30));
+    if config.get_application_name().is_none() {
+        config.application_name("mtasts");
+    }
+    Ok(config)
+}
+
+#[cfg(unix)]
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), "secret file is readable by others; chmod 600 it");
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable(_: &Path) {}
+
+/// The AES-256-GCM key in `path`: 32 bytes, raw, hex or base64 text.
+pub fn read_key_file(path: &Path) -> Result<LessSafeKey, StoreError> {
+    let bytes = std::fs::read(path).map_err(|source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    warn_if_readable(path);
+    let key = if bytes.len() == 32 {
+        bytes
+    } else {
+        let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .or_else(|_| data_encoding::BASE64.decode(text.as_bytes()))
+            .or_else(|_| data_encoding::BASE64URL_NOPAD.decode(text.as_bytes()))
+            .map_err(|_| {
+                StoreError::Database(format!(
+                    "{}: not a key: expected 32 bytes, as they are, in hex or in base64 (e.g. `openssl rand -hex 32`)",
+                    path.display()
+                ))
+            })?
+    };
+    if key.len() != 32 {
+        return Err(StoreError::Database(format!(
+            "{}: the key has {} bytes, not 32 (e.g. `openssl rand -hex 32`)",
+            path.display(),
+            key.len()
+        )));
+    }
+    let unbound = UnboundKey::new(&AES_256_GCM, &key)
+        .map_err(|_| StoreError::Database("AES-256-GCM key rejected".to_owned()))?;
+    Ok(LessSafeKey::new(unbound))
+}
+
+/// This process's replica id: `$MTASTS_REPLICA`, else the host name (a
+/// Kubernetes pod's name) with the pid.
+fn replica_id() -> String {
+    if let Ok(id) = std::env::var("MTASTS_REPLICA")
+        && !id.trim().is_empty()
+    {
+        return id.trim().to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mtasts".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A held order claim: renewed in the background, released when dropped.
+pub struct PgClaim {
+    renew: tokio::task::JoinHandle<()>,
+    store: PgStore,
+    host: String,
+}
+
+impl Drop for PgClaim {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let store = self.store.clone();
+        let host = std::mem::take(&mut self.host);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = store.release(&host).await {
+                    tracing::debug!(host, error = %e, "cannot release the order claim; it ends with its lease");
+                }
+            });
+        }
+    }
+}
+
+/// One API-managed domain row: `body` is `None` once deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRow {
+    pub name: String,
+    pub body: Option<String>,
+    pub seq: i64,
+}
+
+/// A replica as the `mtasts_replicas` table shows it.
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub id: String,
+    pub generation: i64,
+    pub served: String,
+    /// Seconds since its last heartbeat (database clock).
+    pub silent_secs: f64,
+}
+
+impl PgStore {
+    /// Connects (checking the database answers within `connect_timeout`)
+    /// and applies the schema. `state_dir` becomes the cache.
+    pub async fn connect(cfg: &PgConfig, state_dir: &Path) -> Result<PgStore, StoreError> {
+        let store = PgStore::open(cfg, state_dir)?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The store of `cfg`, without connecting yet (connections are made on
+    /// use): a replica starts from its cache while the database is down.
+    pub fn open(cfg: &PgConfig, state_dir: &Path) -> Result<PgStore, StoreError> {
+        let pg = connection_config(cfg)?;
+        let cipher = match &cfg.key_file {
+            Some(path) => Some(read_key_file(path)?),
+            None => {
+                tracing::warn!(
+                    "[store] has no key_file: private keys and ACME account credentials are stored in PostgreSQL unencrypted (docs/REPLICAS.md)"
+                );
+                None
+            }
+        };
+        let cache = DirStore::open(state_dir)?;
+        let manager = Manager::from_config(
+            pg.clone(),
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.connect_timeout))
+            .create_timeout(Some(cfg.connect_timeout))
+            .recycle_timeout(Some(cfg.connect_timeout))
+            .build()
+            .map_err(|e| db_err("connection pool", e))?;
+        let store = PgStore {
+            inner: Arc::new(Inner {
+                pool,
+                pg,
+                cache,
+                cipher,
+                timeout: cfg.connect_timeout.max(Duration::from_secs(1)) * 2,
+                lease: cfg.lease,
+                replica: replica_id(),
+                reachable: AtomicBool::new(false),
+            }),
+        };
+        Ok(store)
+    }
+
+    /// This replica's id in the tables.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// The local cache in `state_dir`.
+    pub fn cache(&self) -> &DirStore {
+        &self.inner.cache
+    }
+
+    /// Whether the last query reached the database.
+    pub fn reachable(&self) -> bool {
+        self.inner.reachable.load(Ordering::Relaxed)
+    }
+
+    /// The connection settings (for the LISTEN connection).
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.inner.pg
+    }
+
+    /// Runs `fut` with the query timeout, recording whether the database
+    /// answered.
+    async fn timed<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(self.inner.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(db_err(what, pg_message(&e))),
+            Err(_) => Err(db_err(
+                what,
+                format!("no answer within {} s", self.inner.timeout.as_secs()),
+            )),
+        };
+        self.inner.reachable.store(
+            match &result {
+                Ok(_) => true,
+                // An SQL error is an answer; a broken connection is not.
+                Err(StoreError::Database(m)) => {
+                    !m.contains("no answer") && !m.contains("connection")
+                }
+                Err(_) => true,
+            },
+            Ordering::Relaxed,
+        );
+        result
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        match self.inner.pool.get().await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.inner.reachable.store(false, Ordering::Relaxed);
+                Err(db_err("cannot connect to PostgreSQL", e))
+            }
+        }
+    }
+
+    /// Applies the missing schema versions, one transaction each, under an
+    /// advisory lock: replicas starting at once apply each version once.
+    /// Returns the versions applied now.
+    pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.timed("migrate", client.transaction()).await?;
+        self.timed(
+            "migrate",
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]),
+        )
+        .await?;
+        self.timed(
+            "migrate",
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS mtasts_schema (
+                    version integer PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now())",
+            ),
+        )
+        .await?;
+        let rows = self
+            .timed(
+                "migrate",
+                tx.query("SELECT version FROM mtasts_schema", &[]),
+            )
+            .await?;
+        let have: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        let mut applied = Vec::new();
+        for (version, sql) in MIGRATIONS {
+            if have.contains(version) {
+                continue;
+            }
+            self.timed("migrate", tx.batch_execute(sql)).await?;
+            self.timed(
+                "migrate",
+                tx.execute(
+                    "INSERT INTO mtasts_schema (version) VALUES ($1)",
+                    &[version],
+                ),
+            )
+            .await?;
+            applied.push(*version);
+        }
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if let Some(max) = have.iter().max()
+            && *max > newest
+        {
+            tracing::warn!(
+                schema = max,
+                known = newest,
+                "the database schema is newer than this mtasts; running on the tables it knows"
+            );
+        }
+        self.timed("migrate", tx.commit()).await?;
+        for v in &applied {
+            tracing::info!(version = v, "applied PostgreSQL schema migration");
+        }
+        Ok(applied)
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        self.timed("ping", client.simple_query("SELECT 1")).await?;
+        Ok(())
+    }
+
+    fn seal(&self, aad: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let Some(key) = &self.inner.cipher else {
+            return Ok(plain.to_vec());
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| db_err("encrypt", "no randomness"))?;
+        let mut buf = plain.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| db_err("encrypt", "sealing failed"))?;
+        let mut out = Vec::with_capacity(SEALED.len() + NONCE_LEN + buf.len());
+        out.extend_from_slice(SEALED);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        Ok(out)
+    }
+
+    fn unseal(&self, aad: &str, stored: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let Some(rest) = stored.strip_prefix(SEALED) else {
+            // Stored before a key_file was set: used as it is (re-encrypted
+            // at its next write).
+            return Ok(stored);
+        };
+        let Some(key) = &self.inner.cipher else {
+            return Err(StoreError::Database(format!(
+                "{aad}: stored encrypted, and [store] has no key_file to decrypt it"
+            )));
+        };
+        if rest.len() < NONCE_LEN {
+            return Err(StoreError::Database(format!(
+                "{aad}: encrypted value is truncated"
+            )));
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| db_err("decrypt", "bad nonce"))?;
+        let mut buf = sealed.to_vec();
+        let plain = key
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut buf)
+            .map_err(|_| {
+                StoreError::Database(format!(
+                    "{aad}: cannot decrypt (another key_file, or the value was altered)"
+                ))
+            })?;
+        Ok(plain.to_vec())
+    }
+
+    async fn fetch_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "load certificate",
+                client.query_opt("SELECT bundle FROM mtasts_certs WHERE host = $1", &[&host]),
+            )
+            .await?;
+        row.map(|r| self.unseal(host, r.get(0))).transpose()
+    }
+
+    async fn notify(
+        &self,
+        client: &deadpool_postgres::Object,
+        payload: &str,
+    ) -> Result<(), StoreError> {
+        self.timed(
+            "notify",
+            client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Claims the right to order for `host` for one lease; `Err(left)`
+    /// when another replica holds a claim for `left` more. The claim is
+    /// renewed every third of the lease until it is dropped.
+    pub async fn claim(&self, host: &str) -> Result<Result<PgClaim, Duration>, StoreError> {
+        let client = self.client().await?;
+        let lease = self.inner.lease.as_secs_f64();
+        let row = self
+            .timed(
+                "claim order",
+                client.query_opt(
+                    "INSERT INTO mtasts_order_claims (host, replica, expires_at)
+                     VALUES ($1, $2, now() + make_interval(secs => $3))
+                     ON CONFLICT (host) DO UPDATE
+                       SET replica = EXCLUDED.replica, expires_at = EXCLUDED.expires_at
+                       WHERE mtasts_order_claims.expires_at < now()
+                          OR mtasts_order_claims.replica = EXCLUDED.replica
+                     RETURNING replica",
+                    &[&host, &self.inner.replica, &lease],
+                ),
+            )
+            .await?;
+        if row.is_none() {
+            let left = self
+                .timed(
+                    "claim order",
+                    client.query_opt(
+                        "SELECT extract(epoch FROM expires_at - now())::float8
+                         FROM mtasts_order_claims WHERE host = $1",
+                        &[&host],
+                    ),
+                )
+                .await?
+                .map_or(1.0, |r| r.get::<_, f64>(0));
+            return Ok(Err(Duration::from_secs_f64(left.clamp(0.5, lease + 1.0))));
+        }
+        let store = self.clone();
+        let renew_host = host.to_owned();
+        let every = self.inner.lease / 3;
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let renewed = async {
+                    let client = store.client().await?;
+                    store
+                        .timed(
+                            "renew claim",
+                            client.execute(
+                                "UPDATE mtasts_order_claims SET expires_at = now() + make_interval(secs => $3)
+                                 WHERE host = $1 AND replica = $2",
+                                &[&renew_host, &store.inner.replica, &lease],
+                            ),
+                        )
+                        .await
+                };
+                if let Err(e) = renewed.await {
+                    tracing::warn!(host = %renew_host, error = %e, "cannot renew the order claim");
+                }
+            }
+        });
+        Ok(Ok(PgClaim {
+            renew,
+            store: self.clone(),
+            host: host.to_owned(),
+        }))
+    }
+
+    async fn release(&self, host: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        self.timed(
+            "release claim",
+            client.execute(
+                "DELETE FROM mtasts_order_claims WHERE host = $1 AND replica = $2",
+                &[&host, &self.inner.replica],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes one of `per_hour` order slots counted over every replica:
+    /// `None` when taken (the order is recorded), else how long until one
+    /// frees up.
+    pub async fn order_slot(
+        &self,
+        host: &str,
+        per_hour: u32,
+    ) -> Result<Option<Duration>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.timed("order pacing", client.transaction()).await?;
+        self.timed(
+            "order pacing",
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PACING_LOCK]),
+        )
+        .await?;
+        let row = self
+            .timed(
+                "order pacing",
+                tx.query_one(
+                    "SELECT count(*), extract(epoch FROM (min(at) + interval '1 hour' - now()))::float8
+                     FROM mtasts_orders WHERE at > now() - interval '1 hour'",
+                    &[],
+                ),
+            )
+            .await?;
+        let count: i64 = row.get(0);
+        if count >= i64::from(per_hour) {
+            let wait: Option<f64> = row.get(1);
+            self.timed("order pacing", tx.rollback()).await?;
+            return Ok(Some(Duration::from_secs_f64(
+                wait.unwrap_or(60.0).clamp(1.0, 3600.0),
+            )));
+        }
+        self.timed(
+            "order pacing",
+            tx.execute(
+                "INSERT INTO mtasts_orders (host, replica) VALUES ($1, $2)",
+                &[&host, &self.inner.replica],
+            ),
+        )
+        .await?;
+        // Kept for a day, for `mtasts certs` and debugging.
+        self.timed(
+            "order pacing",
+            tx.execute(
+                "DELETE FROM mtasts_orders WHERE at < now() - interval '1 day'",
+                &[],
+            ),
+        )
+        .await?;
+        self.timed("order pacing", tx.commit()).await?;
+        Ok(None)
+    }
+
+    /// Orders placed by every replica in the last hour (for tests and
+    /// `mtasts certs`).
+    pub async fn orders_last_hour(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.client().await?;
+        let rows = self
+            .timed(
+                "orders",
+                client.query(
+                    "SELECT host, replica FROM mtasts_orders WHERE at > now() - interval '1 hour' ORDER BY id",
+                    &[],
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Publishes a challenge answer for every replica.
+    pub async fn put_challenge(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        self.timed(
+            "publish challenge",
+            client.execute(
+                "INSERT INTO mtasts_challenges (kind, key, value, expires_at)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                 ON CONFLICT (kind, key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at",
+                &[&kind, &key, &value, &(CHALLENGE_TTL_SECS as f64)],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Withdraws challenge answers (and any expired ones).
+    pub async fn remove_challenges(&self, kind: &str, keys: &[String]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        self.timed(
+            "withdraw challenge",
+            client.execute(
+                "DELETE FROM mtasts_challenges WHERE (kind = $1 AND key = ANY($2)) OR expires_at < now()",
+                &[&kind, &keys],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A challenge answer another replica published.
+    pub async fn challenge(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "look up challenge",
+                client.query_opt(
+                    "SELECT value FROM mtasts_challenges WHERE kind = $1 AND key = $2 AND expires_at > now()",
+                    &[&kind, &key],
+                ),
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// API-managed domain rows changed after `after` (every row for 0),
+    /// deletions included, in change order.
+    pub async fn domains_since(&self, after: i64) -> Result<Vec<DomainRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = self
+            .timed(
+                "read domains",
+                client.query(
+                    "SELECT name, body, seq FROM mtasts_domains WHERE seq > $1 ORDER BY seq",
+                    &[&after],
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DomainRow {
+                name: r.get(0),
+                body: r.get(1),
+                seq: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Records an API write of `name` (`None`: deleted) and tells every
+    /// replica. Returns the row's sequence number.
+    pub async fn put_domain(&self, name: &str, body: Option<&str>) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "write domain",
+                client.query_one(
+                    "INSERT INTO mtasts_domains (name, body, seq, updated_by)
+                     VALUES ($1, $2, nextval('mtasts_domain_seq'), $3)
+                     ON CONFLICT (name) DO UPDATE
+                       SET body = EXCLUDED.body, seq = EXCLUDED.seq,
+                           updated_by = EXCLUDED.updated_by, updated_at = now()
+                     RETURNING seq",
+                    &[&name, &body, &self.inner.replica],
+                ),
+            )
+            .await?;
+        self.notify(&client, "domain").await?;
+        Ok(row.get(0))
+    }
+
+    /// A stored document (e.g. `retire.json`).
+    pub async fn document(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "read document",
+                client.query_opt(
+                    "SELECT body FROM mtasts_documents WHERE name = $1",
+                    &[&name],
+                ),
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn put_document(&self, name: &str, body: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        self.timed(
+            "write document",
+            client.execute(
+                "INSERT INTO mtasts_documents (name, body) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = now()",
+                &[&name, &body],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records what this replica serves (heartbeat).
+    pub async fn heartbeat(&self, generation: u64, served: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let generation = i64::try_from(generation).unwrap_or(i64::MAX);
+        self.timed(
+            "heartbeat",
+            client.execute(
+                "INSERT INTO mtasts_replicas (id, generation, served) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE
+                   SET generation = EXCLUDED.generation, served = EXCLUDED.served, heartbeat_at = now()",
+                &[&self.inner.replica, &generation, &served],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every replica that reported within `within`, with what it serves.
+    pub async fn replicas(&self, within: Duration) -> Result<Vec<ReplicaRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = self
+            .timed(
+                "list replicas",
+                client.query(
+                    "SELECT id, generation, served, extract(epoch FROM now() - heartbeat_at)::float8
+                     FROM mtasts_replicas WHERE heartbeat_at > now() - make_interval(secs => $1)
+                     ORDER BY id",
+                    &[&within.as_secs_f64()],
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReplicaRow {
+                id: r.get(0),
+                generation: r.get(1),
+                served: r.get(2),
+                silent_secs: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Removes this replica's heartbeat row (clean shutdown).
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        self.timed(
+            "leave",
+            client.execute(
+                "DELETE FROM mtasts_replicas WHERE id = $1",
+                &[&self.inner.replica],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Tries the advisory lock that makes one replica the `auto_push`
+    /// leader; held by the returned connection until it is dropped.
+    pub async fn try_lead(
+        &self,
+        key: i64,
+    ) -> Result<Option<deadpool_postgres::Object>, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "leader lock",
+                client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
+            )
+            .await?;
+        let got: bool = row.get(0);
+        Ok(got.then_some(client))
+    }
+
+    /// Every certificate, state and account in the database (for tests and
+    /// `store import` checks): host names of stored certificates.
+    pub async fn count(&self, table: &str) -> Result<i64, StoreError> {
+        let table = match table {
+            "certs" => "mtasts_certs",
+            "cert_state" => "mtasts_cert_state",
+            "accounts" => "mtasts_accounts",
+            "domains" => "mtasts_domains",
+            "documents" => "mtasts_documents",
+            other => return Err(StoreError::Database(format!("no table {other}"))),
+        };
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "count",
+                client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+/// The message of a database error, with the server's detail when there is
+/// one (tokio-postgres' Display says only "db error").
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut m = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                m.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            if e.is_closed() {
+                m.push_str(" (connection closed)");
+            }
+            m
+        }
+    }
+}
+
+impl CertStore for PgStore {
+    async fn load_account(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "load account",
+                client.query_opt(
+                    "SELECT credentials FROM mtasts_accounts WHERE directory = $1",
+                    &[&directory],
+                ),
+            )
+            .await?;
+        row.map(|r| self.unseal(directory, r.get(0))).transpose()
+    }
+
+    async fn save_account(&self, directory: &str, credentials: Vec<u8>) -> Result<(), StoreError> {
+        let sealed = self.seal(directory, &credentials)?;
+        let client = self.client().await?;
+        self.timed(
+            "save account",
+            client.execute(
+                "INSERT INTO mtasts_accounts (directory, credentials) VALUES ($1, $2)
+                 ON CONFLICT (directory) DO UPDATE SET credentials = EXCLUDED.credentials, updated_at = now()",
+                &[&directory, &sealed],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn load_cert(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.fetch_cert(host).await {
+            Ok(bundle) => {
+                if let Some(b) = &bundle {
+                    self.refresh_cache(host, b);
+                }
+                Ok(bundle)
+            }
+            Err(e) if !self.reachable() => {
+                tracing::debug!(host, error = %e, "database unreachable; reading the cached certificate");
+                self.inner.cache.read_cert(host)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn save_cert(&self, host: &str, bundle: Vec<u8>) -> Result<(), StoreError> {
+        let sealed = self.seal(host, &bundle)?;
+        let client = self.client().await?;
+        self.timed(
+            "save certificate",
+            client.execute(
+                "INSERT INTO mtasts_certs (host, bundle, updated_by) VALUES ($1, $2, $3)
+                 ON CONFLICT (host) DO UPDATE
+                   SET bundle = EXCLUDED.bundle, updated_by = EXCLUDED.updated_by, updated_at = now()",
+                &[&host, &sealed, &self.inner.replica],
+            ),
+        )
+        .await?;
+        self.notify(&client, &format!("cert:{host}")).await?;
+        self.refresh_cache(host, &bundle);
+        Ok(())
+    }
+
+    fn load_cert_blocking(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Task(format!("no runtime for a database read: {e}")))?;
+        handle.block_on(self.load_cert(host))
+    }
+
+    async fn cert_hosts(&self) -> Result<Vec<String>, StoreError> {
+        let result = async {
+            let client = self.client().await?;
+            let rows = self
+                .timed(
+                    "list certificates",
+                    client.query("SELECT host FROM mtasts_certs", &[]),
+                )
+                .await?;
+            Ok::<Vec<String>, StoreError>(rows.iter().map(|r| r.get(0)).collect())
+        }
+        .await;
+        match result {
+            Ok(hosts) => Ok(hosts),
+            Err(e) => {
+                tracing::warn!(error = %e, "database unreachable; listing the cached certificates");
+                self.inner.cache.cert_hosts()
+            }
+        }
+    }
+
+    async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
+        let result = async {
+            let client = self.client().await?;
+            self.timed(
+                "load state",
+                client.query_opt(
+                    "SELECT state FROM mtasts_cert_state WHERE host = $1",
+                    &[&host],
+                ),
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(Some(row)) => {
+                let text: String = row.get(0);
+                serde_json::from_str(&text).map(Some).map_err(|e| {
+                    StoreError::Database(format!("state of {host} is not valid JSON ({e})"))
+                })
+            }
+            Ok(None) => Ok(None),
+            Err(_) if !self.reachable() => self.inner.cache.read_state(host),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn save_state(&self, host: &str, state: &CertState) -> Result<(), StoreError> {
+        let text = serde_json::to_string(state)
+            .map_err(|e| StoreError::Database(format!("state of {host}: {e}")))?;
+        let cache = self.inner.cache.clone();
+        let (h, s) = (host.to_owned(), state.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = cache.write_state(&h, &s) {
+                tracing::debug!(host = %h, error = %e, "cannot cache certificate state");
+            }
+        })
+        .await;
+        let client = self.client().await?;
+        self.timed(
+            "save state",
+            client.execute(
+                "INSERT INTO mtasts_cert_state (host, state) VALUES ($1, $2)
+                 ON CONFLICT (host) DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
+                &[&host, &text],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl PgStore {
+    /// Keeps the cache's copy of `host` equal to `bundle` (best effort:
+    /// the cache is only read while the database is unreachable).
+    fn refresh_cache(&self, host: &str, bundle: &[u8]) {
+        let cache = &self.inner.cache;
+        if cache.read_cert(host).ok().flatten().as_deref() == Some(bundle) {
+            return;
+        }
+        if let Err(e) = cache.write_cert(host, bundle) {
+            tracing::debug!(host, error = %e, "cannot cache the certificate");
+        }
+    }
+}
+
+/// What a LISTEN connection hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// (Re)connected: anything may have changed while not listening.
+    Resync,
+    /// Another replica stored a certificate for this host.
+    Cert(String),
+    /// API-managed domains changed.
+    Domains,
+}
+
+/// Keeps a LISTEN connection open (reconnecting with backoff) and sends
+/// what it hears to `events` until the receiver is gone.
+pub async fn listen(config: tokio_postgres::Config, events: mpsc::UnboundedSender<Event>) {
+    use futures_util::StreamExt;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if events.is_closed() {
+            return;
+        }
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                delay = Duration::from_millis(200);
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let pump = tokio::spawn(async move {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(message) = stream.next().await {
+                        match message {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                if tx.send(n.payload().to_owned()).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %pg_message(&e), "PostgreSQL LISTEN connection failed");
+                                return;
+                            }
+                        }
+                    }
+                });
+                if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    tracing::warn!(error = %pg_message(&e), "cannot LISTEN");
+                    pump.abort();
+                } else {
+                    tracing::info!("listening for changes from other replicas");
+                    if events.send(Event::Resync).is_err() {
+                        return;
+                    }
+                    while let Some(payload) = rx.recv().await {
+                        let event = match payload.strip_prefix("cert:") {
+                            Some(host) => Event::Cert(host.to_owned()),
+                            None if payload == "domain" => Event::Domains,
+                            None => continue,
+                        };
+                        if events.send(event).is_err() {
+                            return;
+                        }
+                    }
+                    tracing::warn!("lost the PostgreSQL LISTEN connection; reconnecting");
+                }
+                drop(client);
+            }
+            Err(e) => {
+                tracing::debug!(error = %pg_message(&e), "cannot open the LISTEN connection");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The files a `store import` reads, for its report.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub accounts: usize,
+    pub certs: usize,
+    pub states: usize,
+    pub domains: usize,
+    pub documents: usize,
+    /// (file, why) of what could not be imported.
+    pub skipped: Vec<(PathBuf, String)>,
+}
