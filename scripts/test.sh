@@ -55,6 +55,20 @@ if [ ! -x "$octodns_venv/bin/octodns-validate" ]; then
 fi
 export MTASTS_OCTODNS_VALIDATE="$octodns_venv/bin/octodns-validate"
 
+# kubernetes-validate (PyPI) checks deploy/kubernetes against the Kubernetes
+# schemas offline in tests/deploy.rs: its own throw-away virtualenv.
+k8s_venv="$PWD/target/k8s-venv"
+if [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
+  echo "installing kubernetes-validate into $k8s_venv"
+  rm -rf "$k8s_venv"
+  if ! { python3 -m venv "$k8s_venv" &&
+    "$k8s_venv/bin/pip" install -q 'kubernetes-validate==1.37.0'; }; then
+    echo "error: could not install kubernetes-validate into $k8s_venv" >&2
+    rm -rf "$k8s_venv"
+  fi
+fi
+export MTASTS_K8S_VALIDATE="$k8s_venv/bin/kubernetes-validate"
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 

@@ -936,6 +936,7 @@ struct Shared {
     store: crate::store::pg::PgStore,
     sync: Option<crate::replica::DomainSync>,
     heartbeat: Duration,
+    replica_timeout: Duration,
 }
 
 /// Opens the PostgreSQL store and brings `domains_dir` in line with its
@@ -995,6 +996,7 @@ async fn open_shared(
             store,
             sync,
             heartbeat: pg.heartbeat,
+            replica_timeout: pg.replica_timeout,
         }),
     ))
 }
@@ -1071,7 +1073,14 @@ async fn serve_async(
     // The listeners are bound and the snapshot is in place: its ids may go
     // to DNS now (connections wait in the backlog until `run` accepts), and
     // after every reload once the new snapshot is applied.
-    let auto_push = dns::update::AutoPush::start();
+    let auto_push = match &shared {
+        Some(shared) => dns::update::AutoPush::start_gated(dns::update::PushGate {
+            store: shared.store.clone(),
+            replica_timeout: shared.replica_timeout,
+            poll: shared.heartbeat,
+        }),
+        None => dns::update::AutoPush::start(),
+    };
     auto_push.submit(&cfg, &snapshot)?;
     let mut control = Control::new(Arc::clone(&server), path.clone(), cfg.clone(), loader)
         .with_auto_push(auto_push)

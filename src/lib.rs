@@ -16,7 +16,9 @@
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
-//!   files in `state_dir` behind the `CertStore` trait.
+//!   files in `state_dir` behind the `CertStore` trait, or PostgreSQL
+//!   shared by replicas (`store::pg`, `store::import`); [`replica`]: what
+//!   a replica follows and reports there (domains, certificates, heartbeat).
 //! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
 //! - [`check`]: live verification of a domain, like a strict sending MTA
 //!   (`check::parse` reads what `check::probe` fetches).

@@ -139,16 +139,18 @@ fn apply_rows(dir: &Path, rows: &[DomainRow]) -> (Vec<Changed>, i64) {
 /// (so two replicas with equal digests publish the same ids, and serve the
 /// same policy bodies).
 pub fn served_digest(config: &Config, snapshot: &Snapshot) -> String {
-    let mut hasher = sha2::Sha256::new();
     let side = crate::dns::update::default_side(config);
-    let records = crate::dns::records(snapshot, &[], side, config.delegation.as_ref());
-    match records {
-        Ok(records) => {
-            for r in &records {
-                hasher.update(format!("{r:?}\n").as_bytes());
-            }
-        }
-        Err(e) => hasher.update(format!("error: {e}").as_bytes()),
+    match crate::dns::records(snapshot, &[], side, config.delegation.as_ref()) {
+        Ok(records) => records_digest(&records),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// The digest [`served_digest`] reports, of records already built.
+pub fn records_digest(records: &[crate::dns::Record]) -> String {
+    let mut hasher = sha2::Sha256::new();
+    for r in records {
+        hasher.update(format!("{r:?}\n").as_bytes());
     }
     data_encoding::HEXLOWER.encode(&hasher.finalize()[..16])
 }

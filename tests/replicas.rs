@@ -553,3 +553,128 @@ impl OutputAsync for std::process::Command {
             .expect("spawn")
     }
 }
+
+/// Rewrites the mx of `domain` in a replica's config file (a rollout of
+/// the git-managed config, one replica at a time).
+fn set_mx(replica: &Replica, domain: &str, mx: &str) {
+    let text = std::fs::read_to_string(&replica.config).expect("config");
+    let head = format!("[[domain]]\nname = \"{domain}\"\n");
+    let at = text.find(&head).expect("domain entry") + head.len();
+    let rest = &text[at..];
+    let end = rest.find("\n[").map_or(text.len(), |e| at + e + 1);
+    let mut new = text[..at].to_owned();
+    new.push_str(&format!("mx = [\"{mx}\"]\n"));
+    new.push_str(&text[end..]);
+    let tmp = replica.config.with_extension("toml.new");
+    std::fs::write(&tmp, new).expect("write");
+    std::fs::rename(&tmp, &replica.config).expect("rename");
+}
+
+/// The id in `_mta-sts.<domain>` on `knot`, if exactly one TXT is there.
+fn published_id(knot: &common::knot::Knot, domain: &str) -> Option<String> {
+    let txt = knot.rrset(
+        &format!("_mta-sts.{domain}."),
+        hickory_proto::rr::RecordType::TXT,
+    );
+    match txt.as_slice() {
+        [(_, value)] => value
+            .strip_prefix("v=STSv1; id=")
+            .and_then(|v| v.strip_suffix(';'))
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn served_id(replica: &Replica, domain: &str) -> Option<String> {
+    common::served_body(replica.http.port(), domain).map(|b| common::policy_id(&b))
+}
+
+#[test]
+fn auto_push_publishes_a_new_id_only_once_every_live_replica_serves_it() {
+    common::init_crypto();
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let Some(knot) = common::knot::Knot::start("example.test", "") else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let domain = "a.example.test";
+    let store = "heartbeat = \"200ms\"\nreplica_timeout = \"4s\"\nlease = \"3s\"";
+    let replicas: Vec<Replica> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let r = Replica::new(root.path(), name, &pg, None, &[domain], store, None);
+            set_mx(&r, domain, "mx1.example.test");
+            let mut text = std::fs::read_to_string(&r.config).expect("config");
+            text.push_str(&format!(
+                "\n[dns.update]\nserver = \"{}\"\nzone = \"example.test\"\nkey_name = \"{}\"\nsecret = \"{}\"\nauto_push = true\ntimeout = \"2s\"\n",
+                knot.addr,
+                common::knot::KEY_NAME,
+                knot.secret
+            ));
+            std::fs::write(&r.config, text).expect("write");
+            r
+        })
+        .collect();
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let proc_a = a.start();
+    let proc_b = b.start();
+    let first = served_id(a, domain).expect("A serves");
+    assert_eq!(served_id(b, domain).as_deref(), Some(first.as_str()));
+    common::wait_for("the first push", || {
+        published_id(&knot, domain).as_deref() == Some(first.as_str())
+    });
+
+    // A rolls out a policy change; B has not yet. The new id must not be
+    // published while B serves the old policy.
+    set_mx(a, domain, "mx2.example.test");
+    proc_a.signal("HUP");
+    common::wait_for("A serving the change", || {
+        served_id(a, domain).is_some_and(|id| id != first)
+    });
+    let second = served_id(a, domain).expect("A serves");
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            published_id(&knot, domain).as_deref(),
+            Some(first.as_str()),
+            "the new id was published while B still served the old policy:\n{}\n{}",
+            proc_a.log(),
+            proc_b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // B catches up: the new id follows, and both serve its policy.
+    set_mx(b, domain, "mx2.example.test");
+    proc_b.signal("HUP");
+    common::wait_for("the push once every replica serves it", || {
+        published_id(&knot, domain).as_deref() == Some(second.as_str())
+    });
+    assert_eq!(served_id(a, domain).as_deref(), Some(second.as_str()));
+    assert_eq!(served_id(b, domain).as_deref(), Some(second.as_str()));
+
+    // A replica that stops reporting (frozen) is not waited for after
+    // replica_timeout, and a frozen leader loses its lease.
+    proc_b.signal("STOP");
+    set_mx(a, domain, "mx3.example.test");
+    proc_a.signal("HUP");
+    common::wait_for("A serving the third policy", || {
+        served_id(a, domain).is_some_and(|id| id != second)
+    });
+    let third = served_id(a, domain).expect("A serves");
+    let start = Instant::now();
+    while published_id(&knot, domain).as_deref() != Some(third.as_str()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never published without the frozen replica:\n{}",
+            proc_a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proc_b.signal("CONT");
+    // The leader said why it waited.
+    let logs = format!("{}{}", proc_a.log(), proc_b.log());
+    assert!(logs.contains("waits until every live replica"), "{logs}");
+    drop((proc_a, proc_b));
+}

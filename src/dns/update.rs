@@ -974,6 +974,8 @@ struct Job {
     records: Vec<Record>,
     /// Retiring domains: their publication starts the retirement clock.
     retire: crate::retire::Observation,
+    /// Digest of `records` (replicas: what every replica must serve first).
+    digest: String,
 }
 
 /// How long the automatic push waits before trying a failed push again
@@ -985,16 +987,48 @@ const AUTO_RETRY: Duration = Duration::from_secs(60);
 /// background task pushes the newest submitted snapshot, so a new id never
 /// reaches DNS before this server serves its body. Pushes never overlap;
 /// a snapshot submitted during a push replaces any that waited.
+///
+/// Replicas sharing a PostgreSQL store ([`AutoPush::start_gated`]): only
+/// the replica holding the leader lock pushes, and only once every live
+/// replica reports serving the same records (docs/REPLICAS.md).
 #[derive(Debug, Clone)]
 pub struct AutoPush {
     tx: std::sync::Arc<tokio::sync::watch::Sender<Option<std::sync::Arc<Job>>>>,
 }
 
+/// What gates the push of replicas: the shared store, how long a silent
+/// replica is still waited for, and how often to look.
+#[derive(Debug)]
+pub struct PushGate {
+    pub store: crate::store::pg::PgStore,
+    pub replica_timeout: Duration,
+    pub poll: Duration,
+}
+
+/// The claim (lease) that makes a replica the `auto_push` leader; not a
+/// host name, so it never collides with an order claim.
+const LEADER_CLAIM: &str = "#auto_push";
+
+/// How often a replica that is not the leader tries to become it.
+const LEADER_RETRY: Duration = Duration::from_secs(5);
+
+/// How often the leader says which replicas it still waits for.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(60);
+
 impl AutoPush {
     /// Spawns the background task (on the current tokio runtime).
     pub fn start() -> AutoPush {
         let (tx, rx) = tokio::sync::watch::channel(None);
-        tokio::spawn(auto_push_worker(rx));
+        tokio::spawn(auto_push_worker(rx, None));
+        AutoPush {
+            tx: std::sync::Arc::new(tx),
+        }
+    }
+
+    /// [`AutoPush::start`] for one of several replicas.
+    pub fn start_gated(gate: PushGate) -> AutoPush {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(auto_push_worker(rx, Some(gate)));
         AutoPush {
             tx: std::sync::Arc::new(tx),
         }
@@ -1013,6 +1047,7 @@ impl AutoPush {
         )?;
         self.tx.send_replace(Some(std::sync::Arc::new(Job {
             update: update.clone(),
+            digest: crate::replica::records_digest(&records),
             records,
             retire: crate::retire::Observation::new(config),
         })));
@@ -1020,12 +1055,103 @@ impl AutoPush {
     }
 }
 
-async fn auto_push_worker(mut rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Job>>>) {
+/// Whether the gated push may go now.
+enum Gate {
+    Go,
+    Wait(Duration),
+}
+
+/// The leader's claim (a lease renewed in the background: a replica that
+/// dies or freezes loses it) and when it last said whom it waits for.
+#[derive(Default)]
+struct Leadership {
+    claim: Option<crate::store::pg::PgClaim>,
+    last_wait_log: Option<std::time::Instant>,
+}
+
+impl PushGate {
+    async fn check(&self, lead: &mut Leadership, digest: &str) -> Gate {
+        if lead.claim.is_some() {
+            match self.store.holds(LEADER_CLAIM).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("no longer the auto_push leader (the lease ended)");
+                    lead.claim = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "dns push waits: cannot check the leader lease");
+                    return Gate::Wait(self.poll);
+                }
+            }
+        }
+        if lead.claim.is_none() {
+            match self.store.claim(LEADER_CLAIM).await {
+                Ok(Ok(claim)) => {
+                    tracing::info!("this replica runs auto_push for the cluster");
+                    lead.claim = Some(claim);
+                }
+                Ok(Err(left)) => return Gate::Wait(left.min(LEADER_RETRY)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot claim the auto_push leadership");
+                    return Gate::Wait(LEADER_RETRY);
+                }
+            }
+        }
+        let replicas = match self.store.replicas(self.replica_timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "dns push waits: cannot read the replicas' heartbeats");
+                return Gate::Wait(self.poll);
+            }
+        };
+        let me = self.store.replica();
+        let behind: Vec<String> = replicas
+            .iter()
+            .filter(|r| r.served != digest)
+            .map(|r| format!("{} (generation {})", r.id, r.generation))
+            .collect();
+        if behind.is_empty() && replicas.iter().any(|r| r.id == me) {
+            lead.last_wait_log = None;
+            return Gate::Go;
+        }
+        let now = std::time::Instant::now();
+        if lead
+            .last_wait_log
+            .is_none_or(|t| now.duration_since(t) >= WAIT_LOG_EVERY)
+        {
+            lead.last_wait_log = Some(now);
+            tracing::info!(
+                waiting_for = ?behind,
+                "dns push waits until every live replica serves the new policies"
+            );
+        }
+        Gate::Wait(self.poll)
+    }
+}
+
+async fn auto_push_worker(
+    mut rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Job>>>,
+    gate: Option<PushGate>,
+) {
+    let mut lead = Leadership::default();
     while rx.changed().await.is_ok() {
         loop {
             let Some(job) = rx.borrow_and_update().clone() else {
                 break;
             };
+            if let Some(gate) = &gate
+                && let Gate::Wait(wait) = gate.check(&mut lead, &job.digest).await
+            {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
             if run_auto_push(&job).await {
                 break;
             }

@@ -582,6 +582,23 @@ impl PgStore {
         }))
     }
 
+    /// Whether this replica still holds the claim on `key` (its lease did
+    /// not end, e.g. while the process was frozen).
+    pub async fn holds(&self, key: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = self
+            .timed(
+                "check claim",
+                client.query_opt(
+                    "SELECT 1 FROM mtasts_order_claims
+                     WHERE host = $1 AND replica = $2 AND expires_at > now()",
+                    &[&key, &self.inner.replica],
+                ),
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
     async fn release(&self, host: &str) -> Result<(), StoreError> {
         let client = self.client().await?;
         self.timed(
@@ -843,23 +860,6 @@ impl PgStore {
         )
         .await?;
         Ok(())
-    }
-
-    /// Tries the advisory lock that makes one replica the `auto_push`
-    /// leader; held by the returned connection until it is dropped.
-    pub async fn try_lead(
-        &self,
-        key: i64,
-    ) -> Result<Option<deadpool_postgres::Object>, StoreError> {
-        let client = self.client().await?;
-        let row = self
-            .timed(
-                "leader lock",
-                client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
-            )
-            .await?;
-        let got: bool = row.get(0);
-        Ok(got.then_some(client))
     }
 
     /// Every certificate, state and account in the database (for tests and
