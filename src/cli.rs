@@ -338,7 +338,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             config,
             old_max_age,
             domains,
-        } => retire(&config, old_max_age, &domains),
+        } => {
+            let cfg = load(&config)?;
+            crate::replica::with_shared_documents(&cfg, || {
+                retire(&config, &cfg, old_max_age, &domains)
+            })
+        }
         Command::Dns {
             command:
                 DnsCommand::Push {
@@ -348,7 +353,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     prune,
                     domains,
                 },
-        } => dns_push(&config, side, dry_run, prune, &domains),
+        } => {
+            let cfg = load(&config)?;
+            crate::replica::with_shared_documents(&cfg, || {
+                dns_push(&config, &cfg, side, dry_run, prune, &domains)
+            })
+        }
         Command::Store { command } => store_command(command),
     }
 }
@@ -423,7 +433,24 @@ fn certs(path: &Path, format: CertsFormat) -> anyhow::Result<ExitCode> {
     if cfg.tls.mode != crate::config::TlsMode::Acme {
         eprintln!("note: tls.mode is not \"acme\"; showing what the ACME store holds");
     }
-    let report = crate::acme::status::report(&cfg);
+    let report = match &cfg.store {
+        crate::config::StoreConfig::Files => crate::acme::status::report(&cfg),
+        crate::config::StoreConfig::Postgres(pg) => {
+            // The shared store, copied into a private temporary directory
+            // store (never into state_dir, which the server owns).
+            let tmp = tempfile::tempdir().context("temporary directory")?;
+            let export = crate::store::DirStore::open(tmp.path())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let store = crate::store::pg::PgStore::open(pg, tmp.path())?;
+                store.export(&export).await
+            })?;
+            crate::acme::status::report_from(&cfg, Some(export))
+        }
+    };
     let text = match format {
         CertsFormat::Table => crate::acme::status::table(&report),
         CertsFormat::Json => {
@@ -616,6 +643,7 @@ fn check(
 
 fn dns_push(
     path: &Path,
+    cfg: &Config,
     side: Option<RecordSide>,
     dry_run: bool,
     prune: bool,
@@ -623,7 +651,6 @@ fn dns_push(
 ) -> anyhow::Result<ExitCode> {
     use dns::update::{Outcome, Pusher};
 
-    let cfg = load(path)?;
     let Some(update) = &cfg.dns_update else {
         anyhow::bail!(
             "{} has no [dns.update] section (server, zone, key_name, secret); see docs/DNS.md",
@@ -631,8 +658,8 @@ fn dns_push(
         );
     };
     let only = domain_args(names)?;
-    let side = side.map_or_else(|| dns::update::default_side(&cfg), dns::Side::from);
-    let snapshot = Snapshot::build(&cfg);
+    let side = side.map_or_else(|| dns::update::default_side(cfg), dns::Side::from);
+    let snapshot = Snapshot::build(cfg);
     let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
     let mut pusher = Pusher::new(update, dry_run)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -673,18 +700,18 @@ fn dns_push(
     // The mode none id of a retiring domain is in DNS now: its retirement
     // clock starts (RFC 8461 §8.3). Only the sides that carry the id count.
     if !dry_run && side != dns::Side::Customer {
-        let observation = crate::retire::Observation::new(&cfg);
+        let observation = crate::retire::Observation::new(cfg);
         if let Err(e) = observation.record(&recs, &report.published(), &update.zone, update.ttl) {
             eprintln!("error: cannot record retirements: {e}");
             failed += 1;
         }
     }
     if !prune {
-        note_prunable(&cfg);
+        note_prunable(cfg);
     }
     let pruned = if prune && report.aborted.is_none() {
         let (pruned, prune_failed) =
-            runtime.block_on(dns_prune(&cfg, &mut pusher, &only, dry_run))?;
+            runtime.block_on(dns_prune(cfg, &mut pusher, &only, dry_run))?;
         failed += prune_failed;
         Some(pruned)
     } else {
@@ -812,12 +839,12 @@ fn parse_old_max_age(text: &str) -> Result<Duration, String> {
 /// (unless already recorded) and prints where every retirement stands.
 fn retire(
     path: &Path,
+    cfg: &Config,
     old_max_age: Option<Duration>,
     names: &[String],
 ) -> anyhow::Result<ExitCode> {
     use crate::retire::{self, Observation, State};
 
-    let cfg = load(path)?;
     let only = domain_args(names)?;
     let mut state = State::load(&cfg.server.state_dir)?;
     for d in &only {
@@ -838,8 +865,8 @@ fn retire(
     let records = if started.is_empty() {
         Vec::new()
     } else {
-        let snapshot = Snapshot::build(&cfg);
-        let side = dns::update::default_side(&cfg);
+        let snapshot = Snapshot::build(cfg);
+        let side = dns::update::default_side(cfg);
         let ttl = cfg.dns_update.as_ref().and_then(|u| u.ttl);
         dns::records(&snapshot, &started, side, cfg.delegation.as_ref())?
             .into_iter()
@@ -849,7 +876,7 @@ fn retire(
             })
             .collect()
     };
-    let mut changed = Observation::new(&cfg).apply(&mut state, &records, retire::unix_now());
+    let mut changed = Observation::new(cfg).apply(&mut state, &records, retire::unix_now());
     if let Some(longer) = old_max_age {
         for d in &only {
             if let Some(entry) = state.domains.get_mut(d.as_str())
@@ -863,7 +890,7 @@ fn retire(
     if changed {
         state.save(&cfg.server.state_dir)?;
     }
-    let lines = retire::status(&state, &cfg, retire::unix_now());
+    let lines = retire::status(&state, cfg, retire::unix_now());
     if lines.is_empty() {
         println!("no domain is retiring (set retire = true in its [[domain]] entry)");
     }

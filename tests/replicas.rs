@@ -474,7 +474,8 @@ fn store_migrate_is_safe_concurrently_and_import_is_idempotent() {
         &format!("{host}.json"),
         r#"{"failures":0}"#,
     );
-    common::write(&old, "retire.json", r#"{"domains":{}}"#);
+    let retire_json = r#"{"version":1,"domains":{}}"#;
+    common::write(&old, "retire.json", retire_json);
     common::write(
         &r.dir.join("domains.d"),
         "api.example.toml",
@@ -522,6 +523,30 @@ fn store_migrate_is_safe_concurrently_and_import_is_idempotent() {
             "SELECT count(*) FROM mtasts_accounts WHERE position('AAAA'::bytea in credentials) = 0"
         ),
         "1"
+    );
+    // `certs` reads the shared store (decrypting with key_file).
+    let certs = common::mtasts(&["certs", "--config", &config, "--format", "json"]);
+    let (out, err) = common::output_text(&certs);
+    assert!(certs.status.success(), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let row = report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap_or_else(|| panic!("{host} not in {out}"));
+    assert!(
+        row["not_after"].is_string() || row["not_after"].is_number(),
+        "{row}"
+    );
+    // `retire` works on the shared retirement records: the database's copy
+    // comes into state_dir.
+    let retire = common::mtasts(&["retire", "--config", &config]);
+    let (out, err) = common::output_text(&retire);
+    assert!(retire.status.success(), "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(r.dir.join("state/retire.json")).expect("pulled"),
+        retire_json
     );
     // A files-backend config is refused with a pointer to the setting.
     let files = common::write(root.path(), "files.toml", "[defaults]\nmode = \"none\"\n");

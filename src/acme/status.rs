@@ -48,7 +48,12 @@ pub struct CertReport {
 
 /// Builds the report for `cfg` from its `state_dir`.
 pub fn report(cfg: &Config) -> CertReport {
-    let store = DirStore::existing(&cfg.server.state_dir);
+    report_from(cfg, DirStore::existing(&cfg.server.state_dir))
+}
+
+/// Builds the report for `cfg` from `store` (the shared store's contents
+/// exported to a directory store, with `[store] backend = "postgres"`).
+pub fn report_from(cfg: &Config, store: Option<DirStore>) -> CertReport {
     let acme = &cfg.tls.acme;
     let now = unix(SystemTime::now());
     let mut hosts: Vec<(String, bool)> = cfg

@@ -1152,7 +1152,21 @@ async fn auto_push_worker(
                 }
                 continue;
             }
-            if run_auto_push(&job).await {
+            // The retirement records are shared between replicas: the
+            // leader works on the database's copy.
+            let state_dir = &job.retire.state_dir;
+            if let Some(gate) = &gate
+                && let Err(e) = crate::replica::pull_documents(&gate.store, state_dir).await
+            {
+                tracing::warn!(error = %e, "dns push: cannot read the shared retirement records; using the local copy");
+            }
+            let done = run_auto_push(&job).await;
+            if let Some(gate) = &gate
+                && let Err(e) = crate::replica::push_documents(&gate.store, state_dir).await
+            {
+                tracing::error!(error = %e, "dns push: cannot share the retirement records");
+            }
+            if done {
                 break;
             }
             tokio::select! {

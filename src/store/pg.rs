@@ -862,6 +862,45 @@ impl PgStore {
         Ok(())
     }
 
+    /// Writes every certificate (decrypted) and state of the database into
+    /// `to` (for `mtasts certs`, which reads a directory store). Returns
+    /// how many certificates were written.
+    pub async fn export(&self, to: &DirStore) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let rows = self
+            .timed(
+                "export certificates",
+                client.query("SELECT host, bundle FROM mtasts_certs", &[]),
+            )
+            .await?;
+        let mut n = 0;
+        for row in &rows {
+            let host: String = row.get(0);
+            match self.unseal(&host, row.get(1)) {
+                Ok(bundle) => {
+                    to.write_cert(&host, &bundle)?;
+                    n += 1;
+                }
+                Err(e) => tracing::warn!(host, error = %e, "certificate not exported"),
+            }
+        }
+        let rows = self
+            .timed(
+                "export state",
+                client.query("SELECT host, state FROM mtasts_cert_state", &[]),
+            )
+            .await?;
+        for row in &rows {
+            let host: String = row.get(0);
+            let text: String = row.get(1);
+            match serde_json::from_str::<CertState>(&text) {
+                Ok(state) => to.write_state(&host, &state)?,
+                Err(e) => tracing::warn!(host, error = %e, "state not exported"),
+            }
+        }
+        Ok(n)
+    }
+
     /// Every certificate, state and account in the database (for tests and
     /// `store import` checks): host names of stored certificates.
     pub async fn count(&self, table: &str) -> Result<i64, StoreError> {
