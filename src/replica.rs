@@ -164,7 +164,11 @@ pub async fn run(
     heartbeat: Duration,
 ) {
     let (tx, mut events) = mpsc::unbounded_channel();
-    tokio::spawn(pg::listen(store.pg_config().clone(), tx));
+    tokio::spawn(pg::listen(
+        store.pg_config().clone(),
+        store.tls().clone(),
+        tx,
+    ));
     let beat = tokio::spawn(heartbeats(Arc::clone(&control), store.clone(), heartbeat));
     let mut catch_up = tokio::time::interval(CATCH_UP_EVERY);
     catch_up.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -703,3 +703,56 @@ fn auto_push_publishes_a_new_id_only_once_every_live_replica_serves_it() {
     assert!(logs.contains("waits until every live replica"), "{logs}");
     drop((proc_a, proc_b));
 }
+
+#[test]
+fn the_database_connection_is_tls_verified_against_ca_file() {
+    common::init_crypto();
+    let Some(pg) = Postgres::start_tls() else {
+        return;
+    };
+    let ca = pg.ca.clone().expect("test CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |url: &str, ca_file: Option<&Path>| {
+        let mut text = format!(
+            "[server]\nstate_dir = \"{}\"\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\nconnect_timeout = \"3s\"\n",
+            dir.path().join("state").display()
+        );
+        if let Some(ca) = ca_file {
+            text.push_str(&format!("ca_file = \"{}\"\n", ca.display()));
+        }
+        text.push_str("[defaults]\nmode = \"none\"\n");
+        let config = common::write(dir.path(), "mtasts.toml", &text);
+        common::mtasts(&[
+            "store",
+            "migrate",
+            "--config",
+            config.to_str().expect("utf-8"),
+        ])
+    };
+    let host = format!("localhost:{}", pg.port);
+    // The server takes TLS connections only: with the CA it works.
+    let ok = run(&format!("postgres://mtasts@{host}/mtasts"), Some(&ca));
+    let (out, err) = common::output_text(&ok);
+    assert!(ok.status.success(), "{out}{err}");
+    assert!(out.contains("applied schema version 1"), "{out}");
+    // Plain (no sslmode, no ca_file): refused by the server, said clearly.
+    let plain = run(&format!("postgres://mtasts@{host}/mtasts"), None);
+    let (_, err) = common::output_text(&plain);
+    assert!(!plain.status.success());
+    assert!(
+        err.contains("no encryption") || err.contains("pg_hba.conf"),
+        "{err}"
+    );
+    // TLS required, but the server's CA is not trusted: refused by us.
+    let untrusted = run(
+        &format!("postgres://mtasts@{host}/mtasts?sslmode=require"),
+        None,
+    );
+    let (_, err) = common::output_text(&untrusted);
+    assert!(!untrusted.status.success());
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    assert_eq!(pg.sql("SELECT count(*) FROM mtasts_schema"), "1");
+}

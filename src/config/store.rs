@@ -51,6 +51,10 @@ pub struct PgConfig {
     /// account credentials are encrypted with it (AES-256-GCM) before they
     /// reach the database. Without it they are stored as they are.
     pub key_file: Option<PathBuf>,
+    /// PEM roots that sign the database server's certificate; setting it
+    /// (or `sslmode=require` in the URL) makes the connection TLS, always
+    /// verified (the platform's roots without it).
+    pub ca_file: Option<PathBuf>,
     /// How long an order claim lasts unless its replica renews it: a
     /// replica that dies mid-order is replaced after this long.
     pub lease: Duration,
@@ -77,6 +81,7 @@ pub(super) struct RawStore {
     pool_size: Option<Spanned<i64>>,
     connect_timeout: Option<Spanned<toml::Value>>,
     key_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
     lease: Option<Spanned<toml::Value>>,
     heartbeat: Option<Spanned<toml::Value>>,
     replica_timeout: Option<Spanned<toml::Value>>,
@@ -102,6 +107,7 @@ pub(super) fn store_config(
                 ("url", raw.url.as_ref().map(Spanned::span)),
                 ("url_file", raw.url_file.as_ref().map(Spanned::span)),
                 ("key_file", raw.key_file.as_ref().map(Spanned::span)),
+                ("ca_file", raw.ca_file.as_ref().map(Spanned::span)),
             ];
             for (key, at) in extra {
                 if let Some(at) = at {
@@ -193,6 +199,7 @@ pub(super) fn store_config(
         pool_size,
         connect_timeout,
         key_file: raw.key_file.map(|k| source.resolve(k.get_ref())),
+        ca_file: raw.ca_file.map(|k| source.resolve(k.get_ref())),
         lease,
         heartbeat,
         replica_timeout,

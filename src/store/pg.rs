@@ -104,6 +104,77 @@ fn db_err(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Database(format!("{what}: {e}"))
 }
 
+/// How connections to the database are made: plain, or TLS verified by
+/// rustls (`sslmode=require` in the URL, or `[store] ca_file`).
+#[derive(Clone)]
+pub enum Tls {
+    Off,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    /// The TLS settings of `cfg` for `pg` (whose ssl mode becomes
+    /// `require` when a `ca_file` is given).
+    pub fn of(cfg: &PgConfig, pg: &mut tokio_postgres::Config) -> Result<Tls, StoreError> {
+        use tokio_postgres::config::SslMode;
+        if cfg.ca_file.is_none() && pg.get_ssl_mode() != SslMode::Require {
+            // `prefer` (the default) stays plain: a server's certificate is
+            // only trusted when the config says which roots sign it.
+            pg.ssl_mode(SslMode::Disable);
+            return Ok(Tls::Off);
+        }
+        pg.ssl_mode(SslMode::Require);
+        let mut roots = rustls::RootCertStore::empty();
+        match &cfg.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                use rustls_pki_types::pem::PemObject;
+                for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| {
+                        StoreError::Database(format!(
+                            "{}: not a PEM certificate ({e})",
+                            path.display()
+                        ))
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        StoreError::Database(format!(
+                            "{}: unusable CA certificate ({e})",
+                            path.display()
+                        ))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(StoreError::Database(format!(
+                        "{}: no certificate in the file",
+                        path.display()
+                    )));
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            config,
+        )))
+    }
+
+    fn manager(&self, pg: tokio_postgres::Config, mc: ManagerConfig) -> Manager {
+        match self {
+            Tls::Off => Manager::from_config(pg, tokio_postgres::NoTls, mc),
+            Tls::Rustls(t) => Manager::from_config(pg, t.clone(), mc),
+        }
+    }
+}
+
 /// The PostgreSQL store of one replica.
 #[derive(Clone)]
 pub struct PgStore {
@@ -113,6 +184,7 @@ pub struct PgStore {
 struct Inner {
     pool: Pool,
     pg: tokio_postgres::Config,
+    tls: Tls,
     cache: DirStore,
     cipher: Option<LessSafeKey>,
     timeout: Duration,
@@ -275,7 +347,8 @@ impl PgStore {
     /// The store of `cfg`, without connecting yet (connections are made on
     /// use): a replica starts from its cache while the database is down.
     pub fn open(cfg: &PgConfig, state_dir: &Path) -> Result<PgStore, StoreError> {
-        let pg = connection_config(cfg)?;
+        let mut pg = connection_config(cfg)?;
+        let tls = Tls::of(cfg, &mut pg)?;
         let cipher = match &cfg.key_file {
             Some(path) => Some(read_key_file(path)?),
             None => {
@@ -286,9 +359,8 @@ impl PgStore {
             }
         };
         let cache = DirStore::open(state_dir)?;
-        let manager = Manager::from_config(
+        let manager = tls.manager(
             pg.clone(),
-            tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -305,6 +377,7 @@ impl PgStore {
             inner: Arc::new(Inner {
                 pool,
                 pg,
+                tls,
                 cache,
                 cipher,
                 timeout: cfg.connect_timeout.max(Duration::from_secs(1)) * 2,
@@ -334,6 +407,11 @@ impl PgStore {
     /// The connection settings (for the LISTEN connection).
     pub fn pg_config(&self) -> &tokio_postgres::Config {
         &self.inner.pg
+    }
+
+    /// How connections are made (for the LISTEN connection).
+    pub fn tls(&self) -> &Tls {
+        &self.inner.tls
     }
 
     /// Runs `fut` with the query timeout, recording whether the database
@@ -370,7 +448,14 @@ impl PgStore {
             Ok(c) => Ok(c),
             Err(e) => {
                 self.inner.reachable.store(false, Ordering::Relaxed);
-                Err(db_err("cannot connect to PostgreSQL", e))
+                let why = match &e {
+                    deadpool_postgres::PoolError::Backend(pe) => pg_message(pe),
+                    deadpool_postgres::PoolError::Timeout(_) => {
+                        format!("no connection within {} s", self.inner.timeout.as_secs())
+                    }
+                    other => other.to_string(),
+                };
+                Err(db_err("cannot connect to PostgreSQL", why))
             }
         }
     }
@@ -1112,64 +1197,88 @@ pub enum Event {
 
 /// Keeps a LISTEN connection open (reconnecting with backoff) and sends
 /// what it hears to `events` until the receiver is gone.
-pub async fn listen(config: tokio_postgres::Config, events: mpsc::UnboundedSender<Event>) {
-    use futures_util::StreamExt;
+pub async fn listen(
+    config: tokio_postgres::Config,
+    tls: Tls,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         if events.is_closed() {
             return;
         }
-        match config.connect(tokio_postgres::NoTls).await {
-            Ok((client, mut connection)) => {
-                delay = Duration::from_millis(200);
-                let (tx, mut rx) = mpsc::unbounded_channel();
-                let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let pump = tokio::spawn(async move {
-                    let mut stream = std::pin::pin!(stream);
-                    while let Some(message) = stream.next().await {
-                        match message {
-                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                                if tx.send(n.payload().to_owned()).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %pg_message(&e), "PostgreSQL LISTEN connection failed");
-                                return;
-                            }
-                        }
-                    }
-                });
-                if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                    tracing::warn!(error = %pg_message(&e), "cannot LISTEN");
-                    pump.abort();
-                } else {
-                    tracing::info!("listening for changes from other replicas");
-                    if events.send(Event::Resync).is_err() {
-                        return;
-                    }
-                    while let Some(payload) = rx.recv().await {
-                        let event = match payload.strip_prefix("cert:") {
-                            Some(host) => Event::Cert(host.to_owned()),
-                            None if payload == "domain" => Event::Domains,
-                            None => continue,
-                        };
-                        if events.send(event).is_err() {
-                            return;
-                        }
-                    }
-                    tracing::warn!("lost the PostgreSQL LISTEN connection; reconnecting");
-                }
-                drop(client);
-            }
-            Err(e) => {
-                tracing::debug!(error = %pg_message(&e), "cannot open the LISTEN connection");
-            }
+        let connected = match &tls {
+            Tls::Off => match config.connect(tokio_postgres::NoTls).await {
+                Ok((client, connection)) => Ok(session(client, connection, &events).await),
+                Err(e) => Err(e),
+            },
+            Tls::Rustls(t) => match config.connect(t.clone()).await {
+                Ok((client, connection)) => Ok(session(client, connection, &events).await),
+                Err(e) => Err(e),
+            },
+        };
+        match connected {
+            Ok(false) => return,
+            Ok(true) => delay = Duration::from_millis(200),
+            Err(e) => tracing::debug!(error = %pg_message(&e), "cannot open the LISTEN connection"),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// One LISTEN session until its connection ends; `false` once nobody
+/// receives the events any more.
+async fn session<S, T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, T>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let pump = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %pg_message(&e), "PostgreSQL LISTEN connection failed");
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+        tracing::warn!(error = %pg_message(&e), "cannot LISTEN");
+        pump.abort();
+        return true;
+    }
+    tracing::info!("listening for changes from other replicas");
+    if events.send(Event::Resync).is_err() {
+        return false;
+    }
+    while let Some(payload) = rx.recv().await {
+        let event = match payload.strip_prefix("cert:") {
+            Some(host) => Event::Cert(host.to_owned()),
+            None if payload == "domain" => Event::Domains,
+            None => continue,
+        };
+        if events.send(event).is_err() {
+            return false;
+        }
+    }
+    tracing::warn!("lost the PostgreSQL LISTEN connection; reconnecting");
+    true
 }
 
 /// The files a `store import` reads, for its report.

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 pub struct Postgres {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// With TLS only: the CA that signed the server's certificate.
+    pub ca: Option<PathBuf>,
     bin: PathBuf,
     child: Option<Child>,
     starts: u32,
@@ -56,6 +58,17 @@ fn unprivileged(program: &Path) -> Command {
 impl Postgres {
     /// `None` when PostgreSQL is not installed and we are not in CI.
     pub fn start() -> Option<Postgres> {
+        Self::launch(false)
+    }
+
+    /// Like [`Postgres::start`], accepting TCP connections over TLS only
+    /// (`hostssl` in pg_hba.conf), with a certificate for `localhost`
+    /// signed by a test CA ([`Postgres::ca`]).
+    pub fn start_tls() -> Option<Postgres> {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!(
@@ -90,8 +103,48 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut ca = None;
+        if tls {
+            let ca_key = rcgen::KeyPair::generate().expect("key");
+            let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "mtasts test database CA");
+            let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+            let issuer = rcgen::Issuer::new(ca_params, ca_key);
+            let key = rcgen::KeyPair::generate().expect("key");
+            let params =
+                rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+            let cert = params.signed_by(&key, &issuer).expect("server cert");
+            std::fs::write(data.join("server.crt"), cert.pem()).expect("cert");
+            std::fs::write(data.join("server.key"), key.serialize_pem()).expect("key");
+            let ca_path = dir.path().join("db-ca.pem");
+            std::fs::write(&ca_path, ca_cert.pem()).expect("ca");
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .expect("pg_hba");
+            if is_root() {
+                let status = Command::new("chown")
+                    .args(["-R", "65534:65534"])
+                    .arg(&data)
+                    .status()
+                    .expect("chown");
+                assert!(status.success());
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .expect("chmod");
+            ca = Some(ca_path);
+        }
         let mut me = Postgres {
             port: super::free_port(),
+            ca,
             dir,
             bin,
             child: None,
@@ -148,6 +201,11 @@ impl Postgres {
                 self.dir.path().display()
             ))
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(if self.ca.is_some() {
+                &["-c", "ssl=on"][..]
+            } else {
+                &[][..]
+            })
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
