@@ -756,3 +756,59 @@ fn the_database_connection_is_tls_verified_against_ca_file() {
     );
     assert_eq!(pg.sql("SELECT count(*) FROM mtasts_schema"), "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_is_answered_by_the_replica_that_did_not_order() {
+    common::init_crypto();
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let (b_https, b_http) = (common::loopback(), common::loopback());
+    let Some(pebble) = Pebble::start(b_http.port(), b_https.port(), 0) else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let a = Replica::new(
+        root.path(),
+        "a",
+        &pg,
+        Some(&pebble),
+        &["alpn.example"],
+        "",
+        None,
+    );
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    std::fs::write(
+        &a.config,
+        text.replace("challenge = \"http-01\"", "challenge = \"tls-alpn-01\""),
+    )
+    .expect("write");
+    let b = Replica::new(
+        root.path(),
+        "b",
+        &pg,
+        Some(&pebble),
+        &[],
+        "",
+        Some((b_https, b_http)),
+    );
+    let proc_b = b.start();
+    let proc_a = a.start();
+    let ca = pebble.root().await;
+    until(
+        "A's certificate, validated by TLS-ALPN-01 on B",
+        Duration::from_secs(60),
+        || async { served_serial(a.https, "alpn.example", &ca).await.is_some() },
+    )
+    .await;
+    assert_eq!(
+        pg.sql("SELECT state::json->>'last_challenge' FROM mtasts_cert_state WHERE host = 'mta-sts.alpn.example'"),
+        "tls-alpn-01"
+    );
+    assert!(
+        !proc_b.log().contains("certificate issued"),
+        "{}",
+        proc_b.log()
+    );
+    drop((proc_a, proc_b));
+}

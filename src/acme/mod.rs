@@ -736,6 +736,11 @@ impl<S: CertStore> Manager<S> {
                 if let Some(adopted) = self.stored_newer(&target.host, expires).await {
                     return (Some(claim), false, Ok(Outcome::Adopted(adopted)));
                 }
+                // Another replica's failed attempt set a backoff: it holds
+                // here too (failed validations count cluster-wide).
+                if let Some(retry) = self.stored_backoff(&target.host).await {
+                    return (Some(claim), false, Ok(Outcome::Later(retry)));
+                }
                 let (ordered, result) = self.attempt_claimed(target, kind, current).await;
                 return (Some(claim), ordered, result);
             }
@@ -777,6 +782,14 @@ impl<S: CertStore> Manager<S> {
             not_after: info.not_after,
             state,
         })
+    }
+
+    /// The retry time a failed attempt stored for `host`, if it is still
+    /// ahead (with a shared store, another replica's failure).
+    async fn stored_backoff(&self, host: &str) -> Option<SystemTime> {
+        let state = self.store.load_state(host).await.ok()??;
+        let next = state.next_attempt.filter(|_| state.failures > 0)?;
+        (next > unix(SystemTime::now())).then(|| schedule::from_unix(next))
     }
 
     /// Serves a certificate another replica stored, and schedules its
