@@ -148,6 +148,37 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// TLS reports (RFC 8460) about the served domains.
+    Tlsrpt {
+        #[command(subcommand)]
+        command: TlsrptCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsrptCommand {
+    /// Store reports: RFC 5322 messages (multipart/report; report-type=
+    /// tlsrpt) or bare JSON/gzip reports, from FILEs or stdin (a Postfix
+    /// pipe transport, procmail, fetchmail). Exit 0 when each was stored or
+    /// already there.
+    Ingest {
+        #[arg(long, short)]
+        config: PathBuf,
+        files: Vec<PathBuf>,
+    },
+    /// Sessions, failures by result type, organization, policy type and
+    /// day, per policy domain.
+    Summary {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Reports that start within this long ago ("30d", "2w"), or `all`.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t = CertsFormat::Table)]
+        format: CertsFormat,
+        /// Only these policy domains.
+        domains: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,6 +391,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Store { command } => store_command(command),
+        Command::Tlsrpt { command } => crate::tlsrpt::cli::run(command),
     }
 }
 
@@ -465,7 +497,7 @@ fn certs(path: &Path, format: CertsFormat) -> anyhow::Result<ExitCode> {
 
 /// Loads a config, printing warnings; errors become one anyhow error that
 /// lists them all.
-fn load(path: &Path) -> anyhow::Result<Config> {
+pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
     match Config::load(path) {
         Ok(cfg) => {
             for w in &cfg.warnings {
@@ -1063,6 +1095,14 @@ async fn serve_async(
     let server = tokio::task::spawn_blocking(move || Server::with_store(&setup, store))
         .await
         .context("certificate setup panicked")??;
+    if cfg.tlsrpt.receive {
+        let store = match &shared {
+            Some(shared) => crate::tlsrpt::store::ReportStore::postgres(shared.store.clone()),
+            None => crate::tlsrpt::store::ReportStore::for_config(&cfg).await?,
+        };
+        crate::tlsrpt::spawn_retention(store.clone(), cfg.tlsrpt.retention);
+        server.receive_tlsrpt(store, cfg.tlsrpt.clone());
+    }
     let server = Arc::new(server);
     // Bound only now, so that a client that can connect finds every
     // certificate in place.

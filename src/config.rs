@@ -18,9 +18,11 @@ use toml::Spanned;
 
 mod loader;
 mod store;
+mod tlsrpt;
 use loader::CertReader;
 pub use loader::Loader;
 pub use store::{PgConfig, PgUrl, StoreConfig, check_url as check_pg_url};
+pub use tlsrpt::TlsRptConfig;
 
 use crate::policy::{DomainName, MAX_AGE_LIMIT, MAX_AGE_RECOMMENDED_MIN, Mode, MxPattern, Policy};
 
@@ -93,6 +95,8 @@ pub struct Config {
     pub dns_update: Option<DnsUpdate>,
     /// `[store]`: files in `state_dir` (default) or PostgreSQL.
     pub store: StoreConfig,
+    /// `[tlsrpt]`: receiving TLS reports.
+    pub tlsrpt: TlsRptConfig,
 }
 
 /// `[server]`: listeners, state and connection limits.
@@ -341,6 +345,7 @@ struct RawMain {
     delegation: Option<Spanned<RawDelegation>>,
     dns: Option<RawDns>,
     store: Option<Spanned<store::RawStore>>,
+    tlsrpt: Option<tlsrpt::RawTlsRpt>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -520,6 +525,7 @@ impl Config {
             && self.delegation == other.delegation
             && self.dns_update == other.dns_update
             && self.store == other.store
+            && self.tlsrpt == other.tlsrpt
             && self.domains.len() == other.domains.len()
             && self
                 .domains
@@ -539,6 +545,7 @@ struct MainParts {
     delegation: Option<Delegation>,
     dns_update: Option<DnsUpdate>,
     store: StoreConfig,
+    tlsrpt: TlsRptConfig,
     /// `domains_dir`, resolved, and where the main file names it.
     domains_dir: Option<(PathBuf, Range<usize>)>,
     defaults: RawPolicy,
@@ -582,6 +589,7 @@ fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, Confi
         .and_then(|u| dns_update_config(&main, u, &mut report));
     let admin = admin_config(&main, raw.admin, &mut report);
     let store = store::store_config(&main, raw.store, &mut report);
+    let tlsrpt = tlsrpt::tlsrpt_config(&main, raw.tlsrpt, &mut report);
 
     let defaults = match raw.defaults {
         Some(d) => {
@@ -613,6 +621,7 @@ fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, Confi
         delegation,
         dns_update,
         store,
+        tlsrpt,
         domains_dir,
         defaults,
         entries: raw.domain,
@@ -1261,6 +1270,9 @@ struct Layer<'a> {
     /// once, when every item is valid. At a million domains that inherit it,
     /// parsing the same patterns again for each was an eighth of the load.
     mx: Option<Vec<MxPattern>>,
+    /// `[defaults]` only: `[tlsrpt] receive` is on, so every domain's
+    /// `_smtp._tls` record names its own policy host's `/tlsrpt` too.
+    tlsrpt_receive: bool,
 }
 
 impl<'a> Layer<'a> {
@@ -1269,6 +1281,7 @@ impl<'a> Layer<'a> {
             source,
             raw,
             mx: None,
+            tlsrpt_receive: false,
         }
     }
 
@@ -1285,7 +1298,12 @@ impl<'a> Layer<'a> {
             mx.dedup();
             Some(mx)
         });
-        Self { source, raw, mx }
+        Self {
+            source,
+            raw,
+            mx,
+            tlsrpt_receive: false,
+        }
     }
 }
 
@@ -1525,10 +1543,16 @@ fn domain_config(
         });
     }
 
-    let tlsrpt_rua = match pick(&domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
+    let mut tlsrpt_rua = match pick(&domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
         Some((src, v)) => rua_list(src, v, report),
         None => Vec::new(),
     };
+    if defaults.tlsrpt_receive {
+        let own = crate::tlsrpt::rua_for(name.as_str());
+        if !tlsrpt_rua.contains(&own) {
+            tlsrpt_rua.push(own);
+        }
+    }
 
     let ttl = match pick(&domain, defaults, |r| r.ttl.as_ref()) {
         Some((src, v)) => match u32::try_from(*v.get_ref()) {

@@ -109,6 +109,9 @@ type Labels = Vec<(&'static str, &'static str)>;
 /// All metrics of one process.
 pub struct Metrics {
     registry: Registry,
+    tlsrpt_reports: Family<Labels, Counter>,
+    tlsrpt_sessions: Family<Labels, Counter>,
+    tlsrpt_failures: Family<Labels, Counter>,
     requests: [[Counter; OUTCOMES.len()]; 2],
     fetches: [Counter; 3],
     handshakes: [Counter; HANDSHAKES.len()],
@@ -236,8 +239,29 @@ impl Metrics {
             "Domains whose mx shrink is held after the last reload",
             mx_shrink_held_domains.clone(),
         );
+        let tlsrpt_reports = Family::<Labels, Counter>::default();
+        registry.register(
+            "tlsrpt_reports",
+            "TLS reports received, by result (stored, duplicate, rejected)",
+            tlsrpt_reports.clone(),
+        );
+        let tlsrpt_sessions = Family::<Labels, Counter>::default();
+        registry.register(
+            "tlsrpt_sessions",
+            "Sessions counted by stored TLS reports, by outcome (successful, failed)",
+            tlsrpt_sessions.clone(),
+        );
+        let tlsrpt_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "tlsrpt_failed_sessions",
+            "Failed sessions in stored TLS reports' failure details, by result type (unregistered types: other)",
+            tlsrpt_failures.clone(),
+        );
         Metrics {
             registry,
+            tlsrpt_reports,
+            tlsrpt_sessions,
+            tlsrpt_failures,
             cert_loads,
             mx_shrink_held,
             mx_shrink_held_domains,
@@ -286,6 +310,30 @@ impl Metrics {
         {
             c.inc();
         }
+    }
+
+    /// A TLS report was stored, recognised as a duplicate or rejected.
+    pub fn tlsrpt_report(&self, result: &'static str) {
+        self.tlsrpt_reports
+            .get_or_create(&vec![("result", result)])
+            .inc();
+    }
+
+    /// The session counts of a stored report.
+    pub fn tlsrpt_sessions(&self, successful: u64, failed: u64) {
+        self.tlsrpt_sessions
+            .get_or_create(&vec![("outcome", "successful")])
+            .inc_by(successful);
+        self.tlsrpt_sessions
+            .get_or_create(&vec![("outcome", "failed")])
+            .inc_by(failed);
+    }
+
+    /// Failed sessions of one result type (a known type, or `other`).
+    pub fn tlsrpt_failures(&self, result_type: &'static str, count: u64) {
+        self.tlsrpt_failures
+            .get_or_create(&vec![("result", result_type)])
+            .inc_by(count);
     }
 
     pub fn reload(&self, trigger: Trigger, result: ReloadResult) {

@@ -69,6 +69,8 @@ pub struct Server {
     /// on as the index's loader).
     ca_path: PathBuf,
     acme: Option<AcmeParts>,
+    /// `[tlsrpt] receive`: reports POSTed to the policy hosts.
+    tlsrpt: std::sync::OnceLock<Arc<crate::tlsrpt::receive::Receiver>>,
 }
 
 impl Server {
@@ -146,6 +148,7 @@ impl Server {
                 |ca| ca.cert_path.clone(),
             ),
             acme,
+            tlsrpt: std::sync::OnceLock::new(),
         };
         server.apply(config)?;
         Ok(server)
@@ -160,6 +163,20 @@ impl Server {
     /// The ACME manager's counters (`None` in self-signed mode).
     pub fn acme_progress(&self) -> Option<Progress> {
         self.acme.as_ref().map(|a| a.manager.progress())
+    }
+
+    /// Receive TLS reports on every policy host (before [`Server::run`]).
+    pub fn receive_tlsrpt(
+        &self,
+        store: crate::tlsrpt::store::ReportStore,
+        limits: crate::config::TlsRptConfig,
+    ) {
+        let _ = self.tlsrpt.set(Arc::new(crate::tlsrpt::receive::Receiver {
+            store,
+            limits,
+            metrics: Arc::clone(&self.metrics),
+            certs: Arc::clone(&self.certs),
+        }));
     }
 
     /// Another replica stored a certificate for `host` (shared store).
@@ -410,6 +427,7 @@ struct ConnCtx {
     acme: Option<(Arc<Challenges>, Arc<rustls::ServerConfig>)>,
     /// Open connections per client (policy listeners; `None` for admin).
     per_client: Option<Arc<PerClient>>,
+    tlsrpt: Option<Arc<crate::tlsrpt::receive::Receiver>>,
 }
 
 impl ConnCtx {
@@ -465,6 +483,7 @@ impl ConnCtx {
             builder,
             limits,
             per_client,
+            tlsrpt: server.tlsrpt.get().cloned(),
         }
     }
 }
@@ -674,14 +693,23 @@ async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Sl
         return;
     };
     ctx.metrics.handshake(Handshake::Ok);
-    // The hot path: straight to the handler, no router and no boxed future.
+    // The hot path: straight to the handler, no router and no boxed future
+    // (only a TLS report, POSTed to /tlsrpt, is read asynchronously).
     let shared = Arc::clone(&ctx.shared);
+    let tlsrpt = ctx.tlsrpt.clone();
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        std::future::ready(Ok::<_, std::convert::Infallible>(http::answer(
-            &shared,
-            Listener::Https,
-            Some(&sni),
-            &req,
+        use futures_util::future::Either;
+        if let Some(receiver) = &tlsrpt
+            && req.uri().path() == crate::tlsrpt::PATH
+            && let Some(site) = shared.snapshot.load().lookup(&sni).cloned()
+        {
+            let receiver = Arc::clone(receiver);
+            return Either::Right(Box::pin(async move {
+                Ok::<_, std::convert::Infallible>(receiver.handle(site, req).await)
+            }));
+        }
+        Either::Left(std::future::ready(Ok::<_, std::convert::Infallible>(
+            http::answer(&shared, Listener::Https, Some(&sni), &req),
         )))
     });
     serve_io(&ctx, tls, svc, slot).await;

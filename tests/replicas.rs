@@ -435,7 +435,10 @@ fn store_migrate_is_safe_concurrently_and_import_is_idempotent() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_eq!(pg.sql("SELECT count(*) FROM mtasts_schema"), "1");
+    assert_eq!(
+        pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM mtasts_schema"),
+        "1,2"
+    );
     let again = common::mtasts(&["store", "migrate", "--config", &config]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("schema is current"));
 
@@ -734,7 +737,10 @@ fn the_database_connection_is_tls_verified_against_ca_file() {
     let ok = run(&format!("postgres://mtasts@{host}/mtasts"), Some(&ca));
     let (out, err) = common::output_text(&ok);
     assert!(ok.status.success(), "{out}{err}");
-    assert!(out.contains("applied schema version 1"), "{out}");
+    assert!(
+        out.contains("applied schema versions 1, 2; schema is at version 2"),
+        "{out}"
+    );
     // Plain (no sslmode, no ca_file): refused by the server, said clearly.
     let plain = run(&format!("postgres://mtasts@{host}/mtasts"), None);
     let (_, err) = common::output_text(&plain);
@@ -754,7 +760,7 @@ fn the_database_connection_is_tls_verified_against_ca_file() {
         err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
         "{err}"
     );
-    assert_eq!(pg.sql("SELECT count(*) FROM mtasts_schema"), "1");
+    assert_eq!(pg.sql("SELECT count(*) FROM mtasts_schema"), "2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

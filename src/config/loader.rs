@@ -261,12 +261,14 @@ impl Loader {
             delegation,
             dns_update,
             store,
+            tlsrpt,
             domains_dir,
             defaults,
             entries,
             mut report,
         } = main;
-        let defaults = Layer::defaults(&source, &defaults);
+        let mut defaults = Layer::defaults(&source, &defaults);
+        defaults.tlsrpt_receive = tlsrpt.receive;
         // Cached entries were validated against the main file's [defaults]
         // and domains_dir: any change of its text validates everything again.
         let main_same = self.main_text.as_deref() == Some(source.text.as_str());
@@ -459,6 +461,7 @@ impl Loader {
                 delegation,
                 dns_update,
                 store,
+                tlsrpt,
             })
         } else {
             Err(ConfigErrors {

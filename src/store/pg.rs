@@ -33,8 +33,9 @@ use crate::config::{PgConfig, PgUrl};
 /// Schema versions, applied in order by [`PgStore::migrate`]. A replica of
 /// an older version keeps working on a newer schema as long as migrations
 /// only add (see docs/REPLICAS.md, upgrades).
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
     "CREATE TABLE mtasts_accounts (
         directory text PRIMARY KEY,
         credentials bytea NOT NULL,
@@ -82,7 +83,44 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         served text NOT NULL,
         started_at timestamptz NOT NULL DEFAULT now(),
         heartbeat_at timestamptz NOT NULL DEFAULT now());",
-)];
+    ),
+    (
+        2,
+        // TLS reports (src/tlsrpt/store.rs).
+        "
+CREATE TABLE IF NOT EXISTS mtasts_tlsrpt_reports (
+    id bigserial PRIMARY KEY,
+    organization text NOT NULL,
+    report_id text NOT NULL,
+    received_at bigint NOT NULL,
+    start_at bigint NOT NULL,
+    end_at bigint NOT NULL,
+    source text NOT NULL,
+    raw bytea NOT NULL,
+    UNIQUE (organization, report_id));
+CREATE TABLE IF NOT EXISTS mtasts_tlsrpt_results (
+    report bigint NOT NULL REFERENCES mtasts_tlsrpt_reports(id) ON DELETE CASCADE,
+    start_at bigint NOT NULL,
+    day text NOT NULL,
+    policy_domain text NOT NULL,
+    policy_type text NOT NULL,
+    organization text NOT NULL,
+    successful bigint NOT NULL,
+    failed bigint NOT NULL,
+    detailed_failed bigint NOT NULL);
+CREATE INDEX IF NOT EXISTS mtasts_tlsrpt_results_domain ON mtasts_tlsrpt_results (policy_domain, start_at);
+CREATE TABLE IF NOT EXISTS mtasts_tlsrpt_failures (
+    report bigint NOT NULL REFERENCES mtasts_tlsrpt_reports(id) ON DELETE CASCADE,
+    start_at bigint NOT NULL,
+    policy_domain text NOT NULL,
+    organization text NOT NULL,
+    result_type text NOT NULL,
+    receiving_mx text,
+    count bigint NOT NULL);
+CREATE INDEX IF NOT EXISTS mtasts_tlsrpt_failures_domain ON mtasts_tlsrpt_failures (policy_domain, start_at);
+",
+    ),
+];
 
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "mtasts";
@@ -443,7 +481,8 @@ impl PgStore {
         result
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    /// A pooled connection (for tables outside this module: TLS reports).
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         match self.inner.pool.get().await {
             Ok(c) => Ok(c),
             Err(e) => {

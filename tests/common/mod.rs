@@ -235,6 +235,13 @@ pub fn served_body(http_port: u16, domain: &str) -> Option<Vec<u8>> {
         .then(|| resp[split + 4..].to_vec())
 }
 
+/// The id of the policy `addr` serves for `domain` over HTTPS.
+pub async fn served_id(client: &client::TlsClient, addr: SocketAddr, domain: &str) -> String {
+    let resp = client.get_policy(addr, domain).await.expect("policy");
+    assert_eq!(resp.status, 200);
+    policy_id(&resp.body)
+}
+
 /// Polls `done` every 50 ms for up to 15 s; fails the test naming `what`.
 pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);

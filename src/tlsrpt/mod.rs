@@ -1,0 +1,60 @@
+//! TLS reports (RFC 8460): received over HTTPS on every policy host
+//! (`POST https://mta-sts.<domain>/tlsrpt`, §5.3.2) or by mail
+//! (`mtasts tlsrpt ingest`), stored ([`store`]), summarised, counted in
+//! Prometheus, and joined with what this server served when they report a
+//! failure of the policy host itself.
+
+pub mod cli;
+pub mod ingest;
+pub mod receive;
+pub mod report;
+pub mod store;
+
+/// Path of the HTTPS delivery endpoint on every policy host.
+pub const PATH: &str = "/tlsrpt";
+
+/// Result types that report a failure of the policy host itself (fetching
+/// or validating the policy, or its certificate): alerts.
+pub const OWN_FAILURES: &[&str] = &[
+    "sts-policy-fetch-error",
+    "sts-policy-invalid",
+    "sts-webpki-invalid",
+];
+
+/// Result types of RFC 8460 §4.3 (and the IANA registry): metric labels;
+/// anything else is counted as `other`, so labels stay bounded.
+pub const KNOWN_RESULT_TYPES: &[&str] = &[
+    "starttls-not-supported",
+    "certificate-host-mismatch",
+    "certificate-expired",
+    "certificate-not-trusted",
+    "validation-failure",
+    "tlsa-invalid",
+    "dnssec-invalid",
+    "dane-required",
+    "sts-policy-fetch-error",
+    "sts-policy-invalid",
+    "sts-webpki-invalid",
+];
+
+/// The `rua` URI of the HTTPS endpoint on `domain`'s policy host.
+pub fn rua_for(domain: &str) -> String {
+    format!("https://mta-sts.{domain}{PATH}")
+}
+
+/// Removes reports older than `retention` now and every 6 hours.
+pub fn spawn_retention(store: store::ReportStore, retention: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(6 * 3600));
+        loop {
+            tick.tick().await;
+            let before = time::OffsetDateTime::now_utc().unix_timestamp()
+                - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+            match store.prune(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "TLS reports past their retention removed"),
+                Err(e) => tracing::warn!(error = %e, "cannot remove old TLS reports"),
+            }
+        }
+    });
+}
