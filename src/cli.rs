@@ -647,13 +647,23 @@ fn check(
     format: CheckFormat,
     names: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let snapshot = path.map(load).transpose()?.map(|cfg| Snapshot::build(&cfg));
+    let cfg = path.map(load).transpose()?;
+    let snapshot = cfg.as_ref().map(Snapshot::build);
     let domains = domain_args(names)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let reports = runtime.block_on(crate::check::check(&domains, options, snapshot.as_ref()))?;
+    let recent = match &cfg {
+        Some(cfg) => runtime.block_on(crate::tlsrpt::recent(cfg)),
+        None => None,
+    };
+    let reports = runtime.block_on(crate::check::check(
+        &domains,
+        options,
+        snapshot.as_ref(),
+        recent.as_ref(),
+    ))?;
     let text = match format {
         CheckFormat::Text => crate::check::to_text(&reports),
         CheckFormat::Json => {

@@ -565,6 +565,56 @@ fn check_finds_each_broken_part() {
         r.has("OK", "starttls", "mx.good.example.test: STARTTLS"),
         "{r:#?}"
     );
+    // TLS reports stored for the domain join the verdict: a clean week
+    // is shown; failed sessions make enforce unsafe.
+    let day = time::OffsetDateTime::now_utc().date().to_string();
+    let report = |id: &str, failed: u32| {
+        format!(
+            r#"{{"organization-name":"Reporter","report-id":"{id}","date-range":{{"start-datetime":"{day}T00:00:00Z","end-datetime":"{day}T23:59:59Z"}},"policies":[{{"policy":{{"policy-type":"sts","policy-domain":"good.example.test"}},"summary":{{"total-successful-session-count":50,"total-failure-session-count":{failed}}},"failure-details":[{{"result-type":"certificate-expired","receiving-mx-hostname":"mx.good.example.test","failed-session-count":{failed}}}]}}]}}"#
+        )
+    };
+    let ingest = |text: String| {
+        let file = w.dir.path().join("report.json");
+        std::fs::write(&file, text).expect("report");
+        let out = mtasts(&[
+            "tlsrpt",
+            "ingest",
+            "--config",
+            w.config.to_str().expect("utf-8"),
+            file.to_str().expect("utf-8"),
+        ]);
+        assert!(out.status.success(), "{:?}", out);
+    };
+    ingest(report("clean", 0));
+    let (ok, r) = w.check(
+        &["--preflight-enforce", "--smtp-port", &smtp],
+        "good.example.test",
+    );
+    assert!(ok, "{r:#?}");
+    assert_eq!(r.safe_to_enforce, Some(true));
+    assert!(
+        r.has(
+            "OK",
+            "reports",
+            "last 7 days: 1 report, 50 successful and 0 failed"
+        ),
+        "{r:#?}"
+    );
+    ingest(report("failing", 4));
+    let (ok, r) = w.check(
+        &["--preflight-enforce", "--smtp-port", &smtp],
+        "good.example.test",
+    );
+    assert!(!ok);
+    assert_eq!(r.safe_to_enforce, Some(false));
+    assert!(
+        r.has("FAIL", "reports", "by MX: mx.good.example.test 4"),
+        "{r:#?}"
+    );
+    assert!(r.has("FAIL", "preflight", "do not switch"), "{r:#?}");
+    // Without --preflight-enforce the failures are a warning.
+    let (_, r) = w.check(&[], "good.example.test");
+    assert!(r.has("WARN", "reports", "4 failed"), "{r:#?}");
     // The same MX server for a name its certificate does not cover.
     let (ok, r) = w.check(
         &["--preflight-enforce", "--smtp-port", &smtp],

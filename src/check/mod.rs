@@ -237,11 +237,20 @@ pub async fn mx_hosts(
     })
 }
 
-/// Checks every domain; `snapshot` is the config to compare with, if any.
+/// The last days' TLS reports per policy domain (`check --config` reads
+/// them from the config's report store).
+pub type RecentReports = std::collections::HashMap<String, crate::tlsrpt::store::DomainSummary>;
+
+/// How many days of TLS reports `check` looks at.
+pub const REPORT_DAYS: i64 = 7;
+
+/// Checks every domain; `snapshot` is the config to compare with, if any,
+/// and `reports` the recent TLS reports, if any are stored.
 pub async fn check(
     domains: &[DomainName],
     options: &Options,
     snapshot: Option<&Snapshot>,
+    reports: Option<&RecentReports>,
 ) -> Result<Vec<DomainReport>, CheckError> {
     let checker = Checker {
         options,
@@ -253,7 +262,8 @@ pub async fn check(
         let site = snapshot.and_then(|s| s.lookup(&domain.policy_host()));
         let mut report = DomainReport::new(domain);
         let site = site.map(|s| s.as_ref());
-        let steps = checker.run(domain, snapshot.is_some(), site, &mut report);
+        let recent = reports.map(|r| r.get(domain.as_str()));
+        let steps = checker.run(domain, snapshot.is_some(), site, recent, &mut report);
         if tokio::time::timeout(options.deadline, steps).await.is_err() {
             report.add(
                 Level::Fail,
@@ -286,6 +296,7 @@ impl Checker<'_> {
         domain: &DomainName,
         have_config: bool,
         site: Option<&Site>,
+        recent: Option<Option<&crate::tlsrpt::store::DomainSummary>>,
         report: &mut DomainReport,
     ) {
         self.sts_txt(domain, report).await;
@@ -300,6 +311,9 @@ impl Checker<'_> {
             self.starttls(report).await;
         }
         self.tlsrpt(domain, report).await;
+        if let Some(recent) = recent {
+            tls_reports(recent, self.options.preflight_enforce, report);
+        }
         if self.options.preflight_enforce {
             preflight(report);
         }
@@ -704,6 +718,59 @@ fn shrink_held(site: &Site, report: &mut DomainReport) {
                 ),
             );
         }
+    }
+}
+
+/// What senders reported over the last [`REPORT_DAYS`] days: the failure
+/// rate, the failures by MX and result type. With `--preflight-enforce`,
+/// failed sessions make enforce unsafe: those deliveries would fail.
+fn tls_reports(
+    recent: Option<&crate::tlsrpt::store::DomainSummary>,
+    preflight: bool,
+    report: &mut DomainReport,
+) {
+    let Some(s) = recent else {
+        report.add(
+            Level::Warn,
+            "reports",
+            format!("no TLS reports in the last {REPORT_DAYS} days: nothing says how senders fare"),
+        );
+        return;
+    };
+    let rate = s.failure_rate() * 100.0;
+    let mut line = format!(
+        "last {REPORT_DAYS} days: {} report{}, {} successful and {} failed sessions ({rate:.2}% failed)",
+        s.reports,
+        if s.reports == 1 { "" } else { "s" },
+        s.successful,
+        s.failed
+    );
+    if !s.by_result_type.is_empty() {
+        let types: Vec<String> = s
+            .by_result_type
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        line.push_str(&format!("; by result: {}", types.join(", ")));
+    }
+    if !s.by_mx.is_empty() {
+        let mx: Vec<String> = s.by_mx.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        line.push_str(&format!("; by MX: {}", mx.join(", ")));
+    }
+    let level = if s.failed == 0 {
+        Level::Ok
+    } else if preflight {
+        Level::Fail
+    } else {
+        Level::Warn
+    };
+    report.add(level, "reports", line);
+    if preflight && s.failed > 0 {
+        report.add(
+            Level::Fail,
+            "reports",
+            "senders reported failed TLS sessions: under enforce those messages would not be delivered; fix the MX hosts named above first",
+        );
     }
 }
 

@@ -58,3 +58,29 @@ pub fn spawn_retention(store: store::ReportStore, retention: std::time::Duration
         }
     });
 }
+
+/// The last [`crate::check::REPORT_DAYS`] days' reports by policy domain,
+/// when the config's report store exists (`None` when no report was ever
+/// stored, or the store cannot be read: said on stderr).
+pub async fn recent(config: &crate::config::Config) -> Option<crate::check::RecentReports> {
+    let files = matches!(config.store, crate::config::StoreConfig::Files);
+    if files && !config.server.state_dir.join("tlsrpt.sqlite").exists() {
+        return None;
+    }
+    let since =
+        time::OffsetDateTime::now_utc().unix_timestamp() - crate::check::REPORT_DAYS * 86_400;
+    let store = match store::ReportStore::for_config(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("note: TLS reports not read: {e}");
+            return None;
+        }
+    };
+    match store.summary(since).await {
+        Ok(all) => Some(all.into_iter().map(|s| (s.domain.clone(), s)).collect()),
+        Err(e) => {
+            eprintln!("note: TLS reports not read: {e}");
+            None
+        }
+    }
+}
