@@ -69,6 +69,20 @@ if [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
 fi
 export MTASTS_K8S_VALIDATE="$k8s_venv/bin/kubernetes-validate"
 
+# tlsrpt-reporter (PyPI, the reporting half of Postfix's TLSRPT support)
+# delivers a real report to the running server in tests/tlsrpt.rs.
+tlsrpt_venv="$PWD/target/tlsrpt-venv"
+if [ ! -x "$tlsrpt_venv/bin/tlsrpt-reportd" ]; then
+  echo "installing tlsrpt-reporter into $tlsrpt_venv"
+  rm -rf "$tlsrpt_venv"
+  if ! { python3 -m venv "$tlsrpt_venv" &&
+    "$tlsrpt_venv/bin/pip" install -q 'tlsrpt-reporter==0.6.0'; }; then
+    echo "error: could not install tlsrpt-reporter into $tlsrpt_venv" >&2
+    rm -rf "$tlsrpt_venv"
+  fi
+fi
+export MTASTS_TLSRPT_REPORTER_BIN="$tlsrpt_venv/bin"
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 

@@ -564,3 +564,148 @@ async fn curl_delivers_a_gzip_report_like_a_reporter_does() {
     let all = rig.summary(&[]);
     assert_eq!(domain(&all, "contoso.example")["reports"], 1);
 }
+
+/// Kills a child process when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The reporting half of Postfix's TLSRPT support (`tlsrpt-reporter` from
+/// PyPI): collectd receives a day's results as datagrams (the libtlsrpt
+/// protocol), the day is rolled over (SIGUSR2, its development switch),
+/// reportd builds the RFC 8460 report and delivers it gzipped over HTTPS
+/// with curl (its default `http_script`) to the running server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tlsrpt_reporter_delivers_a_report_to_the_running_server() {
+    let bin = std::env::var_os("MTASTS_TLSRPT_REPORTER_BIN").map(PathBuf::from);
+    let Some(bin) = bin.filter(|b| b.join("tlsrpt-reportd").is_file()) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "tlsrpt-reporter is missing and CI=true: scripts/test.sh installs it (MTASTS_TLSRPT_REPORTER_BIN)"
+        );
+        eprintln!(
+            "SKIPPING: set MTASTS_TLSRPT_REPORTER_BIN to a virtualenv's bin with tlsrpt-reporter"
+        );
+        return;
+    };
+    let rig = Rig::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path().display().to_string();
+    let ca = rig.dir.path().join("state/ca/ca.pem");
+    let port = rig.serve.https.port();
+    let cfg = common::write(
+        work.path(),
+        "tlsrpt.cfg",
+        &format!(
+            "[tlsrpt_collectd]\nstorage = sqlite://{w}/collectd.sqlite\nsocketname = {w}/collectd.socket\nlogfilename = {w}/collectd.log\npidfilename = {w}/collectd.pid\nlog_level = debug\nsockettimeout = 1\n\n\
+             [tlsrpt_fetcher]\nstorage = sqlite://{w}/collectd.sqlite\nlogfilename = {w}/fetcher.log\nlog_level = debug\n\n\
+             [tlsrpt_reportd]\norganization_name = Test Reporter Inc.\ncontact_info = tlsrpt@reporter.example\nsender_address = noreply@reporter.example\n\
+             dbname = {w}/reportd.sqlite\nlogfilename = {w}/reportd.log\npidfilename = {w}/reportd.pid\nlog_level = debug\n\
+             http_script = curl --silent --fail --cacert {ca} --connect-to mta-sts.contoso.example:443:127.0.0.1:{port} --header 'Content-Type: application/tlsrpt+gzip' --data-binary @-\n\
+             fetchers = {fetcher} --config_file {w}/tlsrpt.cfg\ninterval_main_loop = 1\nmax_retries_domainlist = 2\nmin_wait_domainlist = 0\nmax_wait_domainlist = 1\n\
+             max_retries_domaindetails = 2\nmin_wait_domaindetails = 0\nmax_wait_domaindetails = 1\nspread_out_delivery = 1\n",
+            ca = ca.display(),
+            fetcher = bin.join("tlsrpt-fetcher").display(),
+        ),
+    );
+    let log = |name: &str| std::fs::read_to_string(work.path().join(name)).unwrap_or_default();
+    let spawn = |prog: &str| {
+        Kill(
+            std::process::Command::new(bin.join(prog))
+                .arg("--config_file")
+                .arg(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn tlsrpt-reporter"),
+        )
+    };
+    let collectd = spawn("tlsrpt-collectd");
+    let socket = work.path().join("collectd.socket");
+    wait_until(
+        "collectd's socket",
+        30,
+        || socket.exists(),
+        || log("collectd.log"),
+    );
+    // Two good sessions and one that failed on our policy host's
+    // certificate (libtlsrpt's codes: policy type 2 = sts, 303 =
+    // sts-webpki-invalid).
+    let policy = serde_json::json!({"policy-type": 2, "policy-string": ["version: STSv1", "mode: testing", "mx: mx.example.net", "max_age: 86400"],
+        "policy-domain": "contoso.example", "mx-host": ["mx.example.net"]});
+    let datagram = |failed: bool| {
+        let mut p = policy.clone();
+        p["f"] = serde_json::json!(u8::from(failed));
+        p["t"] = serde_json::json!(u8::from(failed));
+        if failed {
+            p["failure-details"] =
+                serde_json::json!([{"c": 303, "n": "mx.example.net", "s": "192.0.2.1"}]);
+        }
+        serde_json::json!({"dpv": "1", "d": "contoso.example",
+            "pr": "v=TLSRPTv1; rua=https://mta-sts.contoso.example/tlsrpt;", "policies": [p]})
+        .to_string()
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+    for failed in [false, false, true] {
+        sock.send_to(datagram(failed).as_bytes(), &socket)
+            .expect("send datagram");
+    }
+    wait_until(
+        "collectd to commit the datagrams",
+        30,
+        || log("collectd.log").contains("(3 total)"),
+        || log("collectd.log"),
+    );
+    let pid = std::fs::read_to_string(work.path().join("collectd.pid")).expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-USR2", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_until(
+        "the day roll-over",
+        30,
+        || log("collectd.log").contains("FOR DEVELOPMENT"),
+        || log("collectd.log"),
+    );
+    let reportd = spawn("tlsrpt-reportd");
+    wait_until(
+        "reportd's delivery",
+        90,
+        || log("reportd.log").contains("succeeded"),
+        || format!("{}{}", log("reportd.log"), log("fetcher.log")),
+    );
+    let all = rig.summary(&["--since", "all"]);
+    let c = domain(&all, "contoso.example");
+    assert_eq!(c["reports"], 1, "{c}");
+    assert_eq!(c["successful"], 2, "{c}");
+    assert_eq!(c["failed"], 1, "{c}");
+    assert_eq!(c["by_result_type"]["sts-webpki-invalid"], 1, "{c}");
+    assert_eq!(
+        c["by_organization"]["Test Reporter Inc."]["failed"], 1,
+        "{c}"
+    );
+    assert!(
+        rig.serve
+            .log()
+            .contains("senders failed on our policy host")
+    );
+    drop((reportd, collectd));
+}
