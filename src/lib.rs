@@ -19,6 +19,8 @@
 //!   files in `state_dir` behind the `CertStore` trait, or PostgreSQL
 //!   shared by replicas (`store::pg`, `store::import`); [`replica`]: what
 //!   a replica follows and reports there (domains, certificates, heartbeat).
+//! - [`tlsrpt`]: TLS reports (RFC 8460) received on the policy hosts or
+//!   by mail, stored (SQLite or PostgreSQL) and summarised.
 //! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
 //! - [`check`]: live verification of a domain, like a strict sending MTA
 //!   (`check::parse` reads what `check::probe` fetches).
