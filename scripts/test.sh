@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # command:package pairs; a command may live in /usr/sbin.
-want="pebble:pebble pebble-challtestsrv:pebble knotd:knot kdig:knot-dnsutils keymgr:knot curl:curl setpriv:util-linux"
+want="pebble:pebble pebble-challtestsrv:pebble knotd:knot kdig:knot-dnsutils keymgr:knot curl:curl setpriv:util-linux chromium:chromium"
 missing=""
 for pair in $want; do
   cmd=${pair%%:*}

@@ -80,11 +80,20 @@ struct AdminState {
 }
 
 /// The admin router.
-pub fn router(control: Arc<Control>, token: Vec<u8>) -> Router {
+pub fn router(
+    control: Arc<Control>,
+    token: Vec<u8>,
+    reports: Option<crate::tlsrpt::store::ReportStore>,
+) -> Router {
     let state = AdminState {
         control,
         token: token.into(),
     };
+    let ui = crate::ui::router(
+        Arc::clone(&state.control),
+        Arc::clone(&state.token),
+        reports,
+    );
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/domains", get(list))
@@ -98,6 +107,8 @@ pub fn router(control: Arc<Control>, token: Vec<u8>) -> Router {
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
+        // The dashboard has its own access rule (token or session cookie).
+        .merge(ui)
 }
 
 /// An API error: status, message, and optional details (config diagnostics).

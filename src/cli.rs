@@ -1105,13 +1105,22 @@ async fn serve_async(
     let server = tokio::task::spawn_blocking(move || Server::with_store(&setup, store))
         .await
         .context("certificate setup panicked")??;
-    if cfg.tlsrpt.receive {
-        let store = match &shared {
-            Some(shared) => crate::tlsrpt::store::ReportStore::postgres(shared.store.clone()),
-            None => crate::tlsrpt::store::ReportStore::for_config(&cfg).await?,
-        };
+    // Where TLS reports are kept (received here, ingested from mail, or
+    // both), for the receiver and the dashboard.
+    let ui_reports = match &shared {
+        Some(shared) => Some(crate::tlsrpt::store::ReportStore::postgres(
+            shared.store.clone(),
+        )),
+        None if cfg.tlsrpt.receive || cfg.server.state_dir.join("tlsrpt.sqlite").exists() => {
+            Some(crate::tlsrpt::store::ReportStore::for_config(&cfg).await?)
+        }
+        None => None,
+    };
+    if cfg.tlsrpt.receive
+        && let Some(store) = &ui_reports
+    {
         crate::tlsrpt::spawn_retention(store.clone(), cfg.tlsrpt.retention);
-        server.receive_tlsrpt(store, cfg.tlsrpt.clone());
+        server.receive_tlsrpt(store.clone(), cfg.tlsrpt.clone());
     }
     let server = Arc::new(server);
     // Bound only now, so that a client that can connect finds every
@@ -1192,7 +1201,10 @@ async fn serve_async(
     let admin = match admin_listener {
         Some((listener, token)) => {
             tracing::info!(admin = %listener.local_addr()?, "admin API listening");
-            Some((listener, admin::router(Arc::clone(&control), token)))
+            Some((
+                listener,
+                admin::router(Arc::clone(&control), token, ui_reports.clone()),
+            ))
         }
         None => None,
     };

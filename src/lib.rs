@@ -25,7 +25,8 @@
 //! - [`check`]: live verification of a domain, like a strict sending MTA
 //!   (`check::parse` reads what `check::probe` fetches).
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
-//! - [`admin`]: the token-protected admin API and `/metrics`.
+//! - [`admin`]: the token-protected admin API and `/metrics`; [`ui`]: the
+//!   dashboard on the same listener.
 //! - [`cli`]: the subcommands; [`progress`]: the issuance progress line on
 //!   a terminal, kept apart from the log lines.
 //! - [`sync`]: the one rule for `std::sync` locks (a poisoned lock is used
@@ -54,3 +55,4 @@ pub mod store;
 pub mod sync;
 pub mod tls;
 pub mod tlsrpt;
+pub mod ui;

@@ -179,6 +179,11 @@ impl Server {
         }));
     }
 
+    /// The SNI index's certificates (expiry per host, for the dashboard).
+    pub fn cert_index(&self) -> &Arc<CertIndex> {
+        &self.certs
+    }
+
     /// Another replica stored a certificate for `host` (shared store).
     pub fn store_changed(&self, host: &str) {
         if let Some(acme) = &self.acme {

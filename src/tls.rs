@@ -184,6 +184,14 @@ impl CertIndex {
         })
     }
 
+    /// The expiry (Unix seconds) of the certificate `host` is served with,
+    /// when it is known (read from the store or issued; `None` for a host
+    /// not served or not read yet).
+    pub fn expiry(&self, host: &str) -> Option<i64> {
+        let (_, not_after, _) = self.served(host)?;
+        (not_after != UNVERIFIED && not_after != UNBOUNDED).then_some(not_after)
+    }
+
     /// The certificate of `host` if it is in memory and current.
     pub fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
         let (version, _, _) = self.served(host)?;
