@@ -22,7 +22,7 @@ mod tlsrpt;
 use loader::CertReader;
 pub use loader::Loader;
 pub use store::{PgConfig, PgUrl, StoreConfig, check_url as check_pg_url};
-pub use tlsrpt::TlsRptConfig;
+pub use tlsrpt::{DkimPolicy, TlsRptConfig};
 
 use crate::policy::{DomainName, MAX_AGE_LIMIT, MAX_AGE_RECOMMENDED_MIN, Mode, MxPattern, Policy};
 

@@ -468,7 +468,7 @@ fn ingest_takes_mailed_and_bare_reports() {
         dir.path(),
         "mtasts.toml",
         &format!(
-            "[server]\nstate_dir = \"{}\"\n[defaults]\nmode = \"testing\"\nmx = [\"mx.example.net\"]\n[[domain]]\nname = \"a.example\"\n",
+            "[server]\nstate_dir = \"{}\"\n[tlsrpt]\ndkim = \"check\"\n[defaults]\nmode = \"testing\"\nmx = [\"mx.example.net\"]\n[[domain]]\nname = \"a.example\"\n",
             dir.path().join("state").display()
         ),
     );
@@ -482,6 +482,10 @@ fn ingest_takes_mailed_and_bare_reports() {
     let (stdout, stderr) = common::output_text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("stored Google Inc."), "{stdout}");
+    assert!(
+        stdout.contains("no DKIM signature; stored anyway"),
+        "dkim = \"check\" says so: {stdout}"
+    );
     let again = ingest(&config, &[&message], None);
     let (stdout, stderr) = common::output_text(&again);
     assert!(again.status.success(), "{stdout}{stderr}");
@@ -719,4 +723,81 @@ async fn tlsrpt_reporter_delivers_a_report_to_the_running_server() {
             .contains("senders failed on our policy host")
     );
     drop((reportd, collectd));
+}
+
+/// Mailed reports must carry a DKIM signature of the reporting domain
+/// (RFC 8460 section 5.3.1): signed with an Ed25519 key whose record knot
+/// serves, verified through `[tlsrpt] dkim_resolver`.
+#[test]
+fn mailed_reports_need_a_valid_dkim_signature() {
+    use mail_auth::common::headers::HeaderWriter;
+    use mail_auth::dkim::DkimSigner;
+    let pkcs8 =
+        aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .expect("key");
+    let key = mail_auth::common::crypto::Ed25519Key::from_pkcs8_der(pkcs8.as_ref()).expect("key");
+    let public = data_encoding::BASE64.encode(&key.public_key());
+    let Some(knot) = common::knot::Knot::start(
+        "reporter.example",
+        &format!("sel._domainkey TXT \"v=DKIM1; k=ed25519; p={public}\""),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = common::write(
+        dir.path(),
+        "mtasts.toml",
+        &format!(
+            "[server]\nstate_dir = \"{}\"\n[tlsrpt]\ndkim_resolver = \"{}\"\n[defaults]\nmode = \"testing\"\nmx = [\"mx.example.net\"]\n[[domain]]\nname = \"a.example\"\n",
+            dir.path().join("state").display(),
+            knot.addr
+        ),
+    );
+    let day = today();
+    let message = mail(&gzip(google("a.example", &day).as_bytes()), "a.example").replace(
+        "From: noreply-smtp-tls-reporting@google.com",
+        "From: tlsrpt@reporter.example",
+    );
+    let signer = DkimSigner::from_key(key)
+        .domain("reporter.example")
+        .selector("sel")
+        .headers([
+            "From",
+            "To",
+            "Subject",
+            "TLS-Report-Domain",
+            "TLS-Report-Submitter",
+        ]);
+    let signature = signer.sign(message.as_bytes()).expect("sign");
+    let signed = format!("{}{message}", signature.to_header());
+    let ingest_text = |name: &str, text: &str| {
+        let file = common::write(dir.path(), name, text);
+        ingest(&config, &[&file], None)
+    };
+    // Unsigned: refused under the default dkim = "require".
+    let out = ingest_text("unsigned.eml", &message);
+    let (_, stderr) = common::output_text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no DKIM signature") && stderr.contains("5.3.1"),
+        "{stderr}"
+    );
+    // Signed and untouched: stored, naming the signer.
+    let out = ingest_text("signed.eml", &signed);
+    let (stdout, stderr) = common::output_text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("DKIM pass (d=reporter.example)"),
+        "{stdout}"
+    );
+    // Signed, then changed in transit (another report id): refused.
+    let altered = signed.replace("Subject: Report Domain:", "Subject: Report Domain changed:");
+    let out = ingest_text("altered.eml", &altered);
+    let (_, stderr) = common::output_text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("DKIM did not verify"), "{stderr}");
+    // Bare reports (not mail) carry no signature to check: stored.
+    let bare = microsoft("a.example", &day);
+    let out = ingest(&config, &[], Some(bare.as_bytes()));
+    assert!(out.status.success(), "{:?}", common::output_text(&out));
 }

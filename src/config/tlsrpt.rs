@@ -19,6 +19,23 @@ pub struct TlsRptConfig {
     pub max_decompressed: usize,
     /// Reports (and their original bytes) are kept this long.
     pub retention: Duration,
+    /// DKIM of mailed reports (`tlsrpt ingest`).
+    pub dkim: DkimPolicy,
+    /// DNS server asked for DKIM keys (default: the system's resolver).
+    pub dkim_resolver: Option<std::net::SocketAddr>,
+}
+
+/// What `tlsrpt ingest` does with a mailed report whose DKIM signature
+/// does not verify (RFC 8460 §5.3.1 requires one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DkimPolicy {
+    /// Refuse it (the default).
+    #[default]
+    Require,
+    /// Store it, saying so.
+    Check,
+    /// Do not verify.
+    Off,
 }
 
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -32,6 +49,8 @@ impl Default for TlsRptConfig {
             max_body: MAX_BODY,
             max_decompressed: MAX_DECOMPRESSED,
             retention: RETENTION,
+            dkim: DkimPolicy::Require,
+            dkim_resolver: None,
         }
     }
 }
@@ -43,6 +62,8 @@ pub(super) struct RawTlsRpt {
     max_body: Option<Spanned<i64>>,
     max_decompressed: Option<Spanned<i64>>,
     retention: Option<Spanned<toml::Value>>,
+    dkim: Option<Spanned<String>>,
+    dkim_resolver: Option<Spanned<String>>,
 }
 
 pub(super) fn tlsrpt_config(
@@ -82,6 +103,26 @@ pub(super) fn tlsrpt_config(
             v.span(),
             "tlsrpt.max_decompressed must not be smaller than tlsrpt.max_body",
         ));
+    }
+    if let Some(v) = &raw.dkim {
+        match v.get_ref().as_str() {
+            "require" => cfg.dkim = DkimPolicy::Require,
+            "check" => cfg.dkim = DkimPolicy::Check,
+            "off" => cfg.dkim = DkimPolicy::Off,
+            other => report.errors.push(source.at(
+                v.span(),
+                format!("tlsrpt.dkim: {other:?} is not one of \"require\", \"check\", \"off\""),
+            )),
+        }
+    }
+    if let Some(v) = &raw.dkim_resolver {
+        match v.get_ref().parse() {
+            Ok(addr) => cfg.dkim_resolver = Some(addr),
+            Err(_) => report.errors.push(source.at(
+                v.span(),
+                format!("tlsrpt.dkim_resolver: {:?} is not an ip:port", v.get_ref()),
+            )),
+        }
     }
     if let Some(v) = &raw.retention {
         match duration(v.get_ref()) {

@@ -75,9 +75,15 @@ async fn ingest(cfg: &Config, files: &[std::path::PathBuf]) -> anyhow::Result<Ex
             inputs.push((name.clone(), read_limited(file, limit, &name)?));
         }
     }
+    let verifier = match cfg.tlsrpt.dkim {
+        crate::config::DkimPolicy::Off => None,
+        _ => {
+            Some(super::dkim::Verifier::new(cfg.tlsrpt.dkim_resolver).map_err(anyhow::Error::msg)?)
+        }
+    };
     let mut failed = 0;
     for (name, input) in inputs {
-        match ingest_one(cfg, &store, &name, &input).await {
+        match ingest_one(cfg, &store, verifier.as_ref(), &name, &input).await {
             Ok(line) => println!("{name}: {line}"),
             Err(e) => {
                 eprintln!("{name}: {e:#}");
@@ -95,10 +101,16 @@ async fn ingest(cfg: &Config, files: &[std::path::PathBuf]) -> anyhow::Result<Ex
 async fn ingest_one(
     cfg: &Config,
     store: &ReportStore,
+    verifier: Option<&super::dkim::Verifier>,
     name: &str,
     input: &[u8],
 ) -> anyhow::Result<String> {
-    let body = super::ingest::extract(input).map_err(anyhow::Error::msg)?;
+    let (body, mail) = super::ingest::extract_with_kind(input).map_err(anyhow::Error::msg)?;
+    let mut dkim_note = None;
+    if mail && let Some(verifier) = verifier {
+        let verdict = verifier.verify(input).await;
+        dkim_note = super::dkim::accept(cfg.tlsrpt.dkim, &verdict).map_err(anyhow::Error::msg)?;
+    }
     let json = report::decode(&body, cfg.tlsrpt.max_decompressed)?;
     let parsed = Report::parse(&json)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -130,8 +142,10 @@ async fn ingest_one(
         super::receive::alert(&only, site.as_ref(), None);
     }
     Ok(format!(
-        "stored {} {} ({domains})",
-        parsed.organization, parsed.report_id
+        "stored {} {} ({domains}){}",
+        parsed.organization,
+        parsed.report_id,
+        dkim_note.map(|n| format!("; {n}")).unwrap_or_default()
     ))
 }
 

@@ -10,13 +10,24 @@ const REPORT_TYPES: &[&str] = &["application/tlsrpt+gzip", "application/tlsrpt+j
 /// The report body (gzip or JSON, as sent) in `input`: a mail message or a
 /// bare report.
 pub fn extract(input: &[u8]) -> Result<Vec<u8>, String> {
+    extract_with_kind(input).map(|(body, _)| body)
+}
+
+/// [`extract`], and whether `input` was a mail message (whose DKIM
+/// signature is then checked).
+pub fn extract_with_kind(input: &[u8]) -> Result<(Vec<u8>, bool), String> {
+    let (body, mail) = extract_inner(input)?;
+    Ok((body, mail))
+}
+
+fn extract_inner(input: &[u8]) -> Result<(Vec<u8>, bool), String> {
     let start = input
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(input.len());
     let trimmed = &input[start..];
     if trimmed.starts_with(&[0x1f, 0x8b]) || trimmed.starts_with(b"{") {
-        return Ok(trimmed.to_vec());
+        return Ok((trimmed.to_vec(), false));
     }
     let mail = mailparse::parse_mail(input)
         .map_err(|e| format!("neither a report nor a mail message ({e})"))?;
@@ -26,7 +37,7 @@ pub fn extract(input: &[u8]) -> Result<Vec<u8>, String> {
     let mut found = None;
     find_part(&mail, &mut found)?;
     match found {
-        Some(body) => Ok(body),
+        Some(body) => Ok((body, true)),
         None => Err(format!(
             "the message ({}) has no application/tlsrpt+gzip or application/tlsrpt+json part",
             mail.ctype.mimetype

@@ -5,6 +5,7 @@
 //! failure of the policy host itself.
 
 pub mod cli;
+pub mod dkim;
 pub mod ingest;
 pub mod receive;
 pub mod report;
