@@ -44,7 +44,11 @@ impl Replica {
         let (https, http) = ports.unwrap_or_else(|| (common::loopback(), common::loopback()));
         let admin = common::loopback();
         common::write(&dir, "admin.token", &format!("{TOKEN}\n"));
-        common::write(&dir, "store.key", &"ab".repeat(32));
+        let key = common::write(&dir, "store.key", &"ab".repeat(32));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
         let mut text = String::from("domains_dir = \"domains.d\"\n");
         text.push_str(&common::server_section(https, http, &dir.join("state")));
         text.push_str("behind_proxy = true\n");
@@ -816,5 +820,80 @@ async fn tls_alpn01_is_answered_by_the_replica_that_did_not_order() {
         "{}",
         proc_b.log()
     );
+    drop((proc_a, proc_b));
+}
+
+/// TLS reports with the PostgreSQL store: a report POSTed to replica A is
+/// in the shared tables, so replica B's dashboard and `tlsrpt summary`
+/// with B's config show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_reports_received_by_one_replica_are_seen_by_all() {
+    common::init_crypto();
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let replicas: Vec<Replica> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let r = Replica::new(
+                root.path(),
+                name,
+                &pg,
+                None,
+                &["reported.example"],
+                "",
+                None,
+            );
+            let text = std::fs::read_to_string(&r.config).expect("config");
+            std::fs::write(
+                &r.config,
+                text.replace("[defaults]", "[tlsrpt]\nreceive = true\n[defaults]"),
+            )
+            .expect("write");
+            r
+        })
+        .collect();
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let proc_a = a.start();
+    let proc_b = b.start();
+    let day = time::OffsetDateTime::now_utc().date().to_string();
+    let body = format!(
+        r#"{{"organization-name":"Org","report-id":"pg-1","date-range":{{"start-datetime":"{day}T00:00:00Z","end-datetime":"{day}T23:59:59Z"}},"policies":[{{"policy":{{"policy-type":"sts","policy-domain":"reported.example"}},"summary":{{"total-successful-session-count":9,"total-failure-session-count":1}},"failure-details":[{{"result-type":"certificate-expired","failed-session-count":1}}]}}]}}"#
+    );
+    let client = common::client::TlsClient::trusting_pem_file(&a.dir.join("state/ca/ca.pem"));
+    let host = "mta-sts.reported.example";
+    let mut tls = client.connect(a.https, host).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "POST /tlsrpt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/tlsrpt+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.expect("post");
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    assert_eq!(common::client::parse_response(&raw, false).status, 200);
+    // B's view: the summary command with B's config, and B's dashboard.
+    let out = common::mtasts(&[
+        "tlsrpt",
+        "summary",
+        "--config",
+        b.config.to_str().expect("utf-8"),
+        "--format",
+        "json",
+    ]);
+    let (stdout, stderr) = common::output_text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        summary["domains"][0]["domain"], "reported.example",
+        "{summary}"
+    );
+    assert_eq!(summary["domains"][0]["failed"], 1);
+    let page = admin(&b, "GET", "/ui/domain/reported.example", None).await;
+    assert_eq!(page.status, 200);
+    let html = String::from_utf8_lossy(&page.body);
+    assert!(html.contains("certificate-expired"), "{html}");
+    assert_eq!(pg.sql("SELECT count(*) FROM mtasts_tlsrpt_reports"), "1");
     drop((proc_a, proc_b));
 }

@@ -1049,7 +1049,7 @@ impl PgStore {
 
 /// The message of a database error, with the server's detail when there is
 /// one (tokio-postgres' Display says only "db error").
-fn pg_message(e: &tokio_postgres::Error) -> String {
+pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => {

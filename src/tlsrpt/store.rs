@@ -251,7 +251,7 @@ impl ReportStore {
             }
             ReportStore::Postgres(store) => {
                 let mut client = store.client().await?;
-                let pg = |e: tokio_postgres::Error| ReportStoreError::Other(format!("PostgreSQL: {e}"));
+                let pg = |e: tokio_postgres::Error| ReportStoreError::Other(format!("PostgreSQL: {}", crate::store::pg::pg_message(&e)));
                 let tx = client.transaction().await.map_err(pg)?;
                 let row = tx
                     .query_opt(
@@ -333,10 +333,12 @@ impl ReportStore {
                      FROM mtasts_tlsrpt_{table} WHERE start_at >= $1 GROUP BY policy_domain, {group}"
                 );
                 let client = store.client().await?;
-                let rows = client
-                    .query(&sql, &[&since])
-                    .await
-                    .map_err(|e| ReportStoreError::Other(format!("PostgreSQL: {e}")))?;
+                let rows = client.query(&sql, &[&since]).await.map_err(|e| {
+                    ReportStoreError::Other(format!(
+                        "PostgreSQL: {}",
+                        crate::store::pg::pg_message(&e)
+                    ))
+                })?;
                 Ok(rows
                     .iter()
                     .map(|r| {
@@ -357,7 +359,11 @@ impl ReportStore {
     /// `since` (unix seconds), sorted by domain.
     pub async fn summary(&self, since: i64) -> Result<Vec<DomainSummary>, ReportStoreError> {
         let mut by: BTreeMap<String, DomainSummary> = BTreeMap::new();
-        for (domain, _, reports, ok, failed) in self.aggregate("results", "''", since).await? {
+        // Grouped by the domain alone (PostgreSQL refuses a constant in
+        // GROUP BY, so the key column repeats it).
+        for (domain, _, reports, ok, failed) in
+            self.aggregate("results", "policy_domain", since).await?
+        {
             let s = by
                 .entry(domain.clone())
                 .or_insert_with(|| DomainSummary::new(&domain));
@@ -435,7 +441,12 @@ impl ReportStore {
                         &[&before],
                     )
                     .await
-                    .map_err(|e| ReportStoreError::Other(format!("PostgreSQL: {e}")))
+                    .map_err(|e| {
+                        ReportStoreError::Other(format!(
+                            "PostgreSQL: {}",
+                            crate::store::pg::pg_message(&e)
+                        ))
+                    })
             }
         }
     }
@@ -477,7 +488,12 @@ impl ReportStore {
                         &[&domain, &limit],
                     )
                     .await
-                    .map_err(|e| ReportStoreError::Other(format!("PostgreSQL: {e}")))?;
+                    .map_err(|e| {
+                        ReportStoreError::Other(format!(
+                            "PostgreSQL: {}",
+                            crate::store::pg::pg_message(&e)
+                        ))
+                    })?;
                 Ok(rows
                     .iter()
                     .map(|r| RawReport {
