@@ -890,7 +890,7 @@ async fn tls_reports_received_by_one_replica_are_seen_by_all() {
         "{summary}"
     );
     assert_eq!(summary["domains"][0]["failed"], 1);
-    let page = admin(&b, "GET", "/ui/domain/reported.example", None).await;
+    let page = admin(b, "GET", "/ui/domain/reported.example", None).await;
     assert_eq!(page.status, 200);
     let html = String::from_utf8_lossy(&page.body);
     assert!(html.contains("certificate-expired"), "{html}");
