@@ -615,13 +615,22 @@ async fn accept_loop(
                 Listener::Https => serve_tls(ctx, tcp, peer, slot).await,
                 Listener::Http if ctx.direct => {
                     let shared = Arc::clone(&ctx.shared);
+                    let tlsrpt = proxied_tlsrpt(&ctx);
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
-                            std::future::ready(Ok::<_, std::convert::Infallible>(http::answer(
-                                &shared,
-                                Listener::Http,
-                                None,
-                                &req,
+                            use futures_util::future::Either;
+                            if let Some(site) = tlsrpt_site(tlsrpt.as_ref(), &shared, None, &req)
+                                && let Some(receiver) = &tlsrpt
+                            {
+                                let receiver = Arc::clone(receiver);
+                                return Either::Right(Box::pin(async move {
+                                    Ok::<_, std::convert::Infallible>(
+                                        receiver.handle(site, req).await,
+                                    )
+                                }));
+                            }
+                            Either::Left(std::future::ready(Ok::<_, std::convert::Infallible>(
+                                http::answer(&shared, Listener::Http, None, &req),
                             )))
                         },
                     );
@@ -631,9 +640,22 @@ async fn accept_loop(
                     // Boxed so that the request tracking needs no pinning
                     // (only the admin and ACME-mode http listeners route).
                     let svc = TowerToHyperService::new(ctx.router.clone());
+                    let shared = Arc::clone(&ctx.shared);
+                    let tlsrpt = proxied_tlsrpt(&ctx);
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
-                            Box::pin(hyper::service::Service::call(&svc, req))
+                            use futures_util::future::Either;
+                            if let Some(site) = tlsrpt_site(tlsrpt.as_ref(), &shared, None, &req)
+                                && let Some(receiver) = &tlsrpt
+                            {
+                                let receiver = Arc::clone(receiver);
+                                return Either::Right(Box::pin(async move {
+                                    Ok::<_, std::convert::Infallible>(
+                                        receiver.handle(site, req).await,
+                                    )
+                                }));
+                            }
+                            Either::Left(Box::pin(hyper::service::Service::call(&svc, req)))
                         },
                     );
                     serve_io(&ctx, tcp, svc, slot).await;
@@ -641,6 +663,40 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// The TLS-report receiver of a plain-HTTP policy listener: only behind a
+/// TLS-terminating proxy (`behind_proxy`), and not on the admin listener.
+fn proxied_tlsrpt(ctx: &ConnCtx) -> Option<Arc<crate::tlsrpt::receive::Receiver>> {
+    ctx.tlsrpt
+        .clone()
+        .filter(|_| ctx.shared.behind_proxy && ctx.per_client.is_some())
+}
+
+/// The policy site a request for [`crate::tlsrpt::PATH`] is posted to: by
+/// the SNI on HTTPS, else by the Host header; `None` for anything else.
+fn tlsrpt_site<B>(
+    receiver: Option<&Arc<crate::tlsrpt::receive::Receiver>>,
+    shared: &Shared,
+    sni: Option<&str>,
+    req: &hyper::Request<B>,
+) -> Option<Arc<crate::snapshot::Site>> {
+    receiver?;
+    if req.uri().path() != crate::tlsrpt::PATH {
+        return None;
+    }
+    let host = match sni {
+        Some(sni) => std::borrow::Cow::Borrowed(sni),
+        None => {
+            let raw = req
+                .headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+            http::normalize_host(raw)?
+        }
+    };
+    shared.snapshot.load().lookup(&host).cloned()
 }
 
 async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Slot) {
@@ -704,9 +760,8 @@ async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Sl
     let tlsrpt = ctx.tlsrpt.clone();
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         use futures_util::future::Either;
-        if let Some(receiver) = &tlsrpt
-            && req.uri().path() == crate::tlsrpt::PATH
-            && let Some(site) = shared.snapshot.load().lookup(&sni).cloned()
+        if let Some(site) = tlsrpt_site(tlsrpt.as_ref(), &shared, Some(&sni), &req)
+            && let Some(receiver) = &tlsrpt
         {
             let receiver = Arc::clone(receiver);
             return Either::Right(Box::pin(async move {

@@ -801,3 +801,52 @@ fn mailed_reports_need_a_valid_dkim_signature() {
     let out = ingest(&config, &[], Some(bare.as_bytes()));
     assert!(out.status.success(), "{:?}", common::output_text(&out));
 }
+
+/// Behind a TLS-terminating proxy (`behind_proxy = true`) the plain-HTTP
+/// listener takes reports too, by the Host header; the same rules hold.
+#[test]
+fn behind_a_proxy_the_http_listener_takes_reports_by_host() {
+    use std::io::{Read, Write as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (https, http) = (common::loopback(), common::loopback());
+    let mut text = common::server_section(https, http, &dir.path().join("state"));
+    text.push_str("behind_proxy = true\n[tlsrpt]\nreceive = true\n[defaults]\nmode = \"testing\"\nmx = [\"mx.example.net\"]\n[[domain]]\nname = \"proxied.example\"\n");
+    let config = common::write(dir.path(), "mtasts.toml", &text);
+    let _serve = ServeProc::start(&config, https, http);
+    let post = |host: &str, body: &str| -> u16 {
+        let mut s = std::net::TcpStream::connect(http).expect("connect");
+        write!(
+            s,
+            "POST /tlsrpt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/tlsrpt+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        parse_response(&raw, false).status
+    };
+    let day = today();
+    assert_eq!(
+        post("mta-sts.proxied.example", &google("proxied.example", &day)),
+        200
+    );
+    assert_eq!(
+        post("mta-sts.proxied.example", &google("other.example", &day)),
+        403
+    );
+    assert_eq!(
+        post("mta-sts.unknown.example", &google("unknown.example", &day)),
+        404
+    );
+    let out = common::mtasts(&[
+        "tlsrpt",
+        "summary",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--format",
+        "json",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&common::output_text(&out).0).expect("JSON");
+    assert_eq!(domain(&summary, "proxied.example")["reports"], 1);
+}
