@@ -862,17 +862,17 @@ async fn tls_reports_received_by_one_replica_are_seen_by_all() {
         r#"{{"organization-name":"Org","report-id":"pg-1","date-range":{{"start-datetime":"{day}T00:00:00Z","end-datetime":"{day}T23:59:59Z"}},"policies":[{{"policy":{{"policy-type":"sts","policy-domain":"reported.example"}},"summary":{{"total-successful-session-count":9,"total-failure-session-count":1}},"failure-details":[{{"result-type":"certificate-expired","failed-session-count":1}}]}}]}}"#
     );
     let client = common::client::TlsClient::trusting_pem_file(&a.dir.join("state/ca/ca.pem"));
-    let host = "mta-sts.reported.example";
-    let mut tls = client.connect(a.https, host).await.expect("connect");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let req = format!(
-        "POST /tlsrpt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/tlsrpt+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await.expect("post");
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw).await;
-    assert_eq!(common::client::parse_response(&raw, false).status, 200);
+    let resp = client
+        .post(
+            a.https,
+            "mta-sts.reported.example",
+            "/tlsrpt",
+            "application/tlsrpt+json",
+            body.as_bytes(),
+        )
+        .await
+        .expect("post");
+    assert_eq!(resp.status, 200);
     // B's view: the summary command with B's config, and B's dashboard.
     let out = common::mtasts(&[
         "tlsrpt",

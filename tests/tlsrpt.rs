@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use common::ServeProc;
 use common::client::{Response, TlsClient, parse_response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "tlsrpt-test-admin-token-0123456789";
 
@@ -118,21 +117,10 @@ impl Rig {
     /// POSTs `body` to `https://mta-sts.<domain>/tlsrpt`.
     async fn post(&self, domain: &str, content_type: &str, body: &[u8]) -> Response {
         let host = format!("mta-sts.{domain}");
-        let mut tls = self
-            .client
-            .connect(self.serve.https, &host)
+        self.client
+            .post(self.serve.https, &host, "/tlsrpt", content_type, body)
             .await
-            .expect("connect");
-        let head = format!(
-            "POST /tlsrpt HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        tls.write_all(head.as_bytes()).await.expect("write");
-        // A refused body may be cut off by the server: that is fine.
-        let _ = tls.write_all(body).await;
-        let mut raw = Vec::new();
-        let _ = tls.read_to_end(&mut raw).await;
-        parse_response(&raw, false)
+            .expect("post")
     }
 
     fn summary(&self, extra: &[&str]) -> serde_json::Value {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::ServeProc;
-use common::client::{TlsClient, http_call, parse_response};
+use common::client::{TlsClient, http_call};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "ui-test-admin-token-0123456789abcdef";
@@ -59,16 +59,17 @@ impl Rig {
         // Three days of reports for contoso.example; the middle one failing.
         for (offset, ok, failed) in [(3, 40, 0), (2, 30, 10), (1, 50, 0)] {
             let body = report("contoso.example", &day(offset), ok, failed);
-            let host = "mta-sts.contoso.example";
-            let mut tls = client.connect(serve.https, host).await.expect("connect");
-            let req = format!(
-                "POST /tlsrpt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/tlsrpt+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            tls.write_all(req.as_bytes()).await.expect("post");
-            let mut raw = Vec::new();
-            let _ = tls.read_to_end(&mut raw).await;
-            assert_eq!(parse_response(&raw, false).status, 200);
+            let resp = client
+                .post(
+                    serve.https,
+                    "mta-sts.contoso.example",
+                    "/tlsrpt",
+                    "application/tlsrpt+json",
+                    body.as_bytes(),
+                )
+                .await
+                .expect("post");
+            assert_eq!(resp.status, 200);
         }
         Rig {
             dir,

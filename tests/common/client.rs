@@ -84,6 +84,29 @@ impl TlsClient {
         exchange(&mut tls, method, host, path).await
     }
 
+    /// POSTs `body` to `path` on `host` (the SNI too) over a fresh
+    /// connection. A body the server refuses early may be cut off: the
+    /// answer is read anyway.
+    pub async fn post(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let mut tls = self.connect(addr, host).await?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await?;
+        let _ = tls.write_all(body).await;
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        Ok(parse_response(&raw, false))
+    }
+
     pub async fn get_policy(&self, addr: SocketAddr, domain: &str) -> std::io::Result<Response> {
         let host = format!("mta-sts.{domain}");
         self.request(addr, &host, "GET", &host, "/.well-known/mta-sts.txt")
