@@ -199,11 +199,19 @@ impl Cdp {
 
     /// Waits until the page at `path` has loaded.
     async fn loaded(&mut self, path: &str) {
+        self.loaded_at(path, "").await;
+    }
+
+    /// Waits until the page at `path` with `query` (`location.search`, ""
+    /// for any) has loaded: a form submitted on the same path is told apart
+    /// from the page it was submitted on by its query.
+    async fn loaded_at(&mut self, path: &str, query: &str) {
         for _ in 0..150 {
             let state = self
-                .eval("document.readyState + ' ' + location.pathname")
+                .eval("document.readyState + ' ' + location.pathname + ' ' + location.search")
                 .await;
-            if state.as_str() == Some(&format!("complete {path}")) {
+            let state = state.as_str().unwrap_or("");
+            if state.starts_with(&format!("complete {path} ")) && state.ends_with(query) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -360,7 +368,7 @@ async fn a_person_logs_in_and_reads_the_dashboard_in_chromium() {
     // Search, then the domain with reports is listed with its alert.
     cdp.eval("document.querySelector('input[name=q]').value = 'contoso'; document.querySelector('form.search').submit(); true")
         .await;
-    cdp.loaded("/ui/").await;
+    cdp.loaded_at("/ui/", "?q=contoso").await;
     let listed = cdp
         .eval("[...document.querySelectorAll('#domains tr.domain td:first-child')].map(td => td.textContent)")
         .await;
