@@ -1144,6 +1144,14 @@ async fn serve_async(
         }
         None => None,
     };
+    // The delegation zone, answered from the snapshots this process serves.
+    if let Some(delegation) = &cfg.delegation
+        && let Some(addr) = delegation.dns_listen
+    {
+        dns::serve::spawn(Arc::clone(&server), delegation.clone(), addr)
+            .await
+            .with_context(|| format!("cannot listen for DNS on {addr}"))?;
+    }
     let https_addr = https.local_addr()?;
     let http_addr = http.local_addr()?;
     let snapshot = server.snapshot();

@@ -24,6 +24,10 @@ pub struct Delegation {
     pub host_aaaa: Vec<Ipv6Addr>,
     /// TTL of the policy host's address records.
     pub ttl: u32,
+    /// `dns_listen`: answer DNS for `zone` here (UDP and TCP).
+    pub dns_listen: Option<SocketAddr>,
+    /// `nameservers`: the zone's NS records (default: `policy_host`).
+    pub nameservers: Vec<DomainName>,
 }
 
 /// TSIG algorithms we sign with (RFC 8945 §6; the HMAC-SHA2 family).
@@ -93,6 +97,8 @@ pub(super) struct RawDelegation {
     host_a: Option<Spanned<Vec<Spanned<String>>>>,
     host_aaaa: Option<Spanned<Vec<Spanned<String>>>>,
     ttl: Option<Spanned<i64>>,
+    dns_listen: Option<Spanned<String>>,
+    nameservers: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,15 +218,47 @@ pub(super) fn delegation_config(
         Some(v) => spanned_ttl(source, v, "delegation.ttl", report).unwrap_or(3600),
         None => 3600,
     };
+    let dns_listen = r
+        .dns_listen
+        .as_ref()
+        .and_then(|v| match v.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                report.errors.push(source.at(
+                    v.span(),
+                    format!(
+                        "delegation.dns_listen: {:?} is not an address:port (e.g. \"[::]:53\")",
+                        v.get_ref()
+                    ),
+                ));
+                None
+            }
+        });
+    let mut nameservers = Vec::new();
+    for item in r.nameservers.iter().flat_map(|l| l.get_ref()) {
+        match DomainName::parse(item.get_ref()) {
+            Ok(n) => nameservers.push(n),
+            Err(e) => report.errors.push(source.at(
+                item.span(),
+                format!("delegation.nameservers: {:?}: {e}", item.get_ref()),
+            )),
+        }
+    }
     if report.errors.len() > errors_before {
         return None;
     }
+    let policy_host = policy_host?;
+    if nameservers.is_empty() {
+        nameservers.push(policy_host.clone());
+    }
     Some(Delegation {
         zone: zone?,
-        policy_host: policy_host?,
+        policy_host,
         host_a,
         host_aaaa,
         ttl,
+        dns_listen,
+        nameservers,
     })
 }
 

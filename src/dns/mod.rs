@@ -9,6 +9,7 @@
 
 pub mod format;
 pub mod resolve;
+pub mod serve;
 pub mod update;
 pub mod write;
 

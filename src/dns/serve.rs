@@ -1,0 +1,339 @@
+//! Authoritative DNS for the delegation zone (`[delegation] dns_listen`):
+//! the provider's zone is answered by the process that serves the
+//! policies, from the snapshot it serves, so a customer's `_mta-sts` id can
+//! never run ahead of the policy body.
+//!
+//! Answers (AA set, no recursion): SOA and NS at the apex, the
+//! `v=STSv1; id=…;` TXT at `<customer>.<zone>` (only once the customer's
+//! policy host has a certificate), the policy host's addresses when they
+//! are inside the zone; NXDOMAIN or NODATA with the SOA for negative
+//! caching; REFUSED outside the zone. UDP answers larger than the client's
+//! EDNS size (512 bytes without EDNS) are truncated (TC) so the client asks
+//! again over TCP. Every read is bounded in size and time, and UDP answers
+//! per client network are rate-limited against reflection.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, TXT};
+use hickory_proto::rr::{Name, RData, Record as Rr, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::config::Delegation;
+use crate::server::Server;
+
+/// Largest UDP answer to clients that advertise more (RFC 9715's advice).
+const MAX_UDP: usize = 1232;
+/// A TCP client must send its query within this long.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+/// UDP answers per client network (/24 or /56) per second.
+const RATE_LIMIT: u32 = 200;
+
+/// The zone as of one snapshot generation.
+struct Zone {
+    generation: u64,
+    apex: Name,
+    soa: Rr,
+    ns: Vec<Rr>,
+    /// Owner (lowercase) → records, and the policy host whose certificate
+    /// gates a customer's TXT.
+    names: HashMap<Name, (Vec<Rr>, Option<Box<str>>)>,
+}
+
+/// Builds the zone of the server's current snapshot.
+fn build(server: &Server, delegation: &Delegation, serial: u32) -> Result<Zone, String> {
+    let name = |s: &str| {
+        Name::from_ascii(s)
+            .map(|n| n.to_lowercase())
+            .map_err(|e| format!("{s}: {e}"))
+    };
+    let apex = name(&format!("{}.", delegation.zone))?;
+    let ttl = delegation.ttl;
+    let mname = name(&format!("{}.", delegation.nameservers[0]))?;
+    let rname = name(&format!("hostmaster.{}.", delegation.zone))?;
+    let soa = Rr::from_rdata(
+        apex.clone(),
+        ttl,
+        RData::SOA(SOA::new(mname, rname, serial, 3600, 600, 1_209_600, 300)),
+    );
+    let mut ns = Vec::new();
+    for host in &delegation.nameservers {
+        ns.push(Rr::from_rdata(
+            apex.clone(),
+            ttl,
+            RData::NS(NS(name(&format!("{host}."))?)),
+        ));
+    }
+    let snapshot = server.snapshot();
+    let mut names: HashMap<Name, (Vec<Rr>, Option<Box<str>>)> = HashMap::new();
+    for site in snapshot.sites() {
+        for r in crate::dns::provider_records(site, delegation) {
+            let owner = name(&r.name)?;
+            let text = r.value.trim_matches('"').to_owned();
+            let rr = Rr::from_rdata(owner.clone(), r.ttl, RData::TXT(TXT::new(vec![text])));
+            let entry = names
+                .entry(owner)
+                .or_insert_with(|| (Vec::new(), Some(site.host.clone())));
+            entry.0.push(rr);
+        }
+    }
+    for r in crate::dns::policy_host_records(delegation) {
+        let owner = name(&r.name)?;
+        if !apex.zone_of(&owner) {
+            continue;
+        }
+        let rdata = match r.rtype {
+            "A" => r.value.parse().map(|a| RData::A(A(a))).ok(),
+            "AAAA" => r.value.parse().map(|a| RData::AAAA(AAAA(a))).ok(),
+            "CNAME" => name(&r.value).ok().map(|n| RData::CNAME(CNAME(n))),
+            _ => None,
+        };
+        if let Some(rdata) = rdata {
+            names
+                .entry(owner.clone())
+                .or_insert_with(|| (Vec::new(), None))
+                .0
+                .push(Rr::from_rdata(owner, r.ttl, rdata));
+        }
+    }
+    Ok(Zone {
+        generation: server.generation(),
+        apex,
+        soa,
+        ns,
+        names,
+    })
+}
+
+/// Serves the zone of `server`'s snapshots on `addr` until the process
+/// ends. Binds now (errors are returned), then runs in the background.
+pub async fn spawn(
+    server: Arc<Server>,
+    delegation: Delegation,
+    addr: SocketAddr,
+) -> std::io::Result<SocketAddr> {
+    let udp = UdpSocket::bind(addr).await?;
+    let bound = udp.local_addr()?;
+    let tcp = TcpListener::bind(bound).await?;
+    let answerer = Arc::new(Answerer {
+        server,
+        delegation,
+        zone: Mutex::new(None),
+        serial: Mutex::new(0),
+        rate: Mutex::new(HashMap::new()),
+    });
+    tokio::spawn(udp_loop(Arc::clone(&answerer), udp));
+    tokio::spawn(tcp_loop(answerer, tcp));
+    tracing::info!(dns = %bound, "answering DNS for the delegation zone");
+    Ok(bound)
+}
+
+struct Answerer {
+    server: Arc<Server>,
+    delegation: Delegation,
+    zone: Mutex<Option<Arc<Zone>>>,
+    /// The last serial handed out (bumped for every new zone).
+    serial: Mutex<u32>,
+    /// Client network → (window start, answers in it).
+    rate: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl Answerer {
+    /// The zone of the current snapshot (rebuilt when the generation moved).
+    fn zone(&self) -> Option<Arc<Zone>> {
+        let generation = self.server.generation();
+        let mut slot = crate::sync::lock(&self.zone);
+        if let Some(z) = slot.as_ref()
+            && z.generation == generation
+        {
+            return Some(Arc::clone(z));
+        }
+        let serial = {
+            let mut last = crate::sync::lock(&self.serial);
+            let now = u32::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            )
+            .unwrap_or(u32::MAX);
+            *last = now.max(last.wrapping_add(1));
+            *last
+        };
+        match build(&self.server, &self.delegation, serial) {
+            Ok(z) => {
+                let z = Arc::new(z);
+                *slot = Some(Arc::clone(&z));
+                Some(z)
+            }
+            Err(e) => {
+                tracing::error!("delegation zone: {e}");
+                slot.clone()
+            }
+        }
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let net = match ip {
+            IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from_bits(v4.to_bits() & 0xffff_ff00)),
+            IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !((1u128 << 72) - 1),
+            )),
+        };
+        let mut rate = crate::sync::lock(&self.rate);
+        let now = Instant::now();
+        if rate.len() > 100_000 {
+            rate.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
+        }
+        let entry = rate.entry(net).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(1) {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= RATE_LIMIT
+    }
+
+    /// The answer to `query` (`None`: not a query worth answering).
+    fn answer(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+        let request = Message::from_vec(query).ok()?;
+        if request.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let mut resp = Message::response(request.metadata.id, request.metadata.op_code);
+        resp.metadata.recursion_desired = request.metadata.recursion_desired;
+        resp.metadata.recursion_available = false;
+        let limit = match &request.edns {
+            Some(edns) => {
+                let mut ours = Edns::new();
+                ours.set_max_payload(MAX_UDP as u16);
+                resp.set_edns(ours);
+                usize::from(edns.max_payload()).clamp(512, MAX_UDP)
+            }
+            None => 512,
+        };
+        let [q] = request.queries.as_slice() else {
+            resp.metadata.response_code = ResponseCode::FormErr;
+            return resp.to_vec().ok();
+        };
+        resp.add_query(q.clone());
+        if request.metadata.op_code != OpCode::Query {
+            resp.metadata.response_code = ResponseCode::NotImp;
+            return resp.to_vec().ok();
+        }
+        let zone = self.zone()?;
+        let qname = q.name().to_lowercase();
+        if !zone.apex.zone_of(&qname) {
+            resp.metadata.response_code = ResponseCode::Refused;
+            return resp.to_vec().ok();
+        }
+        resp.metadata.authoritative = true;
+        let qtype = q.query_type();
+        if qname == zone.apex {
+            match qtype {
+                RecordType::SOA => {
+                    resp.add_answer(zone.soa.clone());
+                }
+                RecordType::NS => {
+                    resp.add_answers(zone.ns.iter().cloned());
+                }
+                RecordType::ANY => {
+                    resp.add_answer(zone.soa.clone());
+                    resp.add_answers(zone.ns.iter().cloned());
+                }
+                _ => {
+                    resp.add_authority(zone.soa.clone());
+                }
+            }
+        } else {
+            // A customer's TXT exists once its policy host can be served.
+            let found = zone.names.get(&qname).filter(|(_, gate)| {
+                gate.as_deref()
+                    .is_none_or(|host| self.server.has_certificate(host))
+            });
+            match found {
+                None => {
+                    resp.metadata.response_code = ResponseCode::NXDomain;
+                    resp.add_authority(zone.soa.clone());
+                }
+                Some((records, _)) => {
+                    let matching: Vec<Rr> = records
+                        .iter()
+                        .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
+                        .cloned()
+                        .collect();
+                    if matching.is_empty() {
+                        resp.add_authority(zone.soa.clone());
+                    } else {
+                        resp.add_answers(matching);
+                    }
+                }
+            }
+        }
+        let wire = resp.to_vec().ok()?;
+        if udp && wire.len() > limit {
+            return resp.truncate().to_vec().ok();
+        }
+        Some(wire)
+    }
+}
+
+async fn udp_loop(answerer: Arc<Answerer>, socket: UdpSocket) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS: UDP receive failed");
+                continue;
+            }
+        };
+        if !answerer.allowed(peer.ip()) {
+            continue;
+        }
+        if let Some(answer) = answerer.answer(&buf[..n], true) {
+            let _ = socket.send_to(&answer, peer).await;
+        }
+    }
+}
+
+async fn tcp_loop(answerer: Arc<Answerer>, listener: TcpListener) {
+    let open = Arc::new(tokio::sync::Semaphore::new(256));
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            continue;
+        };
+        let answerer = Arc::clone(&answerer);
+        tokio::spawn(async move {
+            let _permit = permit;
+            // Several queries may follow on one connection (RFC 7766).
+            for _ in 0..100 {
+                let read = async {
+                    let len = stream.read_u16().await? as usize;
+                    let mut query = vec![0u8; len];
+                    stream.read_exact(&mut query).await?;
+                    Ok::<_, std::io::Error>(query)
+                };
+                let Ok(Ok(query)) = tokio::time::timeout(TCP_TIMEOUT, read).await else {
+                    return;
+                };
+                let Some(answer) = answerer.answer(&query, false) else {
+                    return;
+                };
+                let Ok(len) = u16::try_from(answer.len()) else {
+                    return;
+                };
+                let mut out = len.to_be_bytes().to_vec();
+                out.extend_from_slice(&answer);
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
