@@ -28,7 +28,12 @@ fn kdig(server: SocketAddr, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run kdig");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    // kdig reports a refused transfer on stderr.
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn flags(out: &str) -> String {
@@ -193,4 +198,138 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
         .parse()
         .expect("number");
     assert!(serial2 > serial1, "{serial1} -> {serial2}");
+}
+
+/// A knot secondary of the delegation zone: it transfers the zone from
+/// mtasts (AXFR, `allow_transfer`), and after a policy change the NOTIFY
+/// mtasts sends brings the new id to it. A client not allowed is refused.
+#[test]
+fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
+    let Some(knotd) = common::knot::knotd() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dns = common::loopback();
+    let knot_port = common::free_port();
+    let cfg = config(
+        dir.path(),
+        dns,
+        "mx.provider.example",
+        &["ns1.provider.example".to_owned()],
+    );
+    let text = std::fs::read_to_string(&cfg).expect("config").replace(
+        "[defaults]",
+        &format!(
+            "allow_transfer = [\"127.0.0.1\"]\nnotify = [\"127.0.0.1:{knot_port}\"]\n[defaults]"
+        ),
+    );
+    std::fs::write(&cfg, &text).expect("write");
+    let addr = |key: &str| -> SocketAddr {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .and_then(|v| v.parse().ok())
+            .expect("address")
+    };
+    let (https, http) = (addr("https"), addr("http"));
+    let serve = ServeProc::start(&cfg, https, http);
+    common::wait_for("the DNS listener", || {
+        status(&kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
+    });
+    // Not in allow_transfer (another loopback source address): refused.
+    let refused = kdig(dns, &["-b", "127.0.0.2", "sts.provider.example", "AXFR"]);
+    assert!(
+        refused.contains("replied with error 'REFUSED'"),
+        "{refused}"
+    );
+    assert!(records(&refused, "TXT").is_empty(), "{refused}");
+    // From an allowed address the transfer has every customer's TXT
+    // between two SOAs.
+    let axfr = kdig(dns, &["-b", "127.0.0.1", "sts.provider.example", "AXFR"]);
+    assert_eq!(records(&axfr, "SOA").len(), 2, "{axfr}");
+    assert_eq!(records(&axfr, "TXT").len(), 2, "{axfr}");
+
+    let kd = tempfile::Builder::new()
+        .prefix("knot2")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let d = kd.path().display().to_string();
+    std::fs::create_dir_all(kd.path().join("db")).expect("db");
+    let conf = format!(
+        "server:\n  rundir: \"{d}\"\n  listen: 127.0.0.1@{knot_port}\n\
+         log:\n  - target: stderr\n    any: info\n\
+         database:\n  storage: \"{d}/db\"\n\
+         remote:\n  - id: primary\n    address: 127.0.0.1@{}\n\
+         acl:\n  - id: notify-from-primary\n    address: 127.0.0.1\n    action: notify\n\
+         template:\n  - id: default\n    storage: \"{d}\"\n    zonefile-sync: -1\n    journal-content: none\n\
+         zone:\n  - domain: sts.provider.example\n    master: primary\n    acl: notify-from-primary\n",
+        dns.port()
+    );
+    std::fs::write(kd.path().join("knot.conf"), conf).expect("conf");
+    let log = std::fs::File::create(kd.path().join("knotd.log")).expect("log");
+    let mut knot = std::process::Command::new(knotd)
+        .arg("-c")
+        .arg(kd.path().join("knot.conf"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("knotd");
+    let secondary = SocketAddr::from(([127, 0, 0, 1], knot_port));
+    let knot_log = || std::fs::read_to_string(kd.path().join("knotd.log")).unwrap_or_default();
+    let served = |customer: &str| {
+        common::policy_id(&common::served_body(http.port(), customer).expect("served"))
+    };
+    let first = served("customer-a.example");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let txt = kdig(
+            secondary,
+            &["customer-a.example.sts.provider.example", "TXT"],
+        );
+        if records(&txt, "TXT") == [format!("\"v=STSv1; id={first};\"")] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no transfer:\n{}\n{}",
+            knot_log(),
+            serve.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // A policy change: mtasts NOTIFYs, knot transfers again.
+    std::fs::write(
+        &cfg,
+        text.replace("mx.provider.example", "mx2.provider.example"),
+    )
+    .expect("write");
+    serve.signal("HUP");
+    common::wait_for("the new policy served", || {
+        served("customer-a.example") != first
+    });
+    let second = served("customer-a.example");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let txt = kdig(
+            secondary,
+            &["customer-a.example.sts.provider.example", "TXT"],
+        );
+        if records(&txt, "TXT") == [format!("\"v=STSv1; id={second};\"")] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NOTIFY did not bring the new id:\n{}\n{}",
+            knot_log(),
+            serve.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        serve.log().contains("NOTIFY acknowledged"),
+        "{}",
+        serve.log()
+    );
+    let _ = knot.kill();
+    let _ = knot.wait();
 }

@@ -28,6 +28,10 @@ pub struct Delegation {
     pub dns_listen: Option<SocketAddr>,
     /// `nameservers`: the zone's NS records (default: `policy_host`).
     pub nameservers: Vec<DomainName>,
+    /// `allow_transfer`: addresses allowed to transfer the zone (AXFR).
+    pub allow_transfer: Vec<std::net::IpAddr>,
+    /// `notify`: secondaries told (NOTIFY) when the zone changes.
+    pub notify: Vec<SocketAddr>,
 }
 
 /// TSIG algorithms we sign with (RFC 8945 §6; the HMAC-SHA2 family).
@@ -99,6 +103,8 @@ pub(super) struct RawDelegation {
     ttl: Option<Spanned<i64>>,
     dns_listen: Option<Spanned<String>>,
     nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_transfer: Option<Spanned<Vec<Spanned<String>>>>,
+    notify: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +250,32 @@ pub(super) fn delegation_config(
             )),
         }
     }
+    let mut allow_transfer = Vec::new();
+    for item in r.allow_transfer.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse() {
+            Ok(ip) => allow_transfer.push(ip),
+            Err(_) => report.errors.push(source.at(
+                item.span(),
+                format!(
+                    "delegation.allow_transfer: {:?} is not an IP address",
+                    item.get_ref()
+                ),
+            )),
+        }
+    }
+    let mut notify = Vec::new();
+    for item in r.notify.iter().flat_map(|l| l.get_ref()) {
+        match item.get_ref().parse() {
+            Ok(addr) => notify.push(addr),
+            Err(_) => report.errors.push(source.at(
+                item.span(),
+                format!(
+                    "delegation.notify: {:?} is not an address:port",
+                    item.get_ref()
+                ),
+            )),
+        }
+    }
     if report.errors.len() > errors_before {
         return None;
     }
@@ -259,6 +291,8 @@ pub(super) fn delegation_config(
         ttl,
         dns_listen,
         nameservers,
+        allow_transfer,
+        notify,
     })
 }
 

@@ -127,6 +127,9 @@ pub async fn spawn(
         rate: Mutex::new(HashMap::new()),
     });
     tokio::spawn(udp_loop(Arc::clone(&answerer), udp));
+    if !answerer.delegation.notify.is_empty() {
+        tokio::spawn(notify_loop(Arc::clone(&answerer)));
+    }
     tokio::spawn(tcp_loop(answerer, tcp));
     tracing::info!(dns = %bound, "answering DNS for the delegation zone");
     Ok(bound)
@@ -231,6 +234,11 @@ impl Answerer {
         }
         resp.metadata.authoritative = true;
         let qtype = q.query_type();
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // Transfers go over TCP (and only to `allow_transfer`).
+            resp.metadata.response_code = ResponseCode::Refused;
+            return resp.to_vec().ok();
+        }
         if qname == zone.apex {
             match qtype {
                 RecordType::SOA => {
@@ -280,6 +288,118 @@ impl Answerer {
     }
 }
 
+/// Records per AXFR message (each well under the 64 KiB limit).
+const AXFR_CHUNK: usize = 300;
+
+impl Answerer {
+    /// An AXFR (RFC 5936) of the zone for an allowed client: `None` when
+    /// `query` is not an AXFR; a REFUSED answer for anyone not in
+    /// `allow_transfer`.
+    fn transfer(&self, query: &[u8], peer: IpAddr) -> Option<Vec<Vec<u8>>> {
+        let request = Message::from_vec(query).ok()?;
+        let q = request.queries.first()?;
+        // An IXFR is answered with the whole zone (RFC 1995 section 4).
+        if !matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR) {
+            return None;
+        }
+        let mut head = Message::response(request.metadata.id, OpCode::Query);
+        head.add_query(q.clone());
+        let zone = self.zone()?;
+        let peer = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+            v4 => v4,
+        };
+        if q.name().to_lowercase() != zone.apex || !self.delegation.allow_transfer.contains(&peer) {
+            tracing::info!(%peer, "DNS: zone transfer refused");
+            head.metadata.response_code = ResponseCode::Refused;
+            return Some(vec![head.to_vec().ok()?]);
+        }
+        head.metadata.authoritative = true;
+        let mut all = vec![zone.soa.clone()];
+        all.extend(zone.ns.iter().cloned());
+        let mut owners: Vec<&Name> = zone.names.keys().collect();
+        owners.sort();
+        for owner in owners {
+            if let Some((records, gate)) = zone.names.get(owner)
+                && gate
+                    .as_deref()
+                    .is_none_or(|host| self.server.has_certificate(host))
+            {
+                all.extend(records.iter().cloned());
+            }
+        }
+        all.push(zone.soa.clone());
+        let mut out = Vec::new();
+        for chunk in all.chunks(AXFR_CHUNK) {
+            let mut msg = head.clone();
+            msg.add_answers(chunk.iter().cloned());
+            out.push(msg.to_vec().ok()?);
+        }
+        tracing::info!(%peer, records = all.len(), "DNS: zone transferred");
+        Some(out)
+    }
+
+    /// Tells every `notify` target that the zone changed (RFC 1996), a few
+    /// times until each acknowledges.
+    async fn notify(&self) {
+        let Some(zone) = self.zone() else {
+            return;
+        };
+        for target in &self.delegation.notify {
+            let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Notify);
+            msg.metadata.authoritative = true;
+            msg.add_query(hickory_proto::op::Query::query(
+                zone.apex.clone(),
+                RecordType::SOA,
+            ));
+            let Ok(wire) = msg.to_vec() else {
+                continue;
+            };
+            let bind: SocketAddr = if target.is_ipv6() {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            };
+            let Ok(socket) = UdpSocket::bind(bind).await else {
+                continue;
+            };
+            let mut acked = false;
+            for _ in 0..5 {
+                if socket.send_to(&wire, target).await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 512];
+                if let Ok(Ok((n, _))) =
+                    tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf)).await
+                    && Message::from_vec(&buf[..n]).is_ok_and(|m| m.metadata.id == msg.metadata.id)
+                {
+                    acked = true;
+                    break;
+                }
+            }
+            if acked {
+                tracing::info!(%target, "DNS: NOTIFY acknowledged");
+            } else {
+                tracing::warn!(%target, "DNS: NOTIFY not acknowledged; the secondary refreshes on its own schedule");
+            }
+        }
+    }
+}
+
+/// Sends NOTIFY whenever a new snapshot changes the zone.
+async fn notify_loop(answerer: Arc<Answerer>) {
+    let mut seen = answerer.server.generation();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = answerer.server.generation();
+        if now != seen {
+            seen = now;
+            answerer.notify().await;
+        }
+    }
+}
+
 async fn udp_loop(answerer: Arc<Answerer>, socket: UdpSocket) {
     let mut buf = vec![0u8; 4096];
     loop {
@@ -302,7 +422,7 @@ async fn udp_loop(answerer: Arc<Answerer>, socket: UdpSocket) {
 async fn tcp_loop(answerer: Arc<Answerer>, listener: TcpListener) {
     let open = Arc::new(tokio::sync::Semaphore::new(256));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((mut stream, peer)) = listener.accept().await else {
             continue;
         };
         let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
@@ -322,16 +442,22 @@ async fn tcp_loop(answerer: Arc<Answerer>, listener: TcpListener) {
                 let Ok(Ok(query)) = tokio::time::timeout(TCP_TIMEOUT, read).await else {
                     return;
                 };
-                let Some(answer) = answerer.answer(&query, false) else {
-                    return;
+                let answers = match answerer.transfer(&query, peer.ip()) {
+                    Some(messages) => messages,
+                    None => match answerer.answer(&query, false) {
+                        Some(answer) => vec![answer],
+                        None => return,
+                    },
                 };
-                let Ok(len) = u16::try_from(answer.len()) else {
-                    return;
-                };
-                let mut out = len.to_be_bytes().to_vec();
-                out.extend_from_slice(&answer);
-                if stream.write_all(&out).await.is_err() {
-                    return;
+                for answer in answers {
+                    let Ok(len) = u16::try_from(answer.len()) else {
+                        return;
+                    };
+                    let mut out = len.to_be_bytes().to_vec();
+                    out.extend_from_slice(&answer);
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
