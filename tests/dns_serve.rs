@@ -333,3 +333,82 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     let _ = knot.kill();
     let _ = knot.wait();
 }
+
+/// Beyond `dns_rate_limit` answers per second to one client network, UDP
+/// answers stop carrying data: every second query gets an empty truncated
+/// answer (retry over TCP), the others none. TCP is not limited.
+#[test]
+fn udp_answers_are_rate_limited_per_client_network() {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dns = common::loopback();
+    let cfg = config(
+        dir.path(),
+        dns,
+        "mx.provider.example",
+        &["ns1.provider.example".to_owned()],
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .expect("config")
+        .replace("[defaults]", "dns_rate_limit = 5\n[defaults]");
+    std::fs::write(&cfg, &text).expect("write");
+    let addr = |key: &str| -> SocketAddr {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .and_then(|v| v.parse().ok())
+            .expect("address")
+    };
+    let _serve = ServeProc::start(&cfg, addr("https"), addr("http"));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("timeout");
+    // Wait for the listener (these answers count towards the limit, so
+    // let the second pass).
+    common::wait_for("the DNS listener", || {
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("sts.provider.example.").expect("name"),
+            RecordType::SOA,
+        ));
+        socket.send_to(&q.to_vec().expect("wire"), dns).is_ok() && {
+            let mut buf = [0u8; 1500];
+            socket.recv_from(&mut buf).is_ok()
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (mut full, mut truncated) = (0, 0);
+    for i in 0..40u16 {
+        let mut q = Message::query();
+        q.metadata.id = i;
+        q.add_query(Query::query(
+            Name::from_ascii("customer-a.example.sts.provider.example.").expect("name"),
+            RecordType::TXT,
+        ));
+        socket
+            .send_to(&q.to_vec().expect("wire"), dns)
+            .expect("send");
+    }
+    let mut buf = [0u8; 1500];
+    while let Ok((n, _)) = socket.recv_from(&mut buf) {
+        let m = Message::from_vec(&buf[..n]).expect("answer");
+        if m.metadata.truncation {
+            assert!(m.answers.is_empty());
+            truncated += 1;
+        } else if !m.answers.is_empty() {
+            full += 1;
+        }
+    }
+    assert!(full <= 5, "{full} full answers over the limit of 5");
+    assert!(full >= 1, "some answers within the limit");
+    assert!(truncated >= 10, "{truncated} truncated answers");
+    assert!(full + truncated < 40, "some queries get no answer");
+    // TCP still answers in full.
+    let tcp = kdig(
+        dns,
+        &["+tcp", "customer-a.example.sts.provider.example", "TXT"],
+    );
+    assert_eq!(records(&tcp, "TXT").len(), 1, "{tcp}");
+}

@@ -32,6 +32,9 @@ pub struct Delegation {
     pub allow_transfer: Vec<std::net::IpAddr>,
     /// `notify`: secondaries told (NOTIFY) when the zone changes.
     pub notify: Vec<SocketAddr>,
+    /// `dns_rate_limit`: UDP answers per second per client network before
+    /// answers are dropped or truncated (0: no limit).
+    pub dns_rate_limit: u32,
 }
 
 /// TSIG algorithms we sign with (RFC 8945 §6; the HMAC-SHA2 family).
@@ -105,6 +108,7 @@ pub(super) struct RawDelegation {
     nameservers: Option<Spanned<Vec<Spanned<String>>>>,
     allow_transfer: Option<Spanned<Vec<Spanned<String>>>>,
     notify: Option<Spanned<Vec<Spanned<String>>>>,
+    dns_rate_limit: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,6 +280,19 @@ pub(super) fn delegation_config(
             )),
         }
     }
+    let dns_rate_limit = match &r.dns_rate_limit {
+        None => 1000,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n) => n,
+            Err(_) => {
+                report.errors.push(source.at(
+                    v.span(),
+                    "delegation.dns_rate_limit must be 0 (no limit) or a positive number of answers per second",
+                ));
+                0
+            }
+        },
+    };
     if report.errors.len() > errors_before {
         return None;
     }
@@ -293,6 +310,7 @@ pub(super) fn delegation_config(
         nameservers,
         allow_transfer,
         notify,
+        dns_rate_limit,
     })
 }
 

@@ -10,7 +10,9 @@
 //! caching; REFUSED outside the zone. UDP answers larger than the client's
 //! EDNS size (512 bytes without EDNS) are truncated (TC) so the client asks
 //! again over TCP. Every read is bounded in size and time, and UDP answers
-//! per client network are rate-limited against reflection.
+//! per client network are rate-limited against reflection (`dns_rate_limit`
+//! per second; beyond it every second query gets an empty truncated
+//! answer, so a real resolver retries over TCP, and the rest none).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,8 +32,6 @@ use crate::server::Server;
 const MAX_UDP: usize = 1232;
 /// A TCP client must send its query within this long.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
-/// UDP answers per client network (/24 or /56) per second.
-const RATE_LIMIT: u32 = 200;
 
 /// The zone as of one snapshot generation.
 struct Zone {
@@ -179,7 +179,14 @@ impl Answerer {
         }
     }
 
-    fn allowed(&self, ip: IpAddr) -> bool {
+    /// Whether to answer a UDP query from `ip` in full (`Some(true)`),
+    /// truncated so the client retries over TCP (`Some(false)`: every
+    /// second answer over the limit, RRL's "slip"), or not at all.
+    fn allowed(&self, ip: IpAddr) -> Option<bool> {
+        let limit = self.delegation.dns_rate_limit;
+        if limit == 0 {
+            return Some(true);
+        }
         let net = match ip {
             IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from_bits(v4.to_bits() & 0xffff_ff00)),
             IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
@@ -196,7 +203,11 @@ impl Answerer {
             *entry = (now, 0);
         }
         entry.1 += 1;
-        entry.1 <= RATE_LIMIT
+        if entry.1 <= limit {
+            Some(true)
+        } else {
+            entry.1.is_multiple_of(2).then_some(false)
+        }
     }
 
     /// The answer to `query` (`None`: not a query worth answering).
@@ -410,10 +421,23 @@ async fn udp_loop(answerer: Arc<Answerer>, socket: UdpSocket) {
                 continue;
             }
         };
-        if !answerer.allowed(peer.ip()) {
+        let Some(full) = answerer.allowed(peer.ip()) else {
             continue;
-        }
-        if let Some(answer) = answerer.answer(&buf[..n], true) {
+        };
+        let answer = if full {
+            answerer.answer(&buf[..n], true)
+        } else {
+            Message::from_vec(&buf[..n])
+                .ok()
+                .filter(|m| m.metadata.message_type == MessageType::Query)
+                .and_then(|m| {
+                    let mut tc = Message::response(m.metadata.id, m.metadata.op_code);
+                    tc.add_queries(m.queries.iter().cloned());
+                    tc.metadata.truncation = true;
+                    tc.to_vec().ok()
+                })
+        };
+        if let Some(answer) = answer {
             let _ = socket.send_to(&answer, peer).await;
         }
     }
