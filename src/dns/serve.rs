@@ -126,7 +126,15 @@ pub async fn spawn(
         serial: Mutex::new(0),
         rate: Mutex::new(HashMap::new()),
     });
-    tokio::spawn(udp_loop(Arc::clone(&answerer), udp));
+    // One receive loop per core on the same socket: answers are built
+    // without locks but the zone's.
+    let udp = Arc::new(udp);
+    let loops = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    for _ in 0..loops {
+        tokio::spawn(udp_loop(Arc::clone(&answerer), Arc::clone(&udp)));
+    }
     if !answerer.delegation.notify.is_empty() {
         tokio::spawn(notify_loop(Arc::clone(&answerer)));
     }
@@ -411,7 +419,7 @@ async fn notify_loop(answerer: Arc<Answerer>) {
     }
 }
 
-async fn udp_loop(answerer: Arc<Answerer>, socket: UdpSocket) {
+async fn udp_loop(answerer: Arc<Answerer>, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
