@@ -586,7 +586,7 @@ async fn write_and_reload(
             Err(re) => tracing::error!("cannot restore {}: {re}", file.display()),
         }
     };
-    let mut reloaded = match control.reload_locked(lock, Trigger::Admin).await {
+    let reloaded = match control.reload_locked(lock, Trigger::Admin).await {
         Ok(r) => r,
         Err(e) => {
             restore();
@@ -599,10 +599,9 @@ async fn write_and_reload(
     {
         tracing::error!(error = %e, "admin write could not be shared; undoing it here");
         restore();
-        if let Ok(r) = control.reload_locked(lock, Trigger::Admin).await {
-            reloaded = r;
+        if let Err(e) = control.reload_locked(lock, Trigger::Admin).await {
+            tracing::error!("reload after undoing the admin write failed: {e}");
         }
-        let _ = reloaded;
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the shared store (PostgreSQL) failed during the write; nothing was changed, try again later",

@@ -1057,7 +1057,6 @@ async fn open_shared(
             }
         }
     }
-    let _ = &mut loader;
     Ok((
         cfg,
         loader,

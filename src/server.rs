@@ -619,16 +619,10 @@ async fn accept_loop(
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
                             use futures_util::future::Either;
-                            if let Some(site) = tlsrpt_site(tlsrpt.as_ref(), &shared, None, &req)
-                                && let Some(receiver) = &tlsrpt
-                            {
-                                let receiver = Arc::clone(receiver);
-                                return Either::Right(Box::pin(async move {
-                                    Ok::<_, std::convert::Infallible>(
-                                        receiver.handle(site, req).await,
-                                    )
-                                }));
-                            }
+                            let req = match tlsrpt_request(tlsrpt.as_ref(), &shared, None, req) {
+                                Routed::Report(report) => return Either::Right(report),
+                                Routed::Other(req) => req,
+                            };
                             Either::Left(std::future::ready(Ok::<_, std::convert::Infallible>(
                                 http::answer(&shared, Listener::Http, None, &req),
                             )))
@@ -645,16 +639,10 @@ async fn accept_loop(
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
                             use futures_util::future::Either;
-                            if let Some(site) = tlsrpt_site(tlsrpt.as_ref(), &shared, None, &req)
-                                && let Some(receiver) = &tlsrpt
-                            {
-                                let receiver = Arc::clone(receiver);
-                                return Either::Right(Box::pin(async move {
-                                    Ok::<_, std::convert::Infallible>(
-                                        receiver.handle(site, req).await,
-                                    )
-                                }));
-                            }
+                            let req = match tlsrpt_request(tlsrpt.as_ref(), &shared, None, req) {
+                                Routed::Report(report) => return Either::Right(report),
+                                Routed::Other(req) => req,
+                            };
                             Either::Left(Box::pin(hyper::service::Service::call(&svc, req)))
                         },
                     );
@@ -673,30 +661,54 @@ fn proxied_tlsrpt(ctx: &ConnCtx) -> Option<Arc<crate::tlsrpt::receive::Receiver>
         .filter(|_| ctx.shared.behind_proxy && ctx.per_client.is_some())
 }
 
-/// The policy site a request for [`crate::tlsrpt::PATH`] is posted to: by
-/// the SNI on HTTPS, else by the Host header; `None` for anything else.
-fn tlsrpt_site<B>(
+/// A TLS report being received: the answer to a POST to /tlsrpt.
+type ReportAnswer = Pin<
+    Box<dyn Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send>,
+>;
+
+/// Where a request goes: a TLS report being received, or the usual path.
+/// The request is moved, not boxed: boxing it would allocate on every
+/// policy fetch to spare a copy the compiler mostly elides.
+#[allow(clippy::large_enum_variant)]
+enum Routed {
+    Report(ReportAnswer),
+    Other(hyper::Request<hyper::body::Incoming>),
+}
+
+/// `req` as a TLS report for the policy site it is posted to (by the SNI
+/// on HTTPS, else by the Host header), or `req` back for the usual path:
+/// no receiver, another path, or a host not served.
+fn tlsrpt_request(
     receiver: Option<&Arc<crate::tlsrpt::receive::Receiver>>,
     shared: &Shared,
     sni: Option<&str>,
-    req: &hyper::Request<B>,
-) -> Option<Arc<crate::snapshot::Site>> {
-    receiver?;
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Routed {
+    let Some(receiver) = receiver else {
+        return Routed::Other(req);
+    };
     if req.uri().path() != crate::tlsrpt::PATH {
-        return None;
+        return Routed::Other(req);
     }
-    let host = match sni {
-        Some(sni) => std::borrow::Cow::Borrowed(sni),
-        None => {
-            let raw = req
+    let site = {
+        let host = match sni {
+            Some(sni) => Some(std::borrow::Cow::Borrowed(sni)),
+            None => req
                 .headers()
                 .get(hyper::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
-            http::normalize_host(raw)?
-        }
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .and_then(http::normalize_host),
+        };
+        host.and_then(|h| shared.snapshot.load().lookup(&h).cloned())
     };
-    shared.snapshot.load().lookup(&host).cloned()
+    let Some(site) = site else {
+        return Routed::Other(req);
+    };
+    let receiver = Arc::clone(receiver);
+    Routed::Report(Box::pin(
+        async move { Ok(receiver.handle(site, req).await) },
+    ))
 }
 
 async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Slot) {
@@ -760,14 +772,10 @@ async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Sl
     let tlsrpt = ctx.tlsrpt.clone();
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         use futures_util::future::Either;
-        if let Some(site) = tlsrpt_site(tlsrpt.as_ref(), &shared, Some(&sni), &req)
-            && let Some(receiver) = &tlsrpt
-        {
-            let receiver = Arc::clone(receiver);
-            return Either::Right(Box::pin(async move {
-                Ok::<_, std::convert::Infallible>(receiver.handle(site, req).await)
-            }));
-        }
+        let req = match tlsrpt_request(tlsrpt.as_ref(), &shared, Some(&sni), req) {
+            Routed::Report(report) => return Either::Right(report),
+            Routed::Other(req) => req,
+        };
         Either::Left(std::future::ready(Ok::<_, std::convert::Infallible>(
             http::answer(&shared, Listener::Https, Some(&sni), &req),
         )))

@@ -62,15 +62,28 @@ fn records(out: &str, rtype: &str) -> Vec<String> {
         .collect()
 }
 
-fn config(dir: &Path, dns: SocketAddr, mx: &str, nameservers: &[String]) -> std::path::PathBuf {
+/// A server config in `dir` answering the delegation zone on `dns`, with
+/// `extra` lines in `[delegation]`; returns it and its https and http
+/// listeners.
+struct Setup {
+    config: std::path::PathBuf,
+    https: SocketAddr,
+    http: SocketAddr,
+}
+
+fn config(dir: &Path, dns: SocketAddr, nameservers: &[String], extra: &str) -> Setup {
     let (https, http) = (common::loopback(), common::loopback());
     let ns: Vec<String> = nameservers.iter().map(|n| format!("\"{n}\"")).collect();
     let mut text = common::server_section(https, http, &dir.join("state"));
     text.push_str(&format!(
-        "behind_proxy = true\n[delegation]\nzone = \"sts.provider.example\"\npolicy_host = \"mta-sts.provider.example\"\ndns_listen = \"{dns}\"\nnameservers = [{}]\n[defaults]\nmode = \"testing\"\nmx = [\"{mx}\"]\n[[domain]]\nname = \"customer-a.example\"\n[[domain]]\nname = \"customer-b.example\"\n",
+        "behind_proxy = true\n[delegation]\nzone = \"sts.provider.example\"\npolicy_host = \"mta-sts.provider.example\"\ndns_listen = \"{dns}\"\nnameservers = [{}]\n{extra}[defaults]\nmode = \"testing\"\nmx = [\"mx.provider.example\"]\n[[domain]]\nname = \"customer-a.example\"\n[[domain]]\nname = \"customer-b.example\"\n",
         ns.join(", ")
     ));
-    common::write(dir, "mtasts.toml", &text)
+    Setup {
+        config: common::write(dir, "mtasts.toml", &text),
+        https,
+        http,
+    }
 }
 
 #[test]
@@ -88,18 +101,11 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
     let nameservers: Vec<String> = (0..20)
         .map(|i| format!("ns{i}-{}.provider{i}.example", "x".repeat(40)))
         .collect();
-    let cfg = config(dir.path(), dns, "mx.provider.example", &nameservers);
-    let (https, http) = {
-        let text = std::fs::read_to_string(&cfg).expect("config");
-        let addr = |key: &str| -> SocketAddr {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
-                .and_then(|v| v.strip_suffix('"'))
-                .and_then(|v| v.parse().ok())
-                .expect("address")
-        };
-        (addr("https"), addr("http"))
-    };
+    let Setup {
+        config: cfg,
+        https,
+        http,
+    } = config(dir.path(), dns, &nameservers, "");
     let serve = ServeProc::start(&cfg, https, http);
     common::wait_for("the DNS listener", || {
         status(&kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
@@ -211,27 +217,17 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dns = common::loopback();
     let knot_port = common::free_port();
-    let cfg = config(
+    let Setup {
+        config: cfg,
+        https,
+        http,
+    } = config(
         dir.path(),
         dns,
-        "mx.provider.example",
         &["ns1.provider.example".to_owned()],
+        &format!("allow_transfer = [\"127.0.0.1\"]\nnotify = [\"127.0.0.1:{knot_port}\"]\n"),
     );
-    let text = std::fs::read_to_string(&cfg).expect("config").replace(
-        "[defaults]",
-        &format!(
-            "allow_transfer = [\"127.0.0.1\"]\nnotify = [\"127.0.0.1:{knot_port}\"]\n[defaults]"
-        ),
-    );
-    std::fs::write(&cfg, &text).expect("write");
-    let addr = |key: &str| -> SocketAddr {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .and_then(|v| v.parse().ok())
-            .expect("address")
-    };
-    let (https, http) = (addr("https"), addr("http"));
+    let text = std::fs::read_to_string(&cfg).expect("config");
     let serve = ServeProc::start(&cfg, https, http);
     common::wait_for("the DNS listener", || {
         status(&kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
@@ -343,24 +339,13 @@ fn udp_answers_are_rate_limited_per_client_network() {
     use hickory_proto::rr::{Name, RecordType};
     let dir = tempfile::tempdir().expect("tempdir");
     let dns = common::loopback();
-    let cfg = config(
+    let setup = config(
         dir.path(),
         dns,
-        "mx.provider.example",
         &["ns1.provider.example".to_owned()],
+        "dns_rate_limit = 5\n",
     );
-    let text = std::fs::read_to_string(&cfg)
-        .expect("config")
-        .replace("[defaults]", "dns_rate_limit = 5\n[defaults]");
-    std::fs::write(&cfg, &text).expect("write");
-    let addr = |key: &str| -> SocketAddr {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .and_then(|v| v.parse().ok())
-            .expect("address")
-    };
-    let _serve = ServeProc::start(&cfg, addr("https"), addr("http"));
+    let _serve = ServeProc::start(&setup.config, setup.https, setup.http);
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     socket
         .set_read_timeout(Some(std::time::Duration::from_millis(300)))

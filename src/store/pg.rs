@@ -790,22 +790,6 @@ impl PgStore {
         Ok(None)
     }
 
-    /// Orders placed by every replica in the last hour (for tests and
-    /// `mtasts certs`).
-    pub async fn orders_last_hour(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let client = self.client().await?;
-        let rows = self
-            .timed(
-                "orders",
-                client.query(
-                    "SELECT host, replica FROM mtasts_orders WHERE at > now() - interval '1 hour' ORDER BY id",
-                    &[],
-                ),
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
     /// Publishes a challenge answer for every replica.
     pub async fn put_challenge(
         &self,
@@ -1023,27 +1007,6 @@ impl PgStore {
             }
         }
         Ok(n)
-    }
-
-    /// Every certificate, state and account in the database (for tests and
-    /// `store import` checks): host names of stored certificates.
-    pub async fn count(&self, table: &str) -> Result<i64, StoreError> {
-        let table = match table {
-            "certs" => "mtasts_certs",
-            "cert_state" => "mtasts_cert_state",
-            "accounts" => "mtasts_accounts",
-            "domains" => "mtasts_domains",
-            "documents" => "mtasts_documents",
-            other => return Err(StoreError::Database(format!("no table {other}"))),
-        };
-        let client = self.client().await?;
-        let row = self
-            .timed(
-                "count",
-                client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
-            )
-            .await?;
-        Ok(row.get(0))
     }
 }
 

@@ -16,11 +16,6 @@ pub fn extract(input: &[u8]) -> Result<Vec<u8>, String> {
 /// [`extract`], and whether `input` was a mail message (whose DKIM
 /// signature is then checked).
 pub fn extract_with_kind(input: &[u8]) -> Result<(Vec<u8>, bool), String> {
-    let (body, mail) = extract_inner(input)?;
-    Ok((body, mail))
-}
-
-fn extract_inner(input: &[u8]) -> Result<(Vec<u8>, bool), String> {
     let start = input
         .iter()
         .position(|b| !b.is_ascii_whitespace())
