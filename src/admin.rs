@@ -37,11 +37,11 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::control::{Control, ReloadError, ReloadLock};
+use crate::control::{Control, ReloadError};
+use crate::managed::{self, WriteError, managed_file};
 use crate::metrics::Trigger;
 use crate::policy::DomainName;
 use crate::snapshot::Site;
-use crate::store;
 
 /// Shortest token accepted: a guessable token makes the API an open door.
 const MIN_TOKEN_LEN: usize = 16;
@@ -131,20 +131,17 @@ impl ApiError {
 
 impl From<ReloadError> for ApiError {
     fn from(e: ReloadError) -> Self {
-        match e {
-            ReloadError::Config(errs) => ApiError {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                message: "the configuration is invalid; nothing was changed".to_owned(),
-                details: errs.errors.iter().map(ToString::to_string).collect(),
-            },
-            ReloadError::Embedded => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-            other => {
-                tracing::error!("admin reload failed: {other:#}");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "reload failed; see the server log",
-                )
-            }
+        WriteError::from(e).into()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        ApiError {
+            status: StatusCode::from_u16(e.kind.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: e.message,
+            details: e.details,
         }
     }
 }
@@ -361,15 +358,6 @@ async fn show(
     )))
 }
 
-/// The file the API keeps `name` in, when a `domains_dir` is configured.
-fn managed_file(control: &Control, name: &DomainName) -> Option<PathBuf> {
-    control
-        .config()
-        .domains_dir
-        .as_ref()
-        .map(|d| d.join(format!("{name}.toml")))
-}
-
 /// Body of PUT: any `[[domain]]` key except `name` (taken from the URL).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,7 +430,7 @@ impl DomainSpec {
         })?;
         Ok(format!(
             "{}; edits by hand are kept until the next PUT.\n{body}",
-            crate::replica::MANAGED_HEADER
+            crate::managed::MANAGED_HEADER
         ))
     }
 }
@@ -463,240 +451,6 @@ fn json_scalar(v: &serde_json::Value, key: &str) -> Result<toml::Value, ApiError
     }
 }
 
-/// What a write did, for the answer.
-struct Written {
-    /// The domain was configured before the write.
-    existed: bool,
-    /// The domain as served right after the write (`None` after a delete).
-    view: Option<DomainView>,
-    /// The snapshot generation serving the write.
-    generation: u64,
-}
-
-/// Runs [`write_and_reload`] as one unit in a task of its own and waits for
-/// it: if the client goes away, the handler is dropped but the write still
-/// finishes (applied, or undone) and its outcome is logged.
-async fn write(
-    control: &Arc<Control>,
-    name: DomainName,
-    content: Option<String>,
-) -> Result<Written, ApiError> {
-    let control = Arc::clone(control);
-    tokio::spawn(async move {
-        let action = if content.is_some() { "put" } else { "delete" };
-        let lock = control.lock().await;
-        let result = write_and_reload(&control, &lock, &name, content).await;
-        // Logged before the next write may start: the log shows the order.
-        match &result {
-            Ok(w) => tracing::info!(
-                domain = %name,
-                action,
-                generation = w.generation,
-                "admin write applied"
-            ),
-            Err(e) => tracing::warn!(
-                domain = %name,
-                action,
-                status = e.status.as_u16(),
-                "admin write not applied: {}",
-                e.message
-            ),
-        }
-        drop(lock);
-        result
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!("admin write task failed: {e}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the write failed; see the server log",
-        )
-    })?
-}
-
-/// Replaces (or removes, with `None`) the API file of a domain and reloads;
-/// on a rejected reload the previous file is restored. The caller holds the
-/// reload lock throughout; to be run through [`write`] only.
-async fn write_and_reload(
-    control: &Control,
-    lock: &ReloadLock<'_>,
-    name: &DomainName,
-    content: Option<String>,
-) -> Result<Written, ApiError> {
-    let Some(file) = managed_file(control, name) else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no domains_dir is configured; the API has nowhere to keep domains",
-        ));
-    };
-    let configured = control.config().domain(name).map(|d| d.origin.clone());
-    if let Some(origin) = &configured
-        && origin.file != file
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "{name} is defined in {}:{}, which the API does not manage",
-                origin.file.display(),
-                origin.line
-            ),
-        ));
-    }
-    // Replicas: the write is shared through the database, so it is refused
-    // up front while the database cannot be reached.
-    if let Some(pg) = control.pg()
-        && let Err(e) = pg.ping().await
-    {
-        tracing::warn!(error = %e, "admin write refused: the shared store is unreachable");
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the shared store (PostgreSQL) is unreachable; nothing was changed, try again later",
-        ));
-    }
-    // The file as it is now, which may differ from what was last applied
-    // (a hand edit not reloaded yet, or rejected).
-    let previous = owned_file(&file, name)?;
-    if content.is_none() && previous.is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("{name} is not configured"),
-        ));
-    }
-    let io_err = |e: std::io::Error| {
-        tracing::error!("admin API cannot write {}: {e}", file.display());
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "cannot write the domain file; see the server log",
-        )
-    };
-    match &content {
-        Some(text) => {
-            store::write_atomic(&file, text.as_bytes(), store::PUBLIC_MODE).map_err(io_err)?
-        }
-        None => std::fs::remove_file(&file).map_err(io_err)?,
-    }
-    let restore = || {
-        let restored = match &previous {
-            Some(old) => store::write_atomic(&file, old, store::PUBLIC_MODE),
-            None => std::fs::remove_file(&file),
-        };
-        match restored {
-            Ok(()) => tracing::info!(file = %file.display(), "admin write undone"),
-            Err(re) => tracing::error!("cannot restore {}: {re}", file.display()),
-        }
-    };
-    let reloaded = match control.reload_locked(lock, Trigger::Admin).await {
-        Ok(r) => r,
-        Err(e) => {
-            restore();
-            return Err(e.into());
-        }
-    };
-    // Shared with the other replicas once it is known to be valid.
-    if let Some(pg) = control.pg()
-        && let Err(e) = pg.put_domain(name.as_str(), content.as_deref()).await
-    {
-        tracing::error!(error = %e, "admin write could not be shared; undoing it here");
-        restore();
-        if let Err(e) = control.reload_locked(lock, Trigger::Admin).await {
-            tracing::error!("reload after undoing the admin write failed: {e}");
-        }
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the shared store (PostgreSQL) failed during the write; nothing was changed, try again later",
-        ));
-    }
-    let view = match content {
-        Some(_) => {
-            let snapshot = control.server().snapshot();
-            let site = snapshot.lookup(&name.policy_host()).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "domain missing after reload",
-                )
-            })?;
-            Some(view(control, site, &shared_files(control)))
-        }
-        None => None,
-    };
-    Ok(Written {
-        existed: configured.is_some(),
-        view,
-        generation: reloaded.generation,
-    })
-}
-
-/// Largest `domains_dir` file the API reads back before replacing it.
-const MAX_DOMAIN_FILE: u64 = 1024 * 1024;
-
-/// The current bytes of `file` (`None`: no such file) when the API may
-/// replace or delete it: it holds `name` and no other domain. Anything else
-/// (other domains, text that is not a domain file, not a regular file) is
-/// answered 409 and the file is left alone.
-fn owned_file(file: &Path, name: &DomainName) -> Result<Option<Vec<u8>>, ApiError> {
-    use std::io::Read as _;
-    let refuse = |why: String| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "{} {why}; the API only changes a file that holds nothing but the one domain \
-                 it is named after, so edit this file by hand (or move {name} into a file \
-                 of its own)",
-                file.display()
-            ),
-        )
-    };
-    let meta = match std::fs::metadata(file) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(refuse(format!("cannot be read ({e})"))),
-    };
-    if !meta.is_file() {
-        return Err(refuse("is not a regular file".to_owned()));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(file)
-        .and_then(|f| f.take(MAX_DOMAIN_FILE + 1).read_to_end(&mut bytes))
-        .map_err(|e| refuse(format!("cannot be read ({e})")))?;
-    if bytes.len() as u64 > MAX_DOMAIN_FILE {
-        return Err(refuse(format!("is larger than {MAX_DOMAIN_FILE} bytes")));
-    }
-    let table: toml::Table = std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .ok_or_else(|| refuse("is not a valid domain file".to_owned()))?;
-    let mut names = Vec::new();
-    for (key, value) in &table {
-        let entries = match (key.as_str(), value) {
-            ("domain", toml::Value::Array(entries)) => entries,
-            _ => return Err(refuse(format!("holds `{key}`, which is not a domain"))),
-        };
-        for entry in entries {
-            let raw = entry
-                .get("name")
-                .and_then(toml::Value::as_str)
-                .unwrap_or("");
-            names.push(
-                DomainName::parse(raw).map_or_else(|_| format!("{raw:?}"), |n| n.to_string()),
-            );
-        }
-    }
-    let others: Vec<&String> = names.iter().filter(|n| **n != name.as_str()).collect();
-    if !others.is_empty() {
-        let list = others
-            .iter()
-            .map(|n| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(refuse(format!("also holds {list}")));
-    }
-    if names.len() > 1 {
-        return Err(refuse(format!("holds {name} {} times", names.len())));
-    }
-    Ok(Some(bytes))
-}
-
 async fn put(
     State(state): State<AdminState>,
     UrlPath(name): UrlPath<String>,
@@ -705,13 +459,17 @@ async fn put(
     let name = parse_name(&name)?;
     let Json(spec) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let content = spec.to_toml(&name)?;
-    let written = write(&state.control, name, Some(content)).await?;
-    let view = written.view.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "domain missing after reload",
-        )
-    })?;
+    let written = managed::write(&state.control, name.clone(), Some(content), "put").await?;
+    let site = written
+        .snapshot
+        .lookup(&name.policy_host())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "domain missing after reload",
+            )
+        })?;
+    let view = view(&state.control, site, &shared_files(&state.control));
     let status = if written.existed {
         StatusCode::OK
     } else {
@@ -725,7 +483,7 @@ async fn delete(
     UrlPath(name): UrlPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let name = parse_name(&name)?;
-    write(&state.control, name, None).await?;
+    managed::write(&state.control, name, None, "delete").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -25,6 +25,8 @@
 //! - [`check`]: live verification of a domain, like a strict sending MTA
 //!   (`check::parse` reads what `check::probe` fetches).
 //! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
+//! - [`managed`]: domains kept one file each in `domains_dir` (written by
+//!   the admin API and onboarding, applied or undone as one unit).
 //! - [`admin`]: the token-protected admin API and `/metrics`; [`ui`]: the
 //!   dashboard on the same listener.
 //! - [`cli`]: the subcommands; [`progress`]: the issuance progress line on
@@ -41,6 +43,7 @@ pub mod control;
 pub mod dns;
 pub mod http;
 pub mod idle;
+pub mod managed;
 pub mod memory;
 pub mod metrics;
 pub mod mxcert;
