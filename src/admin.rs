@@ -9,6 +9,7 @@
 //! | PUT | `/v1/domains/{name}` | create or replace a domain (written to `domains_dir/<name>.toml`, then reloaded) |
 //! | DELETE | `/v1/domains/{name}` | remove a domain the API manages |
 //! | POST | `/v1/reload` | re-read the config now |
+//! | POST | `/v1/onboard/{name}` | on-demand onboarding: 200 with the domain once onboarded (or already configured), 422 with every failed check |
 //! | GET | `/metrics` | Prometheus text exposition |
 //!
 //! Domains written by the API live in `domains_dir`, one file each, so a
@@ -77,6 +78,8 @@ pub fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
 struct AdminState {
     control: Arc<Control>,
     token: Arc<[u8]>,
+    /// On-demand onboarding (`None`: no `[delegation]`).
+    onboarder: Option<Arc<crate::onboard::Onboarder>>,
 }
 
 /// The admin router.
@@ -84,10 +87,12 @@ pub fn router(
     control: Arc<Control>,
     token: Vec<u8>,
     reports: Option<crate::tlsrpt::store::ReportStore>,
+    onboarder: Option<Arc<crate::onboard::Onboarder>>,
 ) -> Router {
     let state = AdminState {
         control,
         token: token.into(),
+        onboarder,
     };
     let ui = crate::ui::router(
         Arc::clone(&state.control),
@@ -99,6 +104,7 @@ pub fn router(
         .route("/v1/domains", get(list))
         .route("/v1/domains/{name}", get(show).put(put).delete(delete))
         .route("/v1/reload", post(reload))
+        .route("/v1/onboard/{name}", post(onboard))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         // Probes for load balancers and Kubernetes: no token (they cannot
@@ -502,4 +508,66 @@ async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadView>, Api
         generation: r.generation,
         changed: r.changed,
     }))
+}
+
+/// `POST /v1/onboard/{name}`: the on-demand checks, and the domain written
+/// when they all pass (`crate::onboard`).
+async fn onboard(State(state): State<AdminState>, UrlPath(name): UrlPath<String>) -> Response {
+    use crate::onboard::{Refusal, Via};
+    let name = match parse_name(&name) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let Some(onboarder) = &state.onboarder else {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "on-demand onboarding needs [delegation] and [on_demand] enabled = true",
+        )
+        .into_response();
+    };
+    match onboarder.onboard(&name, Via::Api).await {
+        Ok(_) => {
+            let snapshot = state.control.server().snapshot();
+            match snapshot.lookup(&name.policy_host()) {
+                Some(site) => {
+                    Json(view(&state.control, site, &shared_files(&state.control))).into_response()
+                }
+                None => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "domain missing after onboarding",
+                )
+                .into_response(),
+            }
+        }
+        Err(Refusal::Disabled) => ApiError::new(
+            StatusCode::CONFLICT,
+            "on-demand onboarding is not enabled ([on_demand] enabled = true)",
+        )
+        .into_response(),
+        Err(Refusal::Write(e)) => ApiError::from(e).into_response(),
+        Err(Refusal::Checks(verdict)) => {
+            #[derive(Serialize)]
+            struct Body<'a> {
+                error: String,
+                details: Vec<String>,
+                checks: &'a [crate::onboard::Check],
+            }
+            let details: Vec<String> = verdict
+                .failed()
+                .map(|c| format!("{}: {}", c.check, c.detail))
+                .collect();
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(Body {
+                    error: format!(
+                        "{name} was not onboarded: {} check(s) failed",
+                        details.len()
+                    ),
+                    details,
+                    checks: &verdict.checks,
+                }),
+            )
+                .into_response()
+        }
+    }
 }

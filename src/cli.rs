@@ -123,6 +123,21 @@ pub enum Command {
         #[arg(required = true)]
         domains: Vec<String>,
     },
+    /// On-demand onboarding: run the checks `serve` would run for DOMAIN
+    /// (deny list, the two CNAMEs, every MX within allowed_mx) and print
+    /// each with what is missing. Changes nothing; exit 0 when all pass.
+    Onboard {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Ask this DNS server (default: [on_demand] resolver, else the
+        /// first nameserver in /etc/resolv.conf).
+        #[arg(long, value_name = "IP:PORT")]
+        resolver: Option<std::net::SocketAddr>,
+        /// Print JSON (the checks and the mx the policy would get).
+        #[arg(long)]
+        json: bool,
+        domain: String,
+    },
     /// Retiring domains (retire = true): when each retirement started and
     /// when its records may be removed (RFC 8461 §8.3). Naming DOMAINs
     /// records that their mode none id is published now (when you publish
@@ -365,6 +380,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             check(config.as_deref(), &options, format, &domains)
         }
+        Command::Onboard {
+            config,
+            resolver,
+            json,
+            domain,
+        } => onboard(&config, resolver, json, &domain),
         Command::Retire {
             config,
             old_max_age,
@@ -393,6 +414,52 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Store { command } => store_command(command),
         Command::Tlsrpt { command } => crate::tlsrpt::cli::run(command),
     }
+}
+
+/// `mtasts onboard`: the on-demand checks of one domain, printed.
+fn onboard(
+    path: &Path,
+    resolver: Option<std::net::SocketAddr>,
+    json: bool,
+    domain: &str,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load(path)?;
+    let (Some(delegation), Some(on_demand)) = (&cfg.delegation, &cfg.on_demand) else {
+        anyhow::bail!(
+            "{}: onboarding needs [delegation] and [on_demand] sections (docs/DNS.md)",
+            path.display()
+        );
+    };
+    let name = crate::policy::DomainName::parse(domain)
+        .map_err(|e| anyhow::anyhow!("{domain:?} is not a domain name: {e}"))?;
+    let mut on_demand = on_demand.clone();
+    if resolver.is_some() {
+        on_demand.resolver = resolver;
+    }
+    let resolver = crate::onboard::resolver(&on_demand).map_err(|e| anyhow::anyhow!(e))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let verdict = runtime.block_on(crate::onboard::check(
+        delegation, &on_demand, &resolver, &name,
+    ));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verdict)?);
+    } else {
+        print!("{}", verdict.to_text());
+        if cfg.domain(&name).is_some() {
+            println!("  (already configured: serve would not onboard it again)");
+        }
+        if !on_demand.enabled {
+            println!("  (on_demand.enabled is false: serve onboards nobody)");
+        }
+    }
+    Ok(if verdict.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `mtasts store migrate|import`.
@@ -1182,6 +1249,16 @@ async fn serve_async(
         control = control.with_store(shared.store.clone());
     }
     let control = Arc::new(control);
+    // First contacts (unknown SNI, unknown name in the delegation zone)
+    // go to onboarding; it acts only while [on_demand] is enabled.
+    let onboarder = cfg.delegation.as_ref().map(|_| {
+        let onboarder = crate::onboard::Onboarder::start(Arc::clone(&control));
+        let hook = Arc::clone(&onboarder);
+        server.on_first_contact(Arc::new(move |domain: &str, via| {
+            hook.notice(domain, crate::onboard::Via::from(via));
+        }));
+        onboarder
+    });
     let replica = shared.map(|shared| {
         tokio::spawn(crate::replica::run(
             Arc::clone(&control),
@@ -1210,7 +1287,12 @@ async fn serve_async(
             tracing::info!(admin = %listener.local_addr()?, "admin API listening");
             Some((
                 listener,
-                admin::router(Arc::clone(&control), token, ui_reports.clone()),
+                admin::router(
+                    Arc::clone(&control),
+                    token,
+                    ui_reports.clone(),
+                    onboarder.clone(),
+                ),
             ))
         }
         None => None,

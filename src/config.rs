@@ -18,6 +18,7 @@ use toml::Spanned;
 
 mod dns;
 mod loader;
+mod on_demand;
 mod server;
 mod store;
 mod tlsrpt;
@@ -25,6 +26,7 @@ pub use dns::{Delegation, DnsUpdate, TsigAlgorithm, TsigSecret};
 use dns::{RawDelegation, RawDns, delegation_config, dns_update_config};
 use loader::CertReader;
 pub use loader::Loader;
+pub use on_demand::{DenyPattern, OnDemand};
 pub use server::{
     ADMIN_MAX_CONNECTIONS, AcmeConfig, AdminConfig, ChallengeKind, Eab, KeyType, LETS_ENCRYPT,
     LETS_ENCRYPT_STAGING, Limits, ServerConfig, TlsConfig, TlsMode,
@@ -106,6 +108,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[tlsrpt]`: receiving TLS reports.
     pub tlsrpt: TlsRptConfig,
+    /// `[on_demand]`: onboarding customers on first contact (needs
+    /// `[delegation]` and `domains_dir`).
+    pub on_demand: Option<OnDemand>,
 }
 
 /// Where a domain's `mx` list came from.
@@ -166,6 +171,7 @@ struct RawMain {
     dns: Option<RawDns>,
     store: Option<Spanned<store::RawStore>>,
     tlsrpt: Option<tlsrpt::RawTlsRpt>,
+    on_demand: Option<Spanned<on_demand::RawOnDemand>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +305,7 @@ impl Config {
             && self.dns_update == other.dns_update
             && self.store == other.store
             && self.tlsrpt == other.tlsrpt
+            && self.on_demand == other.on_demand
             && self.domains.len() == other.domains.len()
             && self
                 .domains
@@ -319,6 +326,7 @@ struct MainParts {
     dns_update: Option<DnsUpdate>,
     store: StoreConfig,
     tlsrpt: TlsRptConfig,
+    on_demand: Option<OnDemand>,
     /// `domains_dir`, resolved, and where the main file names it.
     domains_dir: Option<(PathBuf, Range<usize>)>,
     defaults: RawPolicy,
@@ -363,6 +371,26 @@ fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, Confi
     let admin = admin_config(&main, raw.admin, &mut report);
     let store = store::store_config(&main, raw.store, &mut report);
     let tlsrpt = tlsrpt::tlsrpt_config(&main, raw.tlsrpt, &mut report);
+    let on_demand = raw
+        .on_demand
+        .as_ref()
+        .and_then(|o| on_demand::on_demand_config(&main, o, &mut report));
+    if let (Some(od), Some(raw_od)) = (&on_demand, &raw.on_demand)
+        && od.enabled
+    {
+        if raw.delegation.is_none() {
+            report.errors.push(main.at(
+                raw_od.span(),
+                "on_demand needs a [delegation] section: onboarding checks the customers' CNAMEs against its zone and policy_host",
+            ));
+        }
+        if raw.domains_dir.is_none() {
+            report.errors.push(main.at(
+                raw_od.span(),
+                "on_demand needs domains_dir: onboarded domains are kept there, one file each",
+            ));
+        }
+    }
 
     let defaults = match raw.defaults {
         Some(d) => {
@@ -395,6 +423,7 @@ fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, Confi
         dns_update,
         store,
         tlsrpt,
+        on_demand,
         domains_dir,
         defaults,
         entries: raw.domain,

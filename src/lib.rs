@@ -48,6 +48,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mxcert;
 pub mod mxhold;
+pub mod onboard;
 pub mod policy;
 pub mod progress;
 pub mod replica;

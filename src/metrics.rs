@@ -112,6 +112,7 @@ pub struct Metrics {
     tlsrpt_reports: Family<Labels, Counter>,
     tlsrpt_sessions: Family<Labels, Counter>,
     tlsrpt_failures: Family<Labels, Counter>,
+    onboard: Family<Labels, Counter>,
     requests: [[Counter; OUTCOMES.len()]; 2],
     fetches: [Counter; 3],
     handshakes: [Counter; HANDSHAKES.len()],
@@ -257,8 +258,15 @@ impl Metrics {
             "Failed sessions in stored TLS reports' failure details, by result type (unregistered types: other)",
             tlsrpt_failures.clone(),
         );
+        let onboard = Family::<Labels, Counter>::default();
+        registry.register(
+            "onboard_decisions",
+            "On-demand onboarding decisions, by trigger (sni, dns, api, recheck) and result (onboarded, refused, updated, offboarded, restored); a refusal once per failed check",
+            onboard.clone(),
+        );
         Metrics {
             registry,
+            onboard,
             tlsrpt_reports,
             tlsrpt_sessions,
             tlsrpt_failures,
@@ -317,6 +325,16 @@ impl Metrics {
         self.tlsrpt_reports
             .get_or_create(&vec![("result", result)])
             .inc();
+    }
+
+    /// One on-demand onboarding decision (`reason`: the failed check of a
+    /// refusal, `""` otherwise).
+    pub fn onboard(&self, via: &'static str, result: &'static str, reason: &'static str) {
+        let mut labels = vec![("trigger", via), ("result", result)];
+        if !reason.is_empty() {
+            labels.push(("reason", reason));
+        }
+        self.onboard.get_or_create(&labels).inc();
     }
 
     /// The session counts of a stored report.

@@ -71,7 +71,22 @@ pub struct Server {
     acme: Option<AcmeParts>,
     /// `[tlsrpt] receive`: reports POSTed to the policy hosts.
     tlsrpt: std::sync::OnceLock<Arc<crate::tlsrpt::receive::Receiver>>,
+    /// Told about names asked for that are not served (on-demand onboarding).
+    first_contact: Arc<std::sync::OnceLock<FirstContactHook>>,
 }
+
+/// Where a name not served was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstContact {
+    /// A ClientHello for `mta-sts.<domain>`.
+    Sni,
+    /// A DNS query for `<domain>.<zone>` in the delegation zone.
+    Dns,
+}
+
+/// Called with the domain (not the policy host) of a first contact; must
+/// not block (it runs on the handshake and DNS paths).
+pub type FirstContactHook = Arc<dyn Fn(&str, FirstContact) + Send + Sync>;
 
 impl Server {
     /// Builds the first snapshot. Self-signed mode makes sure every domain
@@ -149,6 +164,7 @@ impl Server {
             ),
             acme,
             tlsrpt: std::sync::OnceLock::new(),
+            first_contact: Arc::default(),
         };
         server.apply(config)?;
         Ok(server)
@@ -166,6 +182,19 @@ impl Server {
     }
 
     /// Receive TLS reports on every policy host (before [`Server::run`]).
+    /// Sets who is told about first contacts (once; later calls are
+    /// ignored).
+    pub fn on_first_contact(&self, hook: FirstContactHook) {
+        let _ = self.first_contact.set(hook);
+    }
+
+    /// A name not served was asked for: tell the hook, if any.
+    pub fn first_contact(&self, domain: &str, via: FirstContact) {
+        if let Some(hook) = self.first_contact.get() {
+            hook(domain, via);
+        }
+    }
+
     pub fn receive_tlsrpt(
         &self,
         store: crate::tlsrpt::store::ReportStore,
@@ -433,6 +462,7 @@ struct ConnCtx {
     /// Open connections per client (policy listeners; `None` for admin).
     per_client: Option<Arc<PerClient>>,
     tlsrpt: Option<Arc<crate::tlsrpt::receive::Receiver>>,
+    first_contact: Arc<std::sync::OnceLock<FirstContactHook>>,
 }
 
 impl ConnCtx {
@@ -489,6 +519,7 @@ impl ConnCtx {
             limits,
             per_client,
             tlsrpt: server.tlsrpt.get().cloned(),
+            first_contact: Arc::clone(&server.first_contact),
         }
     }
 }
@@ -738,16 +769,19 @@ async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Sl
         Some(name) => ctx.certs.obtain(name).await,
         None => None,
     };
-    let (Some(sni), Some(key)) = (sni, key) else {
-        // Never fall back to another domain's certificate.
-        ctx.metrics.handshake(Handshake::UnknownSni);
-        let mut io = start.io;
-        let _ = tokio::time::timeout_at(deadline, async {
-            let _ = io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
-            let _ = io.shutdown().await;
-        })
-        .await;
-        return;
+    let (sni, key) = match (sni, key) {
+        (Some(sni), Some(key)) => (sni, key),
+        (sni, None) | (sni @ None, _) => {
+            // Never fall back to another domain's certificate.
+            ctx.metrics.handshake(Handshake::UnknownSni);
+            if let Some(hook) = ctx.first_contact.get()
+                && let Some(domain) = sni.as_deref().and_then(|h| h.strip_prefix("mta-sts."))
+            {
+                hook(domain, FirstContact::Sni);
+            }
+            refuse_unknown_name(start, deadline).await;
+            return;
+        }
     };
     // The shared config's resolver hands out exactly the key obtained above
     // (tls::with_handshake_key), not whatever the cache holds by now. A
@@ -781,6 +815,19 @@ async fn serve_tls(ctx: Arc<ConnCtx>, tcp: TcpStream, peer: SocketAddr, slot: Sl
         )))
     });
     serve_io(&ctx, tls, svc, slot).await;
+}
+
+/// Ends a handshake for a name not served: the unrecognized_name alert.
+async fn refuse_unknown_name(
+    start: tokio_rustls::StartHandshake<TcpStream>,
+    deadline: tokio::time::Instant,
+) {
+    let mut io = start.io;
+    let _ = tokio::time::timeout_at(deadline, async {
+        let _ = io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
 }
 
 /// The value of a handshake step that succeeded in time; a failure or a

@@ -301,3 +301,73 @@ fn mode_none_and_retirement_keep_mx_lines() {
         "{stdout}{stderr}"
     );
 }
+
+/// `[on_demand]`: every bad key says where and why; enabled needs
+/// `[delegation]` and `domains_dir`; a complete section is accepted.
+#[test]
+fn on_demand_is_validated() {
+    let (code, stdout, stderr, dir) = check(
+        "[on_demand]\nenabled = true\nmode = \"none\"\nallowed_mx = [\"*.*.mx.example\"]\n\
+         max_per_hour = 0\ndeny = [\"not a name\"]\nresolver = \"dns.example\"\ngrace = \"soon\"\n",
+    );
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    for want in [
+        format!(
+            "{}on_demand.mode: \"none\" is not \"testing\" or \"enforce\"",
+            at(dir.path(), 3, 8)
+        ),
+        format!("{}on_demand.allowed_mx: ", at(dir.path(), 4, 15)),
+        format!(
+            "{}on_demand.max_per_hour must be a positive number",
+            at(dir.path(), 5, 16)
+        ),
+        format!("{}on_demand.deny: \"not a name\"", at(dir.path(), 6, 9)),
+        format!(
+            "{}on_demand.resolver: \"dns.example\" is not an IP address",
+            at(dir.path(), 7, 12)
+        ),
+        format!("{}on_demand.grace: ", at(dir.path(), 8, 9)),
+    ] {
+        assert!(stderr.contains(&want), "missing {want:?} in:\n{stderr}");
+    }
+
+    let (code, _, stderr, dir) =
+        check("[on_demand]\nenabled = true\nallowed_mx = [\"mx.example.net\"]\n");
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(&format!(
+            "{}on_demand needs a [delegation] section",
+            at(dir.path(), 1, 1)
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("on_demand needs domains_dir"), "{stderr}");
+
+    let (code, stdout, stderr, dir) = check(
+        "domains_dir = \"d\"\n[delegation]\nzone = \"sts.provider.example\"\n\
+         policy_host = \"mta-sts.provider.example\"\n[on_demand]\nenabled = true\n",
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(&format!(
+            "{}on_demand needs allowed_mx",
+            at(dir.path(), 5, 1)
+        )),
+        "{stdout}{stderr}"
+    );
+
+    let (code, stdout, stderr, dir) = check(
+        "domains_dir = \"d\"\n[delegation]\nzone = \"sts.provider.example\"\n\
+         policy_host = \"mta-sts.provider.example\"\n[on_demand]\nenabled = true\n\
+         allowed_mx = [\"*.mx.provider.example\"]\nresolver = \"127.0.0.1\"\n",
+    );
+    std::fs::create_dir_all(dir.path().join("d")).expect("d");
+    let _ = (code, stdout, stderr);
+    let out = mtasts(&[
+        "check-config",
+        "--config",
+        &dir.path().join("mtasts.toml").display().to_string(),
+    ]);
+    let (stdout, stderr) = output_text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+}

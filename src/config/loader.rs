@@ -262,6 +262,7 @@ impl Loader {
             dns_update,
             store,
             tlsrpt,
+            on_demand,
             domains_dir,
             defaults,
             entries,
@@ -462,6 +463,7 @@ impl Loader {
                 dns_update,
                 store,
                 tlsrpt,
+                on_demand,
             })
         } else {
             Err(ConfigErrors {

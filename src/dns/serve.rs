@@ -284,6 +284,11 @@ impl Answerer {
                 None => {
                     resp.metadata.response_code = ResponseCode::NXDomain;
                     resp.add_authority(zone.soa.clone());
+                    if let Some(domain) = domain_of_query(&qname.to_ascii(), &self.delegation.zone)
+                    {
+                        self.server
+                            .first_contact(&domain, crate::server::FirstContact::Dns);
+                    }
                 }
                 Some((records, _)) => {
                     let matching: Vec<Rr> = records
@@ -305,6 +310,18 @@ impl Answerer {
         }
         Some(wire)
     }
+}
+
+/// The domain a DNS query for `qname` (lowercase, absolute, inside `zone`)
+/// is a first contact of: `<domain>.<zone>` (hashed names cannot be
+/// reversed and are left alone).
+pub fn domain_of_query(qname: &str, zone: &crate::policy::DomainName) -> Option<String> {
+    let name = qname.strip_suffix('.').unwrap_or(qname);
+    let head = name.strip_suffix(zone.as_str())?.strip_suffix('.')?;
+    if head.starts_with("h-") && !head.contains('.') {
+        return None;
+    }
+    Some(head.to_owned())
 }
 
 /// Records per AXFR message (each well under the 64 KiB limit).
@@ -493,5 +510,29 @@ async fn tcp_loop(answerer: Arc<Answerer>, listener: TcpListener) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::DomainName;
+
+    #[test]
+    fn queries_map_to_the_customer_domain() {
+        let zone = DomainName::parse("sts.provider.example").expect("valid");
+        assert_eq!(
+            domain_of_query("a.example.sts.provider.example.", &zone).as_deref(),
+            Some("a.example")
+        );
+        assert_eq!(domain_of_query("sts.provider.example.", &zone), None);
+        assert_eq!(domain_of_query("xsts.provider.example.", &zone), None);
+        assert_eq!(
+            domain_of_query(
+                "h-0123456789abcdef0123456789abcdef.sts.provider.example.",
+                &zone
+            ),
+            None
+        );
     }
 }

@@ -128,6 +128,21 @@ impl Knot {
         Err(format!("knotd not answering after 5 s: {}", knot.log()))
     }
 
+    /// Rewrites `zone`'s file with `extra` records and SOA `serial` and
+    /// tells knotd to reload it (SIGHUP); the caller waits for the change.
+    pub fn replace_records(&self, zone: &str, extra: &str, serial: u32) {
+        let zone_file = format!(
+            "$ORIGIN {zone}.\n$TTL 300\n@ SOA ns1.{zone}. hostmaster.{zone}. {serial} 3600 600 86400 300\n@ NS ns1.{zone}.\nns1 A 127.0.0.1\n{extra}\n"
+        );
+        std::fs::write(self.dir.path().join(format!("{zone}.zone")), zone_file)
+            .expect("write zone file");
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill -HUP knotd");
+        assert!(status.success(), "SIGHUP to knotd failed");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("knotd.log")).unwrap_or_default()
     }
