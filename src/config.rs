@@ -22,7 +22,7 @@ mod on_demand;
 mod server;
 mod store;
 mod tlsrpt;
-pub use dns::{Delegation, DnsUpdate, TsigAlgorithm, TsigSecret};
+pub use dns::{Delegation, DnsUpdate, TsigAlgorithm, TsigKey, TsigSecret};
 use dns::{RawDelegation, RawDns, delegation_config, dns_update_config};
 use loader::CertReader;
 pub use loader::Loader;

@@ -371,3 +371,30 @@ fn on_demand_is_validated() {
     let (stdout, stderr) = output_text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
 }
+
+/// `[delegation.transfer_tsig]` takes `[dns.update]`'s key settings, with
+/// the same errors.
+#[test]
+fn transfer_tsig_is_validated() {
+    let (code, stdout, stderr, dir) = check(
+        "[delegation]\nzone = \"sts.provider.example\"\npolicy_host = \"mta-sts.provider.example\"\n\
+         [delegation.transfer_tsig]\nkey_name = \"bad key\"\nalgorithm = \"hmac-md5\"\nsecret = \"c2hvcnQ=\"\n",
+    );
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    for want in [
+        format!(
+            "{}delegation.transfer_tsig.key_name \"bad key\" is not a DNS name",
+            at(dir.path(), 5, 12)
+        ),
+        format!(
+            "{}delegation.transfer_tsig.algorithm \"hmac-md5\" is not one of",
+            at(dir.path(), 6, 13)
+        ),
+        format!(
+            "{}delegation.transfer_tsig.secret: the key is only 5 bytes",
+            at(dir.path(), 7, 10)
+        ),
+    ] {
+        assert!(stderr.contains(&want), "missing {want:?} in:\n{stderr}");
+    }
+}

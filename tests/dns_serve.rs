@@ -12,6 +12,9 @@ use std::path::Path;
 
 use common::ServeProc;
 
+/// The transfer key of the secondary test (32 random bytes, base64).
+const XFR_SECRET: &str = "q83vEjRWeJq8AQIDBAUGBwgJCgsMDQ4PEBESExQVFhc=";
+
 fn kdig(server: SocketAddr, args: &[&str]) -> String {
     let Some(kdig) = common::find_binary("kdig") else {
         panic!("kdig is missing: install knot-dnsutils (scripts/test.sh does)");
@@ -207,8 +210,11 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
 }
 
 /// A knot secondary of the delegation zone: it transfers the zone from
-/// mtasts (AXFR, `allow_transfer`), and after a policy change the NOTIFY
-/// mtasts sends brings the new id to it. A client not allowed is refused.
+/// mtasts (AXFR, `allow_transfer`, TSIG-signed with
+/// `[delegation.transfer_tsig]`, over several messages each signed), and
+/// after a policy change the NOTIFY mtasts sends brings the new id to it.
+/// A client not allowed, an unsigned request and one signed with another
+/// key are refused.
 #[test]
 fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     let Some(knotd) = common::knot::knotd() else {
@@ -225,9 +231,17 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
         dir.path(),
         dns,
         &["ns1.provider.example".to_owned()],
-        &format!("allow_transfer = [\"127.0.0.1\"]\nnotify = [\"127.0.0.1:{knot_port}\"]\n"),
+        &format!(
+            "allow_transfer = [\"127.0.0.1\"]\nnotify = [\"127.0.0.1:{knot_port}\"]\n\
+             [delegation.transfer_tsig]\nkey_name = \"xfr-key\"\nsecret = \"{XFR_SECRET}\"\n"
+        ),
     );
-    let text = std::fs::read_to_string(&cfg).expect("config");
+    // Enough customers that the transfer takes several messages.
+    let mut text = std::fs::read_to_string(&cfg).expect("config");
+    for i in 0..400 {
+        text.push_str(&format!("[[domain]]\nname = \"c{i}.example\"\n"));
+    }
+    std::fs::write(&cfg, &text).expect("config");
     let serve = ServeProc::start(&cfg, https, http);
     common::wait_for("the DNS listener", || {
         status(&kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
@@ -239,11 +253,47 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
         "{refused}"
     );
     assert!(records(&refused, "TXT").is_empty(), "{refused}");
-    // From an allowed address the transfer has every customer's TXT
-    // between two SOAs.
-    let axfr = kdig(dns, &["-b", "127.0.0.1", "sts.provider.example", "AXFR"]);
+    // Allowed address, but unsigned, or signed with another key: refused.
+    let unsigned = kdig(dns, &["-b", "127.0.0.1", "sts.provider.example", "AXFR"]);
+    assert!(unsigned.contains("REFUSED"), "{unsigned}");
+    assert!(records(&unsigned, "TXT").is_empty(), "{unsigned}");
+    let other_key = "hmac-sha256:xfr-key:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let wrong = kdig(
+        dns,
+        &[
+            "-b",
+            "127.0.0.1",
+            "-y",
+            other_key,
+            "sts.provider.example",
+            "AXFR",
+        ],
+    );
+    assert!(records(&wrong, "TXT").is_empty(), "{wrong}");
+    assert!(
+        wrong.contains("NOTAUTH") || wrong.contains("BADSIG"),
+        "{wrong}"
+    );
+    // Signed with the key from an allowed address: every customer's TXT
+    // between two SOAs, each message's TSIG verified by kdig.
+    let key = format!("hmac-sha256:xfr-key:{XFR_SECRET}");
+    let axfr = kdig(
+        dns,
+        &[
+            "-b",
+            "127.0.0.1",
+            "-y",
+            &key,
+            "sts.provider.example",
+            "AXFR",
+        ],
+    );
     assert_eq!(records(&axfr, "SOA").len(), 2, "{axfr}");
-    assert_eq!(records(&axfr, "TXT").len(), 2, "{axfr}");
+    assert_eq!(records(&axfr, "TXT").len(), 402, "{axfr}");
+    assert!(
+        axfr.contains(";; Received") && !axfr.contains("WARNING"),
+        "{axfr}"
+    );
 
     let kd = tempfile::Builder::new()
         .prefix("knot2")
@@ -255,7 +305,8 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
         "server:\n  rundir: \"{d}\"\n  listen: 127.0.0.1@{knot_port}\n\
          log:\n  - target: stderr\n    any: info\n\
          database:\n  storage: \"{d}/db\"\n\
-         remote:\n  - id: primary\n    address: 127.0.0.1@{}\n\
+         key:\n  - id: xfr-key\n    algorithm: hmac-sha256\n    secret: {XFR_SECRET}\n\
+         remote:\n  - id: primary\n    address: 127.0.0.1@{}\n    key: xfr-key\n\
          acl:\n  - id: notify-from-primary\n    address: 127.0.0.1\n    action: notify\n\
          template:\n  - id: default\n    storage: \"{d}\"\n    zonefile-sync: -1\n    journal-content: none\n\
          zone:\n  - domain: sts.provider.example\n    master: primary\n    acl: notify-from-primary\n",

@@ -35,6 +35,9 @@ pub struct Delegation {
     /// `dns_rate_limit`: UDP answers per second per client network before
     /// answers are dropped or truncated (0: no limit).
     pub dns_rate_limit: u32,
+    /// `[delegation.transfer_tsig]`: zone transfers must be signed with
+    /// this key (and are answered signed), on top of `allow_transfer`.
+    pub transfer_tsig: Option<TsigKey>,
 }
 
 /// TSIG algorithms we sign with (RFC 8945 §6; the HMAC-SHA2 family).
@@ -109,6 +112,16 @@ pub(super) struct RawDelegation {
     allow_transfer: Option<Spanned<Vec<Spanned<String>>>>,
     notify: Option<Spanned<Vec<Spanned<String>>>>,
     dns_rate_limit: Option<Spanned<i64>>,
+    transfer_tsig: Option<Spanned<RawTsigKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTsigKey {
+    key_name: Option<Spanned<String>>,
+    algorithm: Option<Spanned<String>>,
+    secret: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +306,21 @@ pub(super) fn delegation_config(
             }
         },
     };
+    let transfer_tsig = r.transfer_tsig.as_ref().and_then(|t| {
+        let k = t.get_ref();
+        tsig_key(
+            source,
+            t.span(),
+            TsigFields {
+                key_name: &k.key_name,
+                algorithm: &k.algorithm,
+                secret: &k.secret,
+                secret_file: &k.secret_file,
+            },
+            "delegation.transfer_tsig",
+            report,
+        )
+    });
     if report.errors.len() > errors_before {
         return None;
     }
@@ -311,6 +339,7 @@ pub(super) fn delegation_config(
         allow_transfer,
         notify,
         dns_rate_limit,
+        transfer_tsig,
     })
 }
 
@@ -354,72 +383,18 @@ pub(super) fn dns_update_config(
     });
     let zone = required(source, raw, &r.zone, "zone", report)
         .and_then(|v| spanned_domain(source, v, "dns.update.zone", report));
-    let key_name = required(source, raw, &r.key_name, "key_name", report).and_then(|v| {
-        if key_name_ok(v.get_ref()) {
-            Some(v.get_ref().clone())
-        } else {
-            report.errors.push(source.at(
-                v.span(),
-                format!(
-                    "dns.update.key_name {:?} is not a DNS name (letters, digits, '-', '_', dots)",
-                    v.get_ref()
-                ),
-            ));
-            None
-        }
-    });
-    let algorithm = match &r.algorithm {
-        None => Some(TsigAlgorithm::HmacSha256),
-        Some(v) => match v.get_ref().to_ascii_lowercase().as_str() {
-            "hmac-sha256" => Some(TsigAlgorithm::HmacSha256),
-            "hmac-sha384" => Some(TsigAlgorithm::HmacSha384),
-            "hmac-sha512" => Some(TsigAlgorithm::HmacSha512),
-            other => {
-                report.errors.push(source.at(
-                    v.span(),
-                    format!(
-                        "dns.update.algorithm {other:?} is not one of \"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\""
-                    ),
-                ));
-                None
-            }
+    let key = tsig_key(
+        source,
+        raw.span(),
+        TsigFields {
+            key_name: &r.key_name,
+            algorithm: &r.algorithm,
+            secret: &r.secret,
+            secret_file: &r.secret_file,
         },
-    };
-    let secret = match (&r.secret, &r.secret_file) {
-        (Some(_), Some(f)) => {
-            report.errors.push(source.at(
-                f.span(),
-                "dns.update: set `secret` or `secret_file`, not both",
-            ));
-            None
-        }
-        (None, None) => {
-            report.errors.push(source.at(
-                raw.span(),
-                "missing `secret` (base64) or `secret_file` (a file holding it)",
-            ));
-            None
-        }
-        (Some(v), None) => decode_secret(v.get_ref())
-            .map_err(|m| {
-                report
-                    .errors
-                    .push(source.at(v.span(), format!("dns.update.secret: {m}")))
-            })
-            .ok(),
-        (None, Some(f)) => {
-            let path = source.resolve(f.get_ref());
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                .and_then(|text| decode_secret(&text))
-                .map_err(|m| {
-                    report
-                        .errors
-                        .push(source.at(f.span(), format!("dns.update.secret_file: {m}")))
-                })
-                .ok()
-        }
-    };
+        "dns.update",
+        report,
+    );
     let ttl = r
         .ttl
         .as_ref()
@@ -460,13 +435,120 @@ pub(super) fn dns_update_config(
     Some(DnsUpdate {
         server: server?,
         zone: zone?,
-        key_name: key_name?,
-        algorithm: algorithm?,
-        secret: secret?,
+        key_name: key.as_ref()?.key_name.clone(),
+        algorithm: key.as_ref()?.algorithm,
+        secret: key?.secret,
         ttl,
         timeout,
         retries,
         auto_push: r.auto_push.unwrap_or(false),
+    })
+}
+
+/// A TSIG key, validated: `[dns.update]` and `[delegation.transfer_tsig]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TsigKey {
+    pub key_name: String,
+    pub algorithm: TsigAlgorithm,
+    pub secret: TsigSecret,
+}
+
+/// The raw key settings of a section (`key_name`, `algorithm`, `secret`
+/// or `secret_file`).
+pub(super) struct TsigFields<'a> {
+    pub key_name: &'a Option<Spanned<String>>,
+    pub algorithm: &'a Option<Spanned<String>>,
+    pub secret: &'a Option<Spanned<String>>,
+    pub secret_file: &'a Option<Spanned<String>>,
+}
+
+/// The TSIG key of a section (`prefix` names it in errors).
+pub(super) fn tsig_key(
+    source: &Source,
+    section: std::ops::Range<usize>,
+    f: TsigFields<'_>,
+    prefix: &str,
+    report: &mut Report,
+) -> Option<TsigKey> {
+    let key_name = match f.key_name {
+        Some(v) => Some(v),
+        None => {
+            report
+                .errors
+                .push(source.at(section.clone(), format!("missing `key_name` in {prefix}")));
+            None
+        }
+    }
+    .and_then(|v| {
+        if key_name_ok(v.get_ref()) {
+            Some(v.get_ref().clone())
+        } else {
+            report.errors.push(source.at(
+                v.span(),
+                format!(
+                    "{prefix}.key_name {:?} is not a DNS name (letters, digits, '-', '_', dots)",
+                    v.get_ref()
+                ),
+            ));
+            None
+        }
+    });
+    let algorithm = match f.algorithm {
+        None => Some(TsigAlgorithm::HmacSha256),
+        Some(v) => match v.get_ref().to_ascii_lowercase().as_str() {
+            "hmac-sha256" => Some(TsigAlgorithm::HmacSha256),
+            "hmac-sha384" => Some(TsigAlgorithm::HmacSha384),
+            "hmac-sha512" => Some(TsigAlgorithm::HmacSha512),
+            other => {
+                report.errors.push(source.at(
+                    v.span(),
+                    format!(
+                        "{prefix}.algorithm {other:?} is not one of \"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\""
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    let secret = match (f.secret, f.secret_file) {
+        (Some(_), Some(f)) => {
+            report.errors.push(source.at(
+                f.span(),
+                format!("{prefix}: set `secret` or `secret_file`, not both"),
+            ));
+            None
+        }
+        (None, None) => {
+            report.errors.push(source.at(
+                section.clone(),
+                "missing `secret` (base64) or `secret_file` (a file holding it)",
+            ));
+            None
+        }
+        (Some(v), None) => decode_secret(v.get_ref())
+            .map_err(|m| {
+                report
+                    .errors
+                    .push(source.at(v.span(), format!("{prefix}.secret: {m}")))
+            })
+            .ok(),
+        (None, Some(f)) => {
+            let path = source.resolve(f.get_ref());
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|text| decode_secret(&text))
+                .map_err(|m| {
+                    report
+                        .errors
+                        .push(source.at(f.span(), format!("{prefix}.secret_file: {m}")))
+                })
+                .ok()
+        }
+    };
+    Some(TsigKey {
+        key_name: key_name?,
+        algorithm: algorithm?,
+        secret: secret?,
     })
 }
 

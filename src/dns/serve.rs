@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, TXT};
-use hickory_proto::rr::{Name, RData, Record as Rr, RecordType};
+use hickory_proto::rr::{Name, RData, Record as Rr, RecordType, TSigResponseContext, TSigner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -119,8 +120,13 @@ pub async fn spawn(
     let udp = UdpSocket::bind(addr).await?;
     let bound = udp.local_addr()?;
     let tcp = TcpListener::bind(bound).await?;
+    let transfer_signer = match &delegation.transfer_tsig {
+        Some(key) => Some(signer(key).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let answerer = Arc::new(Answerer {
         server,
+        transfer_signer,
         delegation,
         zone: Mutex::new(None),
         serial: Mutex::new(0),
@@ -146,6 +152,8 @@ pub async fn spawn(
 struct Answerer {
     server: Arc<Server>,
     delegation: Delegation,
+    /// `[delegation.transfer_tsig]`, ready to verify and sign.
+    transfer_signer: Option<TSigner>,
     zone: Mutex<Option<Arc<Zone>>>,
     /// The last serial handed out (bumped for every new zone).
     serial: Mutex<u32>,
@@ -241,6 +249,39 @@ impl Answerer {
             return resp.to_vec().ok();
         };
         resp.add_query(q.clone());
+        // A signed query (a secondary's SOA check) gets a signed answer; one
+        // signed with a key we do not have gets NOTAUTH (RFC 8945 5.2).
+        let mut signing = None;
+        if request.signature().is_some() {
+            let verified = match &self.transfer_signer {
+                Some(signer) => verify_request(signer, &request, query)
+                    .map(|mac| ResponseSigner::new(signer.clone(), request.metadata.id, mac)),
+                None => Err(Refused {
+                    code: ResponseCode::NotAuth,
+                    tsig: request.signature().and_then(|sig| {
+                        TSigResponseContext::unknown_key(
+                            request.metadata.id,
+                            unix_now(),
+                            sig.name.clone(),
+                        )
+                        .sign(&[])
+                        .ok()
+                    }),
+                    reason: "no transfer_tsig key is configured".to_owned(),
+                }),
+            };
+            match verified {
+                Ok(s) => signing = Some(s),
+                Err(refused) => {
+                    tracing::debug!("DNS: signed query refused: {}", refused.reason);
+                    resp.metadata.response_code = refused.code;
+                    if let Some(tsig) = refused.tsig {
+                        resp.set_signature(tsig);
+                    }
+                    return resp.to_vec().ok();
+                }
+            }
+        }
         if request.metadata.op_code != OpCode::Query {
             resp.metadata.response_code = ResponseCode::NotImp;
             return resp.to_vec().ok();
@@ -304,9 +345,14 @@ impl Answerer {
                 }
             }
         }
-        let wire = resp.to_vec().ok()?;
+        let mut wire = resp.to_vec().ok()?;
         if udp && wire.len() > limit {
-            return resp.truncate().to_vec().ok();
+            resp = resp.truncate();
+            wire = resp.to_vec().ok()?;
+        }
+        if let Some(mut signer) = signing {
+            resp.set_signature(signer.sign(&wire)?);
+            wire = resp.to_vec().ok()?;
         }
         Some(wire)
     }
@@ -322,6 +368,147 @@ pub fn domain_of_query(qname: &str, zone: &crate::policy::DomainName) -> Option<
         return None;
     }
     Some(head.to_owned())
+}
+
+/// How far a signed request's clock may be off (RFC 8945 recommends 300 s).
+const FUDGE: u16 = 300;
+
+fn signer(key: &crate::config::TsigKey) -> Result<TSigner, String> {
+    let name = Name::from_ascii(&key.key_name).map_err(|e| format!("TSIG key name: {e}"))?;
+    let algorithm = match key.algorithm {
+        crate::config::TsigAlgorithm::HmacSha256 => TsigAlgorithm::HmacSha256,
+        crate::config::TsigAlgorithm::HmacSha384 => TsigAlgorithm::HmacSha384,
+        crate::config::TsigAlgorithm::HmacSha512 => TsigAlgorithm::HmacSha512,
+    };
+    TSigner::new(key.secret.bytes().to_vec(), algorithm, name, FUDGE)
+        .map_err(|e| format!("TSIG key: {e}"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A request that may not transfer: the answer's code, its TSIG (unsigned
+/// for BADKEY and BADSIG, signed for BADTIME) and why, for the log.
+struct Refused {
+    code: ResponseCode,
+    tsig: Option<Box<Rr<hickory_proto::rr::rdata::tsig::TSIG>>>,
+    reason: String,
+}
+
+/// The request's MAC when it is signed with `signer`'s key, correctly and
+/// in time; otherwise the answer to send.
+fn verify_request(signer: &TSigner, request: &Message, wire: &[u8]) -> Result<Vec<u8>, Refused> {
+    let now = unix_now();
+    let id = request.metadata.id;
+    let Some(sig) = request.signature() else {
+        return Err(Refused {
+            code: ResponseCode::Refused,
+            tsig: None,
+            reason: "not TSIG-signed, and transfer_tsig is configured".to_owned(),
+        });
+    };
+    let key_name = sig.name.clone();
+    match signer.verify_message_byte(wire, None, true) {
+        Err(hickory_proto::dnssec::DnsSecError::TsigWrongKey) => Err(Refused {
+            code: ResponseCode::NotAuth,
+            tsig: TSigResponseContext::unknown_key(id, now, key_name.clone())
+                .sign(&[])
+                .ok(),
+            reason: format!("signed with another key ({key_name}): BADKEY"),
+        }),
+        Err(e) => Err(Refused {
+            code: ResponseCode::NotAuth,
+            tsig: TSigResponseContext::bad_signature(id, now, signer.clone())
+                .sign(&[])
+                .ok(),
+            reason: format!("the signature does not verify ({e}): BADSIG"),
+        }),
+        Ok((mac, time, window)) if !window.contains(&now) => Err(Refused {
+            code: ResponseCode::NotAuth,
+            tsig: {
+                let mut head = Message::response(id, OpCode::Query);
+                head.add_queries(request.queries.iter().cloned());
+                head.metadata.response_code = ResponseCode::NotAuth;
+                head.to_vec().ok().and_then(|bytes| {
+                    TSigResponseContext::new(
+                        id,
+                        now,
+                        signer.clone(),
+                        mac,
+                        Some(hickory_proto::rr::rdata::tsig::TsigError::BadTime),
+                    )
+                    .sign(&bytes)
+                    .ok()
+                })
+            },
+            reason: format!("signed at {time}, now is {now} (more than {FUDGE} s apart): BADTIME"),
+        }),
+        Ok((mac, _, _)) => Ok(mac),
+    }
+}
+
+/// Signs the messages of one transfer (RFC 8945 section 5.3.1): the first
+/// over the request's MAC and the full TSIG variables, each later one over
+/// the previous MAC and the timers only.
+struct ResponseSigner {
+    signer: TSigner,
+    id: u16,
+    previous_mac: Vec<u8>,
+    first: bool,
+}
+
+impl ResponseSigner {
+    fn new(signer: TSigner, id: u16, request_mac: Vec<u8>) -> ResponseSigner {
+        ResponseSigner {
+            signer,
+            id,
+            previous_mac: request_mac,
+            first: true,
+        }
+    }
+
+    fn sign(&mut self, unsigned: &[u8]) -> Option<Box<Rr<hickory_proto::rr::rdata::tsig::TSIG>>> {
+        use hickory_proto::rr::rdata::tsig::{TSIG, make_tsig_record};
+        let now = unix_now();
+        let record = if self.first {
+            self.first = false;
+            TSigResponseContext::new(
+                self.id,
+                now,
+                self.signer.clone(),
+                self.previous_mac.clone(),
+                None,
+            )
+            .sign(unsigned)
+            .ok()?
+        } else {
+            let mut tbs = Vec::with_capacity(unsigned.len() + self.previous_mac.len() + 10);
+            tbs.extend_from_slice(&u16::try_from(self.previous_mac.len()).ok()?.to_be_bytes());
+            tbs.extend_from_slice(&self.previous_mac);
+            tbs.extend_from_slice(unsigned);
+            tbs.extend_from_slice(&((now >> 32) as u16).to_be_bytes());
+            tbs.extend_from_slice(&(now as u32).to_be_bytes());
+            tbs.extend_from_slice(&FUDGE.to_be_bytes());
+            let mac = self.signer.sign(&tbs).ok()?;
+            Box::new(make_tsig_record(
+                self.signer.signer_name().clone(),
+                TSIG::new(
+                    self.signer.algorithm().clone(),
+                    now,
+                    FUDGE,
+                    mac,
+                    self.id,
+                    None,
+                    Vec::new(),
+                ),
+            ))
+        };
+        self.previous_mac = record.data.mac.clone();
+        Some(record)
+    }
 }
 
 /// Records per AXFR message (each well under the 64 KiB limit).
@@ -350,6 +537,26 @@ impl Answerer {
             head.metadata.response_code = ResponseCode::Refused;
             return Some(vec![head.to_vec().ok()?]);
         }
+        // With a key, only a request signed with it (RFC 8945 section 5.2).
+        let mut signing = match &self.transfer_signer {
+            None => None,
+            Some(signer) => match verify_request(signer, &request, query) {
+                Ok(mac) => Some(ResponseSigner::new(
+                    signer.clone(),
+                    request.metadata.id,
+                    mac,
+                )),
+                Err(answer) => {
+                    tracing::warn!(%peer, "DNS: zone transfer refused: {}", answer.reason);
+                    let mut refused = head;
+                    refused.metadata.response_code = answer.code;
+                    if let Some(tsig) = answer.tsig {
+                        refused.set_signature(tsig);
+                    }
+                    return Some(vec![refused.to_vec().ok()?]);
+                }
+            },
+        };
         head.metadata.authoritative = true;
         let mut all = vec![zone.soa.clone()];
         all.extend(zone.ns.iter().cloned());
@@ -369,9 +576,18 @@ impl Answerer {
         for chunk in all.chunks(AXFR_CHUNK) {
             let mut msg = head.clone();
             msg.add_answers(chunk.iter().cloned());
+            if let Some(signer) = &mut signing {
+                let tsig = signer.sign(&msg.to_vec().ok()?)?;
+                msg.set_signature(tsig);
+            }
             out.push(msg.to_vec().ok()?);
         }
-        tracing::info!(%peer, records = all.len(), "DNS: zone transferred");
+        tracing::info!(
+            %peer,
+            records = all.len(),
+            signed = signing.is_some(),
+            "DNS: zone transferred"
+        );
         Some(out)
     }
 
