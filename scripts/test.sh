@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # command:package pairs; a command may live in /usr/sbin.
-want="pebble:pebble pebble-challtestsrv:pebble knotd:knot kdig:knot-dnsutils keymgr:knot curl:curl setpriv:util-linux chromium:chromium"
+want="pebble:pebble pebble-challtestsrv:pebble knotd:knot kdig:knot-dnsutils keymgr:knot curl:curl setpriv:util-linux unshare:util-linux ip:iproute2 chromium:chromium unbound:unbound node:nodejs npm:npm"
 missing=""
 for pair in $want; do
   cmd=${pair%%:*}
@@ -32,56 +32,56 @@ if [ -n "$missing" ]; then
   $sudo apt-get install -y -qq --no-install-recommends $missing
 fi
 
-# octoDNS (PyPI) validates `records --format octodns` in tests/records.rs:
-# a throw-away virtualenv under target/, created only when missing.
-octodns_venv="$PWD/target/octodns-venv"
-if [ ! -x "$octodns_venv/bin/octodns-validate" ]; then
+# Python tools from PyPI, each in a throw-away virtualenv under target/,
+# created only when missing. A failed install leaves the tool missing: its
+# test then fails under CI=true, and the rest of the suite still runs.
+# venv_tool DIR CHECK-FILE PIP-SPEC...
+venv_tool() {
+  local venv="$PWD/target/$1" check="$2"
+  shift 2
+  if [ -x "$venv/$check" ]; then
+    return
+  fi
   if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-    sudo=""
+    local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends python3-venv
   fi
-  echo "installing octodns into $octodns_venv"
-  rm -rf "$octodns_venv"
-  # A failed install leaves no octodns-validate: the octoDNS test then fails
-  # under CI=true, and the rest of the suite still runs and is counted.
-  if ! { python3 -m venv "$octodns_venv" &&
-    "$octodns_venv/bin/pip" install -q 'octodns==1.22.0'; }; then
-    echo "error: could not install octodns into $octodns_venv" >&2
-    rm -rf "$octodns_venv"
+  echo "installing $* into $venv"
+  rm -rf "$venv"
+  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q "$@"; }; then
+    echo "error: could not install $* into $venv" >&2
+    rm -rf "$venv"
   fi
-fi
-export MTASTS_OCTODNS_VALIDATE="$octodns_venv/bin/octodns-validate"
+}
 
-# kubernetes-validate (PyPI) checks deploy/kubernetes against the Kubernetes
-# schemas offline in tests/deploy.rs: its own throw-away virtualenv.
-k8s_venv="$PWD/target/k8s-venv"
-if [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
-  echo "installing kubernetes-validate into $k8s_venv"
-  rm -rf "$k8s_venv"
-  if ! { python3 -m venv "$k8s_venv" &&
-    "$k8s_venv/bin/pip" install -q 'kubernetes-validate==1.37.0'; }; then
-    echo "error: could not install kubernetes-validate into $k8s_venv" >&2
-    rm -rf "$k8s_venv"
+# octoDNS validates `records --format octodns` in tests/records.rs.
+venv_tool octodns-venv bin/octodns-validate 'octodns==1.22.0'
+export MTASTS_OCTODNS_VALIDATE="$PWD/target/octodns-venv/bin/octodns-validate"
+# kubernetes-validate checks deploy/kubernetes offline in tests/deploy.rs.
+venv_tool k8s-venv bin/kubernetes-validate 'kubernetes-validate==1.37.0'
+export MTASTS_K8S_VALIDATE="$PWD/target/k8s-venv/bin/kubernetes-validate"
+# tlsrpt-reporter (the reporting half of Postfix's TLSRPT support) delivers
+# a real report to the running server in tests/tlsrpt.rs.
+venv_tool tlsrpt-venv bin/tlsrpt-reportd 'tlsrpt-reporter==0.6.0'
+export MTASTS_TLSRPT_REPORTER_BIN="$PWD/target/tlsrpt-venv/bin"
+# postfix-mta-sts-resolver (Postfix's MTA-STS resolver) validates a
+# delegated customer in tests/senders.rs.
+venv_tool sts-venv bin/mta-sts-query 'postfix-mta-sts-resolver==1.5.0'
+export MTASTS_STS_RESOLVER_PYTHON="$PWD/target/sts-venv/bin/python"
+# mailauth (npm; Node.js MTAs' MTA-STS) in tests/senders.rs too: 4.13.3 is
+# the newest that runs on this machine kind's Node.js 20 (5 and later need 22).
+mailauth_dir="$PWD/target/mailauth-node"
+if [ ! -f "$mailauth_dir/node_modules/mailauth/lib/mta-sts.js" ]; then
+  echo "installing mailauth into $mailauth_dir"
+  mkdir -p "$mailauth_dir"
+  if ! (cd "$mailauth_dir" && npm install --silent --no-audit --no-fund --prefix . 'mailauth@4.13.3'); then
+    echo "error: could not install mailauth into $mailauth_dir" >&2
   fi
 fi
-export MTASTS_K8S_VALIDATE="$k8s_venv/bin/kubernetes-validate"
-
-# tlsrpt-reporter (PyPI, the reporting half of Postfix's TLSRPT support)
-# delivers a real report to the running server in tests/tlsrpt.rs.
-tlsrpt_venv="$PWD/target/tlsrpt-venv"
-if [ ! -x "$tlsrpt_venv/bin/tlsrpt-reportd" ]; then
-  echo "installing tlsrpt-reporter into $tlsrpt_venv"
-  rm -rf "$tlsrpt_venv"
-  if ! { python3 -m venv "$tlsrpt_venv" &&
-    "$tlsrpt_venv/bin/pip" install -q 'tlsrpt-reporter==0.6.0'; }; then
-    echo "error: could not install tlsrpt-reporter into $tlsrpt_venv" >&2
-    rm -rf "$tlsrpt_venv"
-  fi
-fi
-export MTASTS_TLSRPT_REPORTER_BIN="$tlsrpt_venv/bin"
+export MTASTS_MAILAUTH_DIR="$mailauth_dir"
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
