@@ -298,7 +298,7 @@ fn shared_files(control: &Control) -> HashSet<PathBuf> {
     let config = control.config();
     let mut count: HashMap<&Path, usize> = HashMap::new();
     for d in &config.domains {
-        *count.entry(d.origin.file.as_path()).or_default() += 1;
+        *count.entry(&*d.origin.file).or_default() += 1;
     }
     count
         .into_iter()
@@ -326,7 +326,7 @@ fn view(control: &Control, site: &Site, shared: &HashSet<PathBuf>) -> DomainView
             d.origin.col
         ),
         managed: managed_file(control, &d.name)
-            .is_some_and(|f| d.origin.file == f && !shared.contains(&f)),
+            .is_some_and(|f| *d.origin.file == *f && !shared.contains(&f)),
         retire: d.retire,
     }
 }

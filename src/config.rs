@@ -47,7 +47,8 @@ const MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
 /// One located problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Diagnostic {
-    pub file: PathBuf,
+    /// Shared by every diagnostic (and domain origin) of one file.
+    pub file: Arc<Path>,
     pub line: usize,
     pub col: usize,
     pub message: String,
@@ -204,7 +205,7 @@ struct RawPolicy {
 
 /// The text of one config file and how to report positions in it.
 struct Source {
-    path: PathBuf,
+    path: Arc<Path>,
     /// Relative paths inside the file are resolved against this directory.
     base: PathBuf,
     text: String,
@@ -336,7 +337,7 @@ struct MainParts {
 
 fn parse_main(path: &Path, base: &Path, text: String) -> Result<MainParts, ConfigErrors> {
     let main = Source {
-        path: path.to_owned(),
+        path: path.into(),
         base: if base.as_os_str().is_empty() {
             PathBuf::from(".")
         } else {
@@ -610,7 +611,7 @@ fn read_limited(path: &Path) -> Result<String, String> {
 /// A `domains_dir` file's text as a [`Source`].
 fn domain_source(path: &Path, text: String) -> Source {
     Source {
-        path: path.to_owned(),
+        path: path.into(),
         base: path
             .parent()
             .map(Path::to_owned)

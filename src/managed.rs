@@ -178,7 +178,7 @@ async fn write_and_reload(
     };
     let configured = control.config().domain(name).map(|d| d.origin.clone());
     if let Some(origin) = &configured
-        && origin.file != file
+        && *origin.file != *file
     {
         return Err(WriteError::new(
             WriteErrorKind::Conflict,

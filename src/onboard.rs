@@ -784,7 +784,7 @@ fn onboarded_domains(config: &Config) -> Vec<(DomainName, bool)> {
     let mut out = Vec::new();
     for d in &config.domains {
         let file = dir.join(format!("{}.toml", d.name));
-        if d.origin.file != file {
+        if *d.origin.file != *file {
             continue;
         }
         let mut head = [0u8; 512];

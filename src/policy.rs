@@ -246,7 +246,7 @@ impl fmt::Display for Mode {
 }
 
 /// A validated policy: what `/.well-known/mta-sts.txt` says for one domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub mode: Mode,
     /// Sorted, deduplicated. Empty only with `Mode::None`.

@@ -238,7 +238,7 @@ impl Loader {
     pub fn load(&mut self) -> Result<Config, ConfigErrors> {
         let text = read_limited(&self.path).map_err(|message| ConfigErrors {
             errors: vec![Diagnostic {
-                file: self.path.clone(),
+                file: self.path.clone().into(),
                 line: 1,
                 col: 1,
                 message,
@@ -452,7 +452,7 @@ impl Loader {
         report.errors.retain(|d| seen.insert(d.clone()));
         if report.errors.is_empty() {
             Ok(Config {
-                path,
+                path: path.to_path_buf(),
                 server,
                 tls,
                 domains_dir: domains_dir.map(|(d, _)| d),
@@ -500,7 +500,7 @@ fn refresh(
         Err(message) => {
             let file = CachedFile {
                 failed: Some(Box::new(Diagnostic {
-                    file: path,
+                    file: path.into(),
                     line: 1,
                     col: 1,
                     message,
