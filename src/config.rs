@@ -142,8 +142,9 @@ pub struct DomainConfig {
     pub name: DomainName,
     pub policy: Policy,
     pub mx_source: MxSource,
-    /// RFC 8460 report URIs (`mailto:` or `https:`); empty = no TLS-RPT record.
-    pub tlsrpt_rua: Vec<String>,
+    /// RFC 8460 report URIs (`mailto:` or `https:`); empty = no TLS-RPT
+    /// record. Shared by the domains that inherit one `[defaults]` list.
+    pub tlsrpt_rua: Arc<[String]>,
     /// TTL of the DNS records printed for this domain.
     pub ttl: u32,
     pub host: HostRecord,
@@ -684,7 +685,10 @@ struct Layer<'a> {
     /// `[defaults]` only: its `mx` list parsed, sorted and deduplicated
     /// once, when every item is valid. At a million domains that inherit it,
     /// parsing the same patterns again for each was an eighth of the load.
-    mx: Option<Vec<MxPattern>>,
+    mx: Option<Arc<[MxPattern]>>,
+    /// `[defaults]` only: its `tlsrpt_rua` list, when valid, shared by the
+    /// domains that inherit it.
+    rua: Option<Arc<[String]>>,
     /// `[defaults]` only: `[tlsrpt] receive` is on, so every domain's
     /// `_smtp._tls` record names its own policy host's `/tlsrpt` too.
     tlsrpt_receive: bool,
@@ -696,6 +700,7 @@ impl<'a> Layer<'a> {
             source,
             raw,
             mx: None,
+            rua: None,
             tlsrpt_receive: false,
         }
     }
@@ -711,12 +716,20 @@ impl<'a> Layer<'a> {
                 .collect::<Option<Vec<_>>>()?;
             mx.sort();
             mx.dedup();
-            Some(mx)
+            Some(Arc::from(mx))
+        });
+        // Errors are reported by validate_defaults (and by each domain
+        // that would inherit an invalid list, which then does not share it).
+        let rua = raw.tlsrpt_rua.as_ref().and_then(|v| {
+            let mut scratch = Report::default();
+            let list = rua_list(source, v, &mut scratch);
+            scratch.errors.is_empty().then(|| Arc::from(list))
         });
         Self {
             source,
             raw,
             mx,
+            rua,
             tlsrpt_receive: false,
         }
     }
@@ -790,6 +803,13 @@ fn validate_defaults(defaults: &Layer<'_>, certs: &mut CertReader, report: &mut 
     report
         .errors
         .extend(own.errors.into_iter().filter(|e| e.line != 0));
+}
+
+/// A domain's mx list while it is validated: `[defaults]`' shared one, or
+/// its own (sorted and deduplicated at the end).
+enum MxList {
+    Shared(Arc<[MxPattern]>),
+    Own(Vec<MxPattern>),
 }
 
 /// One domain's settings over `defaults`. On an error the name and origin
@@ -880,18 +900,21 @@ fn domain_config(
             let Some((src, list)) = pick(&domain, defaults, |r| r.mx.as_ref()) else {
                 return Err((name, origin));
             };
-            let mut mx = Vec::new();
             let inherited = raw.mx.is_none().then_some(defaults.mx.as_ref()).flatten();
             if let Some(parsed) = inherited {
-                mx.clone_from(parsed);
-            }
-            for item in list.get_ref().iter().filter(|_| inherited.is_none()) {
-                match MxPattern::parse(item.get_ref()) {
-                    Ok(p) => mx.push(p),
-                    Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
+                // Already sorted and deduplicated: every inheriting domain
+                // shares the one list.
+                (MxList::Shared(Arc::clone(parsed)), MxSource::Explicit)
+            } else {
+                let mut mx = Vec::new();
+                for item in list.get_ref() {
+                    match MxPattern::parse(item.get_ref()) {
+                        Ok(p) => mx.push(p),
+                        Err(e) => report.errors.push(src.at(item.span(), format!("mx: {e}"))),
+                    }
                 }
+                (MxList::Own(mx), MxSource::Explicit)
             }
-            (mx, MxSource::Explicit)
         } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
             let mut mx = Vec::new();
             let mut paths = Vec::new();
@@ -933,9 +956,9 @@ fn domain_config(
                 }
                 paths.push(path);
             }
-            (mx, MxSource::Certs(paths))
+            (MxList::Own(mx), MxSource::Certs(paths))
         } else {
-            (Vec::new(), MxSource::Explicit)
+            (MxList::Own(Vec::new()), MxSource::Explicit)
         };
     if retire && report.errors.len() > errors_before_mx {
         for mut e in report.errors.split_off(errors_before_mx) {
@@ -946,9 +969,14 @@ fn domain_config(
             report.warnings.push(e);
         }
     }
-    let mut mx = mx;
-    mx.sort();
-    mx.dedup();
+    let mx: Arc<[MxPattern]> = match mx {
+        MxList::Shared(list) => list,
+        MxList::Own(mut list) => {
+            list.sort();
+            list.dedup();
+            list.into()
+        }
+    };
     if mx.is_empty() && mode != Mode::None && report.errors.len() == errors_before {
         report.errors.push(Diagnostic {
             message: format!(
@@ -958,16 +986,27 @@ fn domain_config(
         });
     }
 
-    let mut tlsrpt_rua = match pick(&domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
-        Some((src, v)) => rua_list(src, v, report),
-        None => Vec::new(),
-    };
-    if defaults.tlsrpt_receive {
-        let own = crate::tlsrpt::rua_for(name.as_str());
-        if !tlsrpt_rua.contains(&own) {
-            tlsrpt_rua.push(own);
+    let inherited_rua = raw
+        .tlsrpt_rua
+        .is_none()
+        .then_some(defaults.rua.as_ref())
+        .flatten();
+    let tlsrpt_rua: Arc<[String]> = match inherited_rua {
+        Some(shared) if !defaults.tlsrpt_receive => Arc::clone(shared),
+        _ => {
+            let mut own_list = match pick(&domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
+                Some((src, v)) => rua_list(src, v, report),
+                None => Vec::new(),
+            };
+            if defaults.tlsrpt_receive {
+                let own = crate::tlsrpt::rua_for(name.as_str());
+                if !own_list.contains(&own) {
+                    own_list.push(own);
+                }
+            }
+            own_list.into()
         }
-    }
+    };
 
     let ttl = match pick(&domain, defaults, |r| r.ttl.as_ref()) {
         Some((src, v)) => match u32::try_from(*v.get_ref()) {
@@ -1269,7 +1308,7 @@ host_cname = "mta-sts.provider.example"
         assert_eq!(b.name.as_str(), "b.example");
         assert_eq!(b.policy.mode, Mode::Testing);
         assert_eq!(b.policy.max_age, 86_400);
-        assert_eq!(b.tlsrpt_rua, ["mailto:tls@b.example"]);
+        assert_eq!(b.tlsrpt_rua[..], ["mailto:tls@b.example"]);
         assert!(
             matches!(&b.host, HostRecord::Cname(t) if t.as_str() == "mta-sts.provider.example")
         );

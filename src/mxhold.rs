@@ -81,16 +81,16 @@ pub async fn hold_shrinks(
         if kept.is_empty() {
             continue;
         }
-        let mut mx = slot.policy.mx.clone();
+        let mut mx = slot.policy.mx.to_vec();
         mx.extend(kept.iter().cloned());
         mx.sort();
         mx.dedup();
         let mut domain = DomainConfig::clone(slot);
-        domain.policy.mx = mx;
+        domain.policy.mx = mx.into();
         held.push(Held {
             domain: slot.name.to_string(),
-            previous: old.policy.mx.clone(),
-            certificates: slot.policy.mx.clone(),
+            previous: old.policy.mx.to_vec(),
+            certificates: slot.policy.mx.to_vec(),
             kept,
             reason,
         });

@@ -249,8 +249,9 @@ impl fmt::Display for Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub mode: Mode,
-    /// Sorted, deduplicated. Empty only with `Mode::None`.
-    pub mx: Vec<MxPattern>,
+    /// Sorted, deduplicated. Empty only with `Mode::None`. Shared by the
+    /// domains that inherit one `[defaults]` list.
+    pub mx: std::sync::Arc<[MxPattern]>,
     /// Seconds, `0..=MAX_AGE_LIMIT`.
     pub max_age: u64,
 }
@@ -285,7 +286,7 @@ impl Policy {
         out.push_str("version: STSv1\r\nmode: ");
         out.push_str(self.mode.as_str());
         out.push_str("\r\n");
-        for mx in &self.mx {
+        for mx in self.mx.iter() {
             out.push_str("mx: ");
             out.push_str(mx.as_str());
             out.push_str("\r\n");
@@ -352,7 +353,7 @@ mod tests {
     fn render_is_crlf_and_ordered() {
         let policy = Policy {
             mode: Mode::Enforce,
-            mx: vec![mx("mx1.example.com"), mx("*.backup.example.com")],
+            mx: vec![mx("mx1.example.com"), mx("*.backup.example.com")].into(),
             max_age: 604_800,
         };
         assert_eq!(
@@ -365,7 +366,7 @@ mod tests {
     fn render_none_without_mx() {
         let policy = Policy {
             mode: Mode::None,
-            mx: vec![],
+            mx: Vec::new().into(),
             max_age: 86_400,
         };
         assert_eq!(
