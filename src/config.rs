@@ -533,6 +533,20 @@ impl Entry {
     }
 }
 
+/// The errors and warnings of every entry, in file order, when no name is
+/// defined twice (what [`merge`] reports then).
+fn collect_diagnostics<'a>(files: impl Iterator<Item = &'a [Entry]>, report: &mut Report) {
+    for entry in files.flat_map(|f| f.iter()) {
+        match entry {
+            Entry::Valid { warnings, .. } => report.warnings.extend(warnings.iter().cloned()),
+            Entry::Invalid(e) => {
+                report.errors.extend(e.errors.iter().cloned());
+                report.warnings.extend(e.warnings.iter().cloned());
+            }
+        }
+    }
+}
+
 /// The cross-file part of validation: names are unique over the main file
 /// and every `domains_dir` file (first definition wins, in file order), and
 /// the errors and warnings of every entry, in file order.

@@ -257,8 +257,15 @@ impl Control {
             ),
         }
         // A reload frees the previous snapshot's and the parse's memory;
-        // glibc keeps freed memory in its arenas unless told otherwise.
-        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+        // glibc keeps freed memory in its arenas unless told otherwise. A
+        // small change frees little, and trimming a heap of a million
+        // domains walks all of it (a fifth of such a reload): skipped then.
+        let small = stats.incremental
+            && stats.entries_parsed < 10_000
+            && self.server.last_change() < 10_000;
+        if !small {
+            let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+        }
         result
     }
 

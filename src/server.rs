@@ -7,7 +7,7 @@
 //! `tls.mode = "acme"` it also runs the certificate manager, answers
 //! HTTP-01 on the http listener and TLS-ALPN-01 on the https listener.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -73,6 +73,8 @@ pub struct Server {
     tlsrpt: std::sync::OnceLock<Arc<crate::tlsrpt::receive::Receiver>>,
     /// Told about names asked for that are not served (on-demand onboarding).
     first_contact: Arc<std::sync::OnceLock<FirstContactHook>>,
+    /// Sites added, replaced or removed by the last applied snapshot.
+    last_change: std::sync::atomic::AtomicUsize,
 }
 
 /// Where a name not served was asked for.
@@ -165,6 +167,7 @@ impl Server {
             acme,
             tlsrpt: std::sync::OnceLock::new(),
             first_contact: Arc::default(),
+            last_change: std::sync::atomic::AtomicUsize::new(0),
         };
         server.apply(config)?;
         Ok(server)
@@ -229,6 +232,11 @@ impl Server {
         self.shared.snapshot.load_full()
     }
 
+    /// Sites added, replaced or removed by the last applied snapshot.
+    pub fn last_change(&self) -> usize {
+        self.last_change.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -251,19 +259,15 @@ impl Server {
     /// certificate yet fail the handshake cleanly until theirs lands.
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
         // Unchanged domains keep their rendered sites.
-        let snapshot = Snapshot::build_from(config, &self.snapshot());
+        let (snapshot, delta) = Snapshot::build_next(config, &self.snapshot());
         // Self-signed certificates are loaded (or issued) on the first
         // handshake of each host: nothing to read here, however many hosts.
         // In ACME mode the manager says which hosts have a certificate.
         if self.acme.is_none() {
-            self.certs.set_lazy_hosts(
-                snapshot
-                    .sites()
-                    .iter()
-                    .map(|s| s.host.clone())
-                    .collect::<HashSet<_>>(),
-            );
+            self.certs.change_lazy_hosts(&delta.removed, delta.added);
         }
+        self.last_change
+            .store(delta.changed, std::sync::atomic::Ordering::Relaxed);
         let domains = snapshot.len();
         let snapshot = Arc::new(snapshot);
         self.shared.snapshot.store(Arc::clone(&snapshot));

@@ -125,7 +125,7 @@ impl Site {
 }
 
 /// A site in the host index, found by its host (no second copy of the name).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ByHost(Arc<Site>);
 
 impl Borrow<str> for ByHost {
@@ -149,6 +149,17 @@ impl Hash for ByHost {
     }
 }
 
+/// What a new snapshot changed against the one it was built from.
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Hosts served now and not before.
+    pub added: Vec<Box<str>>,
+    /// Hosts served before and not now.
+    pub removed: Vec<Box<str>>,
+    /// Sites added, replaced or removed.
+    pub changed: usize,
+}
+
 /// One consistent generation of all sites.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -167,27 +178,66 @@ impl Snapshot {
     /// The snapshot of `config`, keeping `previous`'s sites of unchanged
     /// domains. Both are in domain-name order, so this is one merge walk.
     pub fn build_from(config: &Config, previous: &Snapshot) -> Snapshot {
+        Self::build_next(config, previous).0
+    }
+
+    /// [`Snapshot::build_from`], and which hosts came and went. The host
+    /// index is the previous one with the change applied (when the change
+    /// is small): a reload that changes one domain of a million does not
+    /// hash a million hosts again.
+    pub fn build_next(config: &Config, previous: &Snapshot) -> (Snapshot, Delta) {
         let mut old = previous.ordered.iter().peekable();
         let shared = Arc::clone(&previous.renderings);
         let mut renderings = crate::sync::lock(&shared);
+        let mut delta = Delta::default();
+        let mut replaced: Vec<Arc<Site>> = Vec::new();
         let ordered: Vec<Arc<Site>> = config
             .domains
             .iter()
             .map(|d| {
-                while old.next_if(|s| s.domain.name < d.name).is_some() {}
+                while let Some(gone) = old.next_if(|s| s.domain.name < d.name) {
+                    delta.removed.push(gone.host.clone());
+                }
                 match old.next_if(|s| s.domain.name == d.name) {
-                    Some(prev) => Site::renew(d, prev, &mut renderings),
-                    None => Arc::new(Site::with(Arc::clone(d), &mut renderings)),
+                    Some(prev) => {
+                        let site = Site::renew(d, prev, &mut renderings);
+                        if !Arc::ptr_eq(&site, prev) {
+                            replaced.push(Arc::clone(&site));
+                        }
+                        site
+                    }
+                    None => {
+                        let site = Arc::new(Site::with(Arc::clone(d), &mut renderings));
+                        delta.added.push(site.host.clone());
+                        replaced.push(Arc::clone(&site));
+                        site
+                    }
                 }
             })
             .collect();
         drop(renderings);
-        let by_host = ordered.iter().map(|s| ByHost(Arc::clone(s))).collect();
-        Snapshot {
+        delta.removed.extend(old.map(|s| s.host.clone()));
+        delta.changed = replaced.len() + delta.removed.len();
+        // Applying the change to a copy of the index is cheaper than a new
+        // index until about a quarter of the sites changed.
+        let by_host = if delta.changed < ordered.len() / 4 {
+            let mut by_host = previous.by_host.clone();
+            for host in &delta.removed {
+                by_host.remove(&**host);
+            }
+            for site in replaced {
+                by_host.replace(ByHost(site));
+            }
+            by_host
+        } else {
+            ordered.iter().map(|s| ByHost(Arc::clone(s))).collect()
+        };
+        let snapshot = Snapshot {
             by_host,
             ordered,
             renderings: shared,
-        }
+        };
+        (snapshot, delta)
     }
 
     /// Looks up a normalised policy host (`mta-sts.<domain>`, lowercase).

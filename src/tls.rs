@@ -364,9 +364,15 @@ impl CertIndex {
             let new = hosts.into_iter().filter(|h| !map.contains_key(h)).collect();
             (gone, new)
         };
+        self.change_lazy_hosts(&gone, new);
+    }
+
+    /// Stops serving `gone` and serves `new` through the loader: the
+    /// change alone, known to the caller (a snapshot's delta).
+    pub fn change_lazy_hosts(&self, gone: &[Box<str>], new: Vec<Box<str>>) {
         if !new.is_empty() || !gone.is_empty() {
             let mut map = self.write();
-            for host in &gone {
+            for host in gone {
                 map.remove(host);
             }
             for host in new {
@@ -375,7 +381,7 @@ impl CertIndex {
                     .or_insert_with(|| Served::new(version, UNBOUNDED));
             }
         }
-        for host in &gone {
+        for host in gone {
             self.cache.remove(&**host);
         }
     }
