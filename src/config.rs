@@ -112,6 +112,9 @@ pub struct Config {
     /// `[on_demand]`: onboarding customers on first contact (needs
     /// `[delegation]` and `domains_dir`).
     pub on_demand: Option<OnDemand>,
+    /// Some domain may take its mx from certificates (`mx_certs`); `false`
+    /// means none does, so the certificate watch has nothing to do.
+    pub mx_certs_used: bool,
 }
 
 /// Where a domain's `mx` list came from.

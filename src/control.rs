@@ -364,6 +364,9 @@ impl Control {
         let Some(cw) = guard.as_mut() else {
             return;
         };
+        if !cfg.mx_certs_used && cw.dirs.is_empty() {
+            return;
+        }
         // Many domains share the same entries (e.g. from [defaults]).
         let mut entries: Vec<&PathBuf> = cfg
             .domains

@@ -47,7 +47,18 @@ pub async fn hold_shrinks(
 ) -> Vec<Held> {
     let started = Instant::now();
     let mut held = Vec::new();
-    for slot in new.domains.iter_mut() {
+    // Unchanged domains (the same `Arc` at the same place, the common case
+    // of a reload) cannot shrink: only pointers are compared for them.
+    let same = |i: usize, d: &Arc<DomainConfig>| {
+        applied
+            .domains
+            .get(i)
+            .is_some_and(|old| Arc::ptr_eq(old, d))
+    };
+    for (i, slot) in new.domains.iter_mut().enumerate() {
+        if same(i, slot) {
+            continue;
+        }
         let Some((old, dropped)) = shrink_of(applied, slot) else {
             continue;
         };

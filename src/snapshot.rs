@@ -195,6 +195,10 @@ impl Snapshot {
             .domains
             .iter()
             .map(|d| {
+                // The same config `Arc`: the same site (no name compared).
+                if let Some(same) = old.next_if(|s| Arc::ptr_eq(&s.domain, d)) {
+                    return Arc::clone(same);
+                }
                 while let Some(gone) = old.next_if(|s| s.domain.name < d.name) {
                     delta.removed.push(gone.host.clone());
                 }

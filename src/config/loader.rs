@@ -31,8 +31,8 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Config, ConfigErrors, Diagnostic, DomainConfig, Entry, Layer, MainParts, RawDomainFile,
-    collect_diagnostics, domain_source, merge, parse_main, read_limited, toml_error,
+    Config, ConfigErrors, Diagnostic, DomainConfig, Entry, Layer, MainParts, MxSource,
+    RawDomainFile, collect_diagnostics, domain_source, merge, parse_main, read_limited, toml_error,
     validate_defaults, validate_entries,
 };
 use crate::mxcert;
@@ -222,6 +222,8 @@ pub struct Loader {
     /// defined twice: a load that changes a few files then applies its
     /// change to this list instead of merging every entry again.
     merged: Option<Vec<Arc<DomainConfig>>>,
+    /// Some domain of `merged` may use `mx_certs`.
+    merged_mx_certs: bool,
 }
 
 impl Loader {
@@ -238,6 +240,7 @@ impl Loader {
             certs: HashMap::new(),
             stats: LoadStats::default(),
             merged: None,
+            merged_mx_certs: true,
         }
     }
 
@@ -486,13 +489,24 @@ impl Loader {
             apply_change(previous, &taken_out, &added, count, main_entries.len())
         });
         stats.incremental = incremental.is_some();
-        let domains = match incremental {
+        let uses_certs = |d: &Arc<DomainConfig>| matches!(d.mx_source, MxSource::Certs(_));
+        let (domains, mx_certs_used) = match incremental {
             Some(domains) => {
                 collect_diagnostics(all, &mut report);
-                domains
+                // A domain that left may have used them: still counted.
+                let incoming = added.iter().any(|e| match e {
+                    Entry::Valid { domain, .. } => uses_certs(domain),
+                    Entry::Invalid(_) => false,
+                });
+                (domains, self.merged_mx_certs || incoming)
             }
-            None => merge(all, count, &mut report),
+            None => {
+                let domains = merge(all, count, &mut report);
+                let used = domains.iter().any(uses_certs);
+                (domains, used)
+            }
         };
+        self.merged_mx_certs = mx_certs_used;
         // Kept for the next load when it is clean: every entry valid, no
         // name twice, no file that failed.
         if domains.len() == count && files.iter().all(|f| f.failed.is_none()) {
@@ -523,6 +537,7 @@ impl Loader {
                 store,
                 tlsrpt,
                 on_demand,
+                mx_certs_used,
             })
         } else {
             Err(ConfigErrors {
