@@ -1234,12 +1234,12 @@ async fn serve_async(
     // to DNS now (connections wait in the backlog until `run` accepts), and
     // after every reload once the new snapshot is applied.
     let auto_push = match &shared {
-        Some(shared) => dns::update::AutoPush::start_gated(dns::update::PushGate {
+        Some(shared) => crate::auto_push::AutoPush::start_gated(crate::auto_push::PushGate {
             store: shared.store.clone(),
             replica_timeout: shared.replica_timeout,
             poll: shared.heartbeat,
         }),
-        None => dns::update::AutoPush::start(),
+        None => crate::auto_push::AutoPush::start(),
     };
     auto_push.submit(&cfg, &snapshot)?;
     let mut control = Control::new(Arc::clone(&server), path.clone(), cfg.clone(), loader)

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, MutexGuard};
 
+use crate::auto_push::AutoPush;
 use crate::config::{Config, ConfigErrors, Loader, MxSource, ServerConfig, TlsConfig};
-use crate::dns::update::AutoPush;
 use crate::metrics::{ReloadResult, Trigger};
 use crate::server::{ServeError, Server};
 

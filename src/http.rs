@@ -28,12 +28,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// Which listener a request arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    Https,
-    Http,
-}
+pub use crate::metrics::Listener;
 
 /// The SNI of the TLS connection a request came over (normalised).
 #[derive(Debug, Clone)]

@@ -24,7 +24,9 @@
 //! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
 //! - [`check`]: live verification of a domain, like a strict sending MTA
 //!   (`check::parse` reads what `check::probe` fetches).
-//! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised.
+//! - [`control`]: reloads (SIGHUP, file watch, admin API), serialised;
+//!   [`auto_push`]: `serve`'s push of each served snapshot's records.
+//! - [`onboard`]: on-demand onboarding of a provider's customers.
 //! - [`managed`]: domains kept one file each in `domains_dir` (written by
 //!   the admin API and onboarding, applied or undone as one unit).
 //! - [`admin`]: the token-protected admin API and `/metrics`; [`ui`]: the
@@ -36,6 +38,7 @@
 
 pub mod acme;
 pub mod admin;
+pub mod auto_push;
 pub mod check;
 pub mod cli;
 pub mod config;

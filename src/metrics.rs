@@ -11,8 +11,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::http::Listener;
 use crate::policy::Mode;
+
+/// Which listener a request arrived on (a label of the request counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Https,
+    Http,
+}
 
 /// What became of one HTTP request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

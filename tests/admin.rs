@@ -58,16 +58,12 @@ fn json(resp: &client::Response) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&resp.body)))
 }
 
-async fn wait_until<F, Fut>(what: &str, mut f: F)
+async fn wait_until<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(what, Duration::from_secs(20), String::new, f).await;
 }
 
 #[tokio::test]
@@ -337,9 +333,7 @@ async fn admin_crud_is_persisted_and_validated() {
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in metrics:\n{text}"))
+    common::metric_value(text, series).unwrap_or_else(|| panic!("no {series} in metrics:\n{text}"))
 }
 
 #[tokio::test]

@@ -125,9 +125,7 @@ impl World {
 
 /// A series' value, 0 when it was never counted.
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    common::metric_value(text, series).unwrap_or(0.0)
 }
 
 /// A PEM certificate (leaf only) naming `sans`, valid now.

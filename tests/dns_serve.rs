@@ -15,41 +15,10 @@ use common::ServeProc;
 /// The transfer key of the secondary test (32 random bytes, base64).
 const XFR_SECRET: &str = "q83vEjRWeJq8AQIDBAUGBwgJCgsMDQ4PEBESExQVFhc=";
 
-fn kdig(server: SocketAddr, args: &[&str]) -> String {
-    let Some(kdig) = common::find_binary("kdig") else {
-        panic!("kdig is missing: install knot-dnsutils (scripts/test.sh does)");
-    };
-    let out = std::process::Command::new(kdig)
-        .arg(format!("@{}", server.ip()))
-        .args([
-            "-p",
-            &server.port().to_string(),
-            "+norec",
-            "+timeout=3",
-            "+retry=0",
-        ])
-        .args(args)
-        .output()
-        .expect("run kdig");
-    // kdig reports a refused transfer on stderr.
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn flags(out: &str) -> String {
     out.lines()
         .find_map(|l| l.strip_prefix(";; Flags: "))
         .map(|l| l.split(';').next().unwrap_or("").trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn status(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
         .unwrap_or_default()
 }
 
@@ -111,11 +80,11 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
     } = config(dir.path(), dns, &nameservers, "");
     let serve = ServeProc::start(&cfg, https, http);
     common::wait_for("the DNS listener", || {
-        status(&kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
+        common::dns_status(&common::kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
     });
 
     // SOA and NS at the apex, authoritative.
-    let soa = kdig(dns, &["+edns", "sts.provider.example", "SOA"]);
+    let soa = common::kdig(dns, &["+edns", "sts.provider.example", "SOA"]);
     assert!(flags(&soa).split_whitespace().any(|f| f == "aa"), "{soa}");
     assert!(!flags(&soa).split_whitespace().any(|f| f == "ra"), "{soa}");
     let serial1: u64 = records(&soa, "SOA")[0]
@@ -124,7 +93,7 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
         .expect("serial")
         .parse()
         .expect("number");
-    let ns = kdig(dns, &["+tcp", "sts.provider.example", "NS"]);
+    let ns = common::kdig(dns, &["+tcp", "sts.provider.example", "NS"]);
     assert_eq!(records(&ns, "NS").len(), 20, "{ns}");
 
     // Each customer's TXT is the id served and the one `records` prints.
@@ -140,8 +109,8 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
     let printed: serde_json::Value = serde_json::from_slice(&printed.stdout).expect("records JSON");
     for customer in ["customer-a.example", "customer-b.example"] {
         let owner = format!("{customer}.sts.provider.example");
-        let txt = kdig(dns, &[&owner, "TXT"]);
-        assert_eq!(status(&txt), "NOERROR", "{txt}");
+        let txt = common::kdig(dns, &[&owner, "TXT"]);
+        assert_eq!(common::dns_status(&txt), "NOERROR", "{txt}");
         let answered = records(&txt, "TXT");
         let id = common::policy_id(&common::served_body(http.port(), customer).expect("served"));
         assert_eq!(answered, [format!("\"v=STSv1; id={id};\"")], "{txt}");
@@ -159,19 +128,19 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
 
     // Names that do not exist, and types a name does not have: the SOA
     // for negative caching.
-    let nx = kdig(dns, &["unknown.example.sts.provider.example", "TXT"]);
-    assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
+    let nx = common::kdig(dns, &["unknown.example.sts.provider.example", "TXT"]);
+    assert_eq!(common::dns_status(&nx), "NXDOMAIN", "{nx}");
     assert_eq!(records(&nx, "SOA").len(), 1, "{nx}");
-    let nodata = kdig(dns, &["customer-a.example.sts.provider.example", "A"]);
-    assert_eq!(status(&nodata), "NOERROR", "{nodata}");
+    let nodata = common::kdig(dns, &["customer-a.example.sts.provider.example", "A"]);
+    assert_eq!(common::dns_status(&nodata), "NOERROR", "{nodata}");
     assert!(records(&nodata, "A").is_empty());
     assert_eq!(records(&nodata, "SOA").len(), 1, "{nodata}");
     // Outside the zone: refused, no recursion.
-    let outside = kdig(dns, &["example.com", "A"]);
-    assert_eq!(status(&outside), "REFUSED", "{outside}");
+    let outside = common::kdig(dns, &["example.com", "A"]);
+    assert_eq!(common::dns_status(&outside), "REFUSED", "{outside}");
 
     // A big answer over UDP without EDNS is truncated; TCP gets it whole.
-    let udp = kdig(
+    let udp = common::kdig(
         dns,
         &["+notcp", "+noedns", "+ignore", "sts.provider.example", "NS"],
     );
@@ -193,13 +162,13 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
     });
     let id =
         common::policy_id(&common::served_body(http.port(), "customer-a.example").expect("served"));
-    let txt = kdig(dns, &["customer-a.example.sts.provider.example", "TXT"]);
+    let txt = common::kdig(dns, &["customer-a.example.sts.provider.example", "TXT"]);
     assert_eq!(
         records(&txt, "TXT"),
         [format!("\"v=STSv1; id={id};\"")],
         "{txt}"
     );
-    let soa = kdig(dns, &["sts.provider.example", "SOA"]);
+    let soa = common::kdig(dns, &["sts.provider.example", "SOA"]);
     let serial2: u64 = records(&soa, "SOA")[0]
         .split_whitespace()
         .nth(2)
@@ -244,21 +213,21 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     std::fs::write(&cfg, &text).expect("config");
     let serve = ServeProc::start(&cfg, https, http);
     common::wait_for("the DNS listener", || {
-        status(&kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
+        common::dns_status(&common::kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
     });
     // Not in allow_transfer (another loopback source address): refused.
-    let refused = kdig(dns, &["-b", "127.0.0.2", "sts.provider.example", "AXFR"]);
+    let refused = common::kdig(dns, &["-b", "127.0.0.2", "sts.provider.example", "AXFR"]);
     assert!(
         refused.contains("replied with error 'REFUSED'"),
         "{refused}"
     );
     assert!(records(&refused, "TXT").is_empty(), "{refused}");
     // Allowed address, but unsigned, or signed with another key: refused.
-    let unsigned = kdig(dns, &["-b", "127.0.0.1", "sts.provider.example", "AXFR"]);
+    let unsigned = common::kdig(dns, &["-b", "127.0.0.1", "sts.provider.example", "AXFR"]);
     assert!(unsigned.contains("REFUSED"), "{unsigned}");
     assert!(records(&unsigned, "TXT").is_empty(), "{unsigned}");
     let other_key = "hmac-sha256:xfr-key:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    let wrong = kdig(
+    let wrong = common::kdig(
         dns,
         &[
             "-b",
@@ -277,7 +246,7 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     // Signed with the key from an allowed address: every customer's TXT
     // between two SOAs, each message's TSIG verified by kdig.
     let key = format!("hmac-sha256:xfr-key:{XFR_SECRET}");
-    let axfr = kdig(
+    let axfr = common::kdig(
         dns,
         &[
             "-b",
@@ -329,7 +298,7 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     let first = served("customer-a.example");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let txt = kdig(
+        let txt = common::kdig(
             secondary,
             &["customer-a.example.sts.provider.example", "TXT"],
         );
@@ -357,7 +326,7 @@ fn knot_as_secondary_transfers_the_zone_and_follows_notify() {
     let second = served("customer-a.example");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let txt = kdig(
+        let txt = common::kdig(
             secondary,
             &["customer-a.example.sts.provider.example", "TXT"],
         );
@@ -442,7 +411,7 @@ fn udp_answers_are_rate_limited_per_client_network() {
     assert!(truncated >= 10, "{truncated} truncated answers");
     assert!(full + truncated < 40, "some queries get no answer");
     // TCP still answers in full.
-    let tcp = kdig(
+    let tcp = common::kdig(
         dns,
         &["+tcp", "customer-a.example.sts.provider.example", "TXT"],
     );

@@ -108,51 +108,11 @@ fn json(resp: &client::Response) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&resp.body)))
 }
 
-fn kdig(server: SocketAddr, name: &str, rtype: &str) -> String {
-    let kdig = common::find_binary("kdig").expect("kdig (knot-dnsutils)");
-    let out = std::process::Command::new(kdig)
-        .arg(format!("@{}", server.ip()))
-        .args([
-            "-p",
-            &server.port().to_string(),
-            "+norec",
-            "+timeout=2",
-            "+retry=0",
-        ])
-        .args([name, rtype])
-        .output()
-        .expect("run kdig");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn txt_of(out: &str) -> Vec<String> {
     out.lines()
         .filter(|l| !l.starts_with(';'))
         .filter_map(|l| l.split_once("\tTXT\t").map(|(_, v)| v.trim().to_owned()))
         .collect()
-}
-
-fn status(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
-        .unwrap_or_default()
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, log: impl Fn() -> String, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !f().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn refused_line<'a>(log: &'a str, domain: &str) -> Option<&'a str> {
@@ -232,7 +192,7 @@ async fn customers_are_onboarded_on_first_contact_and_refused_without_proof() {
     );
     let id = common::policy_id(body.as_bytes());
     let owner = format!("good.{ZONE}.{DELEGATION}");
-    let txt = kdig(s.dns, &owner, "TXT");
+    let txt = common::kdig(s.dns, &[&owner, "TXT"]);
     assert_eq!(txt_of(&txt), [format!("\"v=STSv1; id={id};\"")], "{txt}");
     let file = std::fs::read_to_string(s.dir.join(format!("domains.d/good.{ZONE}.toml")))
         .expect("onboarded file");
@@ -241,16 +201,16 @@ async fn customers_are_onboarded_on_first_contact_and_refused_without_proof() {
     // First contact over DNS: NXDOMAIN now, the TXT once the policy and its
     // certificate are served.
     let owner = format!("dnsfirst.{ZONE}.{DELEGATION}");
-    let nx = kdig(s.dns, &owner, "TXT");
-    assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
+    let nx = common::kdig(s.dns, &[&owner, "TXT"]);
+    assert_eq!(common::dns_status(&nx), "NXDOMAIN", "{nx}");
     let dns = s.dns;
-    wait_until(
+    common::wait_until(
         "dnsfirst answered in the zone",
         Duration::from_secs(60),
         log,
         || {
             let owner = owner.clone();
-            async move { !txt_of(&kdig(dns, &owner, "TXT")).is_empty() }
+            async move { !txt_of(&common::kdig(dns, &[&owner, "TXT"])).is_empty() }
         },
     )
     .await;
@@ -275,7 +235,7 @@ async fn customers_are_onboarded_on_first_contact_and_refused_without_proof() {
         resp.body
     );
     assert_eq!(
-        txt_of(&kdig(s.dns, &owner, "TXT")),
+        txt_of(&common::kdig(s.dns, &[&owner, "TXT"])),
         [format!(
             "\"v=STSv1; id={};\"",
             common::policy_id(resp.body.as_bytes())
@@ -291,7 +251,7 @@ async fn customers_are_onboarded_on_first_contact_and_refused_without_proof() {
         &[],
     )
     .await;
-    let _ = kdig(s.dns, &format!("foreign.{ZONE}.{DELEGATION}"), "TXT");
+    let _ = common::kdig(s.dns, &[&format!("foreign.{ZONE}.{DELEGATION}"), "TXT"]);
     let _ = https_get(
         s.https,
         &format!("mta-sts.x.denied.{ZONE}"),
@@ -300,7 +260,7 @@ async fn customers_are_onboarded_on_first_contact_and_refused_without_proof() {
         &[],
     )
     .await;
-    wait_until(
+    common::wait_until(
         "three refusals logged",
         Duration::from_secs(20),
         log,
@@ -444,7 +404,7 @@ async fn onboarded_domains_follow_their_dns_and_are_retired_when_it_goes() {
         2,
     );
     let port = s.http.port();
-    wait_until("mx updated", Duration::from_secs(20), log, || async move {
+    common::wait_until("mx updated", Duration::from_secs(20), log, || async move {
         let b = served(port);
         b.contains("mx: *.mx.provider.example\r\n") && !b.contains("mx: mx.provider.example\r\n")
     })
@@ -462,7 +422,7 @@ async fn onboarded_domains_follow_their_dns_and_are_retired_when_it_goes() {
         &format!("good MX 10 a.mx.provider.example.\n{others}"),
         3,
     );
-    wait_until("retired", Duration::from_secs(30), log, || async move {
+    common::wait_until("retired", Duration::from_secs(30), log, || async move {
         served(port).contains("mode: none\r\n")
     })
     .await;
@@ -486,7 +446,7 @@ async fn onboarded_domains_follow_their_dns_and_are_retired_when_it_goes() {
         &format!("{}{others}", customer("good", &["a.mx.provider.example"])),
         4,
     );
-    wait_until("restored", Duration::from_secs(30), log, || async move {
+    common::wait_until("restored", Duration::from_secs(30), log, || async move {
         served(port).contains("mode: testing\r\n")
     })
     .await;

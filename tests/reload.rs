@@ -91,9 +91,7 @@ impl Setup {
 
 /// A series' value, 0 when it was never counted.
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    common::metric_value(text, series).unwrap_or(0.0)
 }
 
 fn reloads(text: &str, trigger: &str, result: &str) -> f64 {
@@ -103,20 +101,12 @@ fn reloads(text: &str, trigger: &str, result: &str) -> f64 {
     )
 }
 
-async fn wait_until<F, Fut>(what: &str, proc: &ServeProc, mut f: F)
+async fn wait_until<F, Fut>(what: &str, proc: &ServeProc, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            proc.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(what, Duration::from_secs(30), || proc.log(), f).await;
 }
 
 async fn etag(client: &TlsClient, https: SocketAddr, domain: &str) -> String {

@@ -567,16 +567,8 @@ impl Drop for Kill {
     }
 }
 
-fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+fn wait_until(what: &str, secs: u64, done: impl FnMut() -> bool, log: impl Fn() -> String) {
+    common::wait_for_logged(what, std::time::Duration::from_secs(secs), log, done);
 }
 
 /// The reporting half of Postfix's TLSRPT support (`tlsrpt-reporter` from

@@ -242,11 +242,86 @@ pub async fn served_id(client: &client::TlsClient, addr: SocketAddr, domain: &st
     policy_id(&resp.body)
 }
 
+/// Polls the async `f` every 50 ms for up to `limit`; on timeout fails the
+/// test naming `what`, with `log()` (a server's log, say) in the message.
+/// The one polling loop of the async tests (each file wraps it with its
+/// own budget and log).
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, log: impl Fn() -> String, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of one series (name and labels exactly) in a Prometheus text
+/// exposition; `None` when it is not there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// Polls `done` every 50 ms for up to 15 s; fails the test naming `what`.
-pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+pub fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    wait_for_logged(what, Duration::from_secs(15), String::new, done);
+}
+
+/// [`wait_for`] with its own budget, and `log()` in the failure message.
+pub fn wait_for_logged(
+    what: &str,
+    limit: Duration,
+    log: impl Fn() -> String,
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + limit;
     while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `kdig @server -p port +norec +timeout=3 +retry=0 ARGS…` (knot-dnsutils):
+/// its stdout and stderr (a refused transfer is reported on stderr).
+pub fn kdig(server: SocketAddr, args: &[&str]) -> String {
+    let Some(kdig) = find_binary("kdig") else {
+        panic!("kdig is missing: install knot-dnsutils (scripts/test.sh does)");
+    };
+    let out = std::process::Command::new(kdig)
+        .arg(format!("@{}", server.ip()))
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "+norec",
+            "+timeout=3",
+            "+retry=0",
+        ])
+        .args(args)
+        .output()
+        .expect("run kdig");
+    // kdig reports a refused transfer on stderr.
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The `status:` of a kdig answer (`NOERROR`, `NXDOMAIN`, …).
+pub fn dns_status(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
+        .unwrap_or_default()
 }
