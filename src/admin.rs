@@ -311,13 +311,13 @@ fn view(control: &Control, site: &Site, shared: &HashSet<PathBuf>) -> DomainView
     let d = &site.domain;
     DomainView {
         name: d.name.to_string(),
-        policy_host: site.host.to_string(),
+        policy_host: site.host(),
         mode: d.policy.mode.to_string(),
         max_age: d.policy.max_age,
         mx: d.policy.mx.iter().map(ToString::to_string).collect(),
         id: site.id.to_string(),
         certificate: CertView {
-            loaded: control.server().has_certificate(&site.host),
+            loaded: control.server().has_certificate(&site.host()),
         },
         source: format!(
             "{}:{}:{}",

@@ -672,13 +672,13 @@ fn records(
         }
     }
     let snapshot = Snapshot::build(&cfg);
-    let hostless: Vec<&str> = snapshot
+    let hostless: Vec<String> = snapshot
         .sites()
         .iter()
         .filter(|_| side == dns::Side::Full)
         .filter(|s| only.is_empty() || only.contains(&s.domain.name))
         .filter(|s| s.domain.host == crate::config::HostRecord::Unset)
-        .map(|s| &*s.host)
+        .map(|s| s.host())
         .collect();
     if let Some(first) = hostless.first() {
         let more = match hostless.len() {
@@ -1355,7 +1355,7 @@ fn print_banner(
         out.push_str(&format!(
             "fetch a policy:\n  curl --cacert {} --resolve {host}:{port}:{connect_ip} https://{host}:{port}{path}\n",
             server.ca_path().display(),
-            host = site.host,
+            host = site.host(),
             port = https.port(),
             path = crate::http::POLICY_PATH,
         ));

@@ -54,6 +54,38 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+/// Where something is defined: a file, line and column (a diagnostic
+/// without a message, kept in every domain's config, so a third of the
+/// size of a [`Diagnostic`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub file: Arc<Path>,
+    pub line: u32,
+    pub col: u32,
+}
+
+impl Origin {
+    /// A diagnostic at this place.
+    pub fn diagnostic(&self, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: Arc::clone(&self.file),
+            line: self.line as usize,
+            col: self.col as usize,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&Diagnostic> for Origin {
+    fn from(d: &Diagnostic) -> Origin {
+        Origin {
+            file: Arc::clone(&d.file),
+            line: u32::try_from(d.line).unwrap_or(u32::MAX),
+            col: u32::try_from(d.col).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -131,12 +163,18 @@ pub enum HostRecord {
     /// Not configured: records output says how to set it.
     #[default]
     Unset,
-    Addresses {
-        v4: Vec<Ipv4Addr>,
-        v6: Vec<Ipv6Addr>,
-    },
+    /// A and AAAA records (boxed: most domains have none, and the enum
+    /// is in every domain's config).
+    Addresses(Arc<HostAddresses>),
     /// A CNAME to a provider's policy host (absolute name, no trailing dot).
     Cname(DomainName),
+}
+
+/// The `host_a` and `host_aaaa` of a domain.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HostAddresses {
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
 }
 
 /// One hosted domain, fully resolved.
@@ -152,7 +190,7 @@ pub struct DomainConfig {
     pub ttl: u32,
     pub host: HostRecord,
     /// Where the domain was defined, for duplicate and later messages.
-    pub origin: Diagnostic,
+    pub origin: Origin,
     /// `retire = true`: MTA-STS is being withdrawn (RFC 8461 §8.3), so the
     /// policy is `mode: none` without mx, whatever `mode`/`mx` say; see
     /// `crate::retire` for when its records may go.
@@ -522,13 +560,13 @@ enum Entry {
 /// Errors (and the name, when it could be read, for the duplicate check).
 #[derive(Debug)]
 struct InvalidEntry {
-    name: Option<(DomainName, Diagnostic)>,
+    name: Option<(DomainName, Origin)>,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
 
 impl Entry {
-    fn name(&self) -> Option<(&DomainName, &Diagnostic)> {
+    fn name(&self) -> Option<(&DomainName, &Origin)> {
         match self {
             Entry::Valid { domain, .. } => Some((&domain.name, &domain.origin)),
             Entry::Invalid(e) => e.name.as_ref().map(|(n, o)| (n, o)),
@@ -586,14 +624,12 @@ fn merge<'a>(
             if let (Some((name, origin)), Some((_, first))) =
                 (entry.name(), entries.get(winner).and_then(|w| w.name()))
             {
-                let mut dup = origin.clone();
-                dup.message = format!(
+                report.errors.push(origin.diagnostic(format!(
                     "duplicate domain {name} (first defined at {}:{}:{})",
                     first.file.display(),
                     first.line,
                     first.col
-                );
-                report.errors.push(dup);
+                )));
             }
             continue;
         }
@@ -769,7 +805,7 @@ fn domain_name(
     source: &Source,
     entry: &Spanned<RawPolicy>,
     report: &mut Report,
-) -> Option<(DomainName, Diagnostic)> {
+) -> Option<(DomainName, Origin)> {
     let Some(name_raw) = &entry.get_ref().name else {
         report.errors.push(source.at(
             entry.span(),
@@ -778,7 +814,7 @@ fn domain_name(
         return None;
     };
     match DomainName::parse(name_raw.get_ref()) {
-        Ok(n) => Some((n, source.at(name_raw.span(), String::new()))),
+        Ok(n) => Some((n, Origin::from(&source.at(name_raw.span(), String::new())))),
         Err(e) => {
             report
                 .errors
@@ -801,11 +837,10 @@ fn validate_defaults(defaults: &Layer<'_>, certs: &mut CertReader, report: &mut 
     };
     // Errors about the entry as a whole are placed at its origin; there is
     // no entry here, so the origin is line 0 and such errors are dropped.
-    let origin = Diagnostic {
+    let origin = Origin {
         file: defaults.source.path.clone(),
         line: 0,
         col: 0,
-        message: String::new(),
     };
     let mut own = Report::default();
     let _ = domain_config(
@@ -835,11 +870,11 @@ fn domain_config(
     source: &Source,
     raw: &RawPolicy,
     name: DomainName,
-    origin: Diagnostic,
+    origin: Origin,
     defaults: &Layer<'_>,
     certs: &mut CertReader,
     report: &mut Report,
-) -> Result<DomainConfig, (DomainName, Diagnostic)> {
+) -> Result<DomainConfig, (DomainName, Origin)> {
     let domain = Layer::new(source, raw);
     let errors_before = report.errors.len();
     // RFC 8461 §8.3: a retiring domain serves `mode: none` (new id). It
@@ -995,12 +1030,9 @@ fn domain_config(
         }
     };
     if mx.is_empty() && mode != Mode::None && report.errors.len() == errors_before {
-        report.errors.push(Diagnostic {
-            message: format!(
-                "{name}: mode {mode} needs at least one mx (set `mx` or `mx_certs` here or in [defaults])"
-            ),
-            ..origin.clone()
-        });
+        report.errors.push(origin.diagnostic(format!(
+            "{name}: mode {mode} needs at least one mx (set `mx` or `mx_certs` here or in [defaults])"
+        )));
     }
 
     let inherited_rua = raw
@@ -1043,14 +1075,11 @@ fn domain_config(
     let policy = Policy { mode, mx, max_age };
     let body_len = policy.rendered_len();
     if body_len > crate::policy::MAX_BODY_BYTES {
-        report.errors.push(Diagnostic {
-            message: format!(
-                "{name}: the policy body would be {body_len} bytes ({} mx); senders read at most {} bytes (RFC 8461 §3.3), so use wildcard mx patterns or fewer hosts",
-                policy.mx.len(),
-                crate::policy::MAX_BODY_BYTES
-            ),
-            ..origin.clone()
-        });
+        report.errors.push(origin.diagnostic(format!(
+            "{name}: the policy body would be {body_len} bytes ({} mx); senders read at most {} bytes (RFC 8461 §3.3), so use wildcard mx patterns or fewer hosts",
+            policy.mx.len(),
+            crate::policy::MAX_BODY_BYTES
+        )));
     }
     if report.errors.len() > errors_before {
         return Err((name, origin));
@@ -1244,7 +1273,7 @@ fn host_record(domain: &Layer<'_>, defaults: &Layer<'_>, report: &mut Report) ->
     if v4.is_empty() && v6.is_empty() {
         HostRecord::Unset
     } else {
-        HostRecord::Addresses { v4, v6 }
+        HostRecord::Addresses(Arc::new(HostAddresses { v4, v6 }))
     }
 }
 

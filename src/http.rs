@@ -175,7 +175,7 @@ impl IntoResponse for Reject {
                 StatusCode::NOT_FOUND,
                 format!(
                     "MTA-STS policies are served over HTTPS only (RFC 8461 section 3.3): https://{}{}\n",
-                    site.host, POLICY_PATH
+                    site.host(), POLICY_PATH
                 )
                 .into(),
             ),

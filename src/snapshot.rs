@@ -73,8 +73,6 @@ impl Renderings {
 #[derive(Debug)]
 pub struct Site {
     pub domain: Arc<DomainConfig>,
-    /// `mta-sts.<domain>`.
-    pub host: Box<str>,
     pub rendered: Arc<Rendered>,
 }
 
@@ -87,6 +85,12 @@ impl std::ops::Deref for Site {
 }
 
 impl Site {
+    /// `mta-sts.<domain>` (made when asked: not stored, a million of them
+    /// were 64 MB).
+    pub fn host(&self) -> String {
+        self.domain.name.policy_host()
+    }
+
     /// `domain`'s site, reusing `previous`'s rendering when the policy is the same.
     fn renew(
         domain: &Arc<DomainConfig>,
@@ -98,7 +102,6 @@ impl Site {
         } else if domain.name == previous.domain.name && domain.policy == previous.domain.policy {
             Arc::new(Site {
                 domain: Arc::clone(domain),
-                host: previous.host.clone(),
                 rendered: Arc::clone(&previous.rendered),
             })
         } else {
@@ -109,7 +112,6 @@ impl Site {
     /// A site rendered on its own (not shared with other sites).
     pub fn new(domain: Arc<DomainConfig>) -> Site {
         Site {
-            host: domain.name.policy_host().into_boxed_str(),
             rendered: Arc::new(Rendered::new(&domain.policy)),
             domain,
         }
@@ -117,26 +119,26 @@ impl Site {
 
     fn with(domain: Arc<DomainConfig>, renderings: &mut Renderings) -> Site {
         Site {
-            host: domain.name.policy_host().into_boxed_str(),
             rendered: renderings.get(&domain.policy),
             domain,
         }
     }
 }
 
-/// A site in the host index, found by its host (no second copy of the name).
+/// A site in the host index, found by its domain name (the host without
+/// `mta-sts.`; no second copy of the name).
 #[derive(Debug, Clone)]
 struct ByHost(Arc<Site>);
 
 impl Borrow<str> for ByHost {
     fn borrow(&self) -> &str {
-        &self.0.host
+        self.0.domain.name.as_str()
     }
 }
 
 impl PartialEq for ByHost {
     fn eq(&self, other: &Self) -> bool {
-        self.0.host == other.0.host
+        self.0.domain.name == other.0.domain.name
     }
 }
 
@@ -145,7 +147,7 @@ impl Eq for ByHost {}
 impl Hash for ByHost {
     // Must hash as the `str` it borrows as.
     fn hash<H: Hasher>(&self, state: &mut H) {
-        (*self.0.host).hash(state);
+        self.0.domain.name.as_str().hash(state);
     }
 }
 
@@ -200,7 +202,7 @@ impl Snapshot {
                     return Arc::clone(same);
                 }
                 while let Some(gone) = old.next_if(|s| s.domain.name < d.name) {
-                    delta.removed.push(gone.host.clone());
+                    delta.removed.push(gone.host().into_boxed_str());
                 }
                 match old.next_if(|s| s.domain.name == d.name) {
                     Some(prev) => {
@@ -212,7 +214,7 @@ impl Snapshot {
                     }
                     None => {
                         let site = Arc::new(Site::with(Arc::clone(d), &mut renderings));
-                        delta.added.push(site.host.clone());
+                        delta.added.push(site.host().into_boxed_str());
                         replaced.push(Arc::clone(&site));
                         site
                     }
@@ -220,14 +222,16 @@ impl Snapshot {
             })
             .collect();
         drop(renderings);
-        delta.removed.extend(old.map(|s| s.host.clone()));
+        delta.removed.extend(old.map(|s| s.host().into_boxed_str()));
         delta.changed = replaced.len() + delta.removed.len();
         // Applying the change to a copy of the index is cheaper than a new
         // index until about a quarter of the sites changed.
         let by_host = if delta.changed < ordered.len() / 4 {
             let mut by_host = previous.by_host.clone();
             for host in &delta.removed {
-                by_host.remove(&**host);
+                if let Some(name) = host.strip_prefix("mta-sts.") {
+                    by_host.remove(name);
+                }
             }
             for site in replaced {
                 by_host.replace(ByHost(site));
@@ -246,7 +250,8 @@ impl Snapshot {
 
     /// Looks up a normalised policy host (`mta-sts.<domain>`, lowercase).
     pub fn lookup(&self, host: &str) -> Option<&Arc<Site>> {
-        self.by_host.get(host).map(|s| &s.0)
+        let name = host.strip_prefix("mta-sts.")?;
+        self.by_host.get(name).map(|s| &s.0)
     }
 
     pub fn sites(&self) -> &[Arc<Site>] {

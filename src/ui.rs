@@ -373,7 +373,7 @@ async fn overview(State(ui): State<Ui>, Query(q): Query<OverviewQuery>) -> Respo
                 name: name.to_owned(),
                 mode: site.domain.policy.mode.as_str(),
                 id: site.id.to_string(),
-                cert: fmt_time(certs.expiry(&site.host)),
+                cert: fmt_time(certs.expiry(&site.host())),
                 last_report: s
                     .and_then(|s| s.days.last())
                     .map_or_else(|| "—".to_owned(), |d| d.date.clone()),
@@ -527,7 +527,7 @@ async fn domain_page(State(ui): State<Ui>, Path(name): Path<String>) -> Response
             served => site.is_some(),
             mode => site.as_ref().map(|s| s.domain.policy.mode.as_str()),
             id => site.as_ref().map(|s| s.id.to_string()),
-            cert => fmt_time(site.as_ref().and_then(|s| certs.expiry(&s.host))),
+            cert => fmt_time(site.as_ref().and_then(|s| certs.expiry(&s.host()))),
             reports => s.reports,
             successful => s.successful,
             failed => s.failed,

@@ -331,15 +331,15 @@ impl<S: CertStore> Manager<S> {
                 let mut expected = self.cfg.server_addresses.clone();
                 let mut cname = None;
                 match &site.domain.host {
-                    HostRecord::Addresses { v4, v6 } => {
-                        expected.extend(v4.iter().copied().map(IpAddr::V4));
-                        expected.extend(v6.iter().copied().map(IpAddr::V6));
+                    HostRecord::Addresses(a) => {
+                        expected.extend(a.v4.iter().copied().map(IpAddr::V4));
+                        expected.extend(a.v6.iter().copied().map(IpAddr::V6));
                     }
                     HostRecord::Cname(target) => cname = Some(target.as_str().to_owned()),
                     HostRecord::Unset => {}
                 }
                 Target {
-                    host: site.host.clone(),
+                    host: site.host().into(),
                     expected,
                     cname,
                 }
@@ -360,8 +360,8 @@ impl<S: CertStore> Manager<S> {
                     snapshot
                         .sites()
                         .iter()
-                        .filter(|site| stored.contains(&*site.host))
-                        .map(|site| site.host.clone()),
+                        .filter(|site| stored.contains(site.host().as_str()))
+                        .map(|site| site.host().into()),
                 );
                 Some(stored)
             }

@@ -112,9 +112,19 @@ pub fn site_records(site: &Site) -> Vec<Record> {
     match &d.host {
         HostRecord::Unset => {}
         HostRecord::Cname(target) => out.push(rec(host, "CNAME", format!("{target}."))),
-        HostRecord::Addresses { v4, v6 } => {
-            out.extend(v4.iter().map(|a| rec(host.clone(), "A", a.to_string())));
-            out.extend(v6.iter().map(|a| rec(host.clone(), "AAAA", a.to_string())));
+        HostRecord::Addresses(addrs) => {
+            out.extend(
+                addrs
+                    .v4
+                    .iter()
+                    .map(|a| rec(host.clone(), "A", a.to_string())),
+            );
+            out.extend(
+                addrs
+                    .v6
+                    .iter()
+                    .map(|a| rec(host.clone(), "AAAA", a.to_string())),
+            );
         }
     }
     if let Some(tlsrpt) = tlsrpt_record(site, &zone) {

@@ -78,7 +78,7 @@ fn build(server: &Server, delegation: &Delegation, serial: u32) -> Result<Zone, 
             let rr = Rr::from_rdata(owner.clone(), r.ttl, RData::TXT(TXT::new(vec![text])));
             let entry = names
                 .entry(owner)
-                .or_insert_with(|| (Vec::new(), Some(site.host.clone())));
+                .or_insert_with(|| (Vec::new(), Some(site.host().into_boxed_str())));
             entry.0.push(rr);
         }
     }

@@ -118,7 +118,7 @@ impl Receiver {
         };
         let domain = site.domain.name.as_str().to_owned();
         match self
-            .accept(&domain, &site, &body, &format!("https:{}", site.host))
+            .accept(&domain, &site, &body, &format!("https:{}", site.host()))
             .await
         {
             Ok(Received::Stored) => answer(StatusCode::OK, "stored\n"),
@@ -220,7 +220,7 @@ pub fn alert(report: &Report, site: Option<&Site>, certs: Option<&CertIndex>) {
             let served_id = site.map(|s| s.id.to_string());
             let cert_not_after = site
                 .zip(certs)
-                .and_then(|(s, certs)| certs.lookup(&s.host))
+                .and_then(|(s, certs)| certs.lookup(&s.host()))
                 .and_then(|k| crate::tls::not_after(&k))
                 .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
                 .map(|t| t.to_string());
