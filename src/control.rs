@@ -257,13 +257,16 @@ impl Control {
             ),
         }
         // A reload frees the previous snapshot's and the parse's memory;
-        // glibc keeps freed memory in its arenas unless told otherwise. A
-        // small change frees little, and trimming a heap of a million
-        // domains walks all of it (a fifth of such a reload): skipped then.
+        // glibc keeps freed memory in its arenas unless told otherwise.
+        // Trimming a heap of a million domains walks all of it (a fifth of
+        // a small reload): after a small change it runs in the background
+        // a moment later instead of inside the reload.
         let small = stats.incremental
             && stats.entries_parsed < 10_000
             && self.server.last_change() < 10_000;
-        if !small {
+        if small {
+            crate::memory::release_free_memory_soon();
+        } else {
             let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
         }
         result

@@ -22,6 +22,25 @@ pub fn release_free_memory() {
     }
 }
 
+/// A trim is waiting in the background (see [`release_free_memory_soon`]).
+static TRIM_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// [`release_free_memory`] a moment from now, in the background, at most
+/// one waiting at a time: after small reloads, whose latency should not
+/// include a walk of a million domains' heap, while what they freed still
+/// goes back to the OS. Needs a Tokio runtime.
+pub fn release_free_memory_soon() {
+    use std::sync::atomic::Ordering;
+    if TRIM_PENDING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        TRIM_PENDING.store(false, Ordering::SeqCst);
+        let _ = tokio::task::spawn_blocking(release_free_memory).await;
+    });
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn trim() {
