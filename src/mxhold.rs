@@ -47,18 +47,16 @@ pub async fn hold_shrinks(
 ) -> Vec<Held> {
     let started = Instant::now();
     let mut held = Vec::new();
-    // Unchanged domains (the same `Arc` at the same place, the common case
-    // of a reload) cannot shrink: only pointers are compared for them.
-    let same = |i: usize, d: &Arc<DomainConfig>| {
-        applied
-            .domains
-            .get(i)
-            .is_some_and(|old| Arc::ptr_eq(old, d))
-    };
-    for (i, slot) in new.domains.iter_mut().enumerate() {
-        if same(i, slot) {
+    // Unchanged domains (the same `Arc`, the common case of a reload)
+    // cannot shrink: both lists are in name order, so one walk compares
+    // pointers, and names only where the lists differ.
+    let mut old_walk = applied.domains.iter().peekable();
+    for slot in new.domains.iter_mut() {
+        if old_walk.next_if(|o| Arc::ptr_eq(o, slot)).is_some() {
             continue;
         }
+        while old_walk.next_if(|o| o.name < slot.name).is_some() {}
+        let _ = old_walk.next_if(|o| o.name == slot.name);
         let Some((old, dropped)) = shrink_of(applied, slot) else {
             continue;
         };
