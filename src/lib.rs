@@ -31,7 +31,8 @@
 //!   the admin API and onboarding, applied or undone as one unit).
 //! - [`admin`]: the token-protected admin API and `/metrics`; [`ui`]: the
 //!   dashboard on the same listener.
-//! - [`cli`]: the subcommands; [`progress`]: the issuance progress line on
+//! - [`cli`]: the subcommands; [`service`]: `serve`'s wiring once the
+//!   config is loaded; [`progress`]: the issuance progress line on
 //!   a terminal, kept apart from the log lines.
 //! - [`sync`]: the one rule for `std::sync` locks (a poisoned lock is used
 //!   as it is).
@@ -57,6 +58,7 @@ pub mod progress;
 pub mod replica;
 pub mod retire;
 pub mod server;
+pub mod service;
 pub mod snapshot;
 pub mod store;
 pub mod sync;
