@@ -169,6 +169,14 @@ impl Server {
             first_contact: Arc::default(),
             last_change: std::sync::atomic::AtomicUsize::new(0),
         };
+        if server.acme.is_none() {
+            // Self-signed: every host of the current snapshot is served,
+            // with no per-host entry kept until its first handshake.
+            let shared = Arc::clone(&server.shared);
+            server
+                .certs
+                .serve_lazily(move |host| shared.snapshot.load().lookup(host).is_some());
+        }
         server.apply(config)?;
         Ok(server)
     }
@@ -260,17 +268,18 @@ impl Server {
     pub fn apply(&self, config: &Config) -> Result<(), ServeError> {
         // Unchanged domains keep their rendered sites.
         let (snapshot, delta) = Snapshot::build_next(config, &self.snapshot());
-        // Self-signed certificates are loaded (or issued) on the first
-        // handshake of each host: nothing to read here, however many hosts.
-        // In ACME mode the manager says which hosts have a certificate.
-        if self.acme.is_none() {
-            self.certs.change_lazy_hosts(&delta.removed, delta.added);
-        }
         self.last_change
             .store(delta.changed, std::sync::atomic::Ordering::Relaxed);
         let domains = snapshot.len();
         let snapshot = Arc::new(snapshot);
         self.shared.snapshot.store(Arc::clone(&snapshot));
+        // Self-signed certificates are loaded (or issued) on the first
+        // handshake of each host, for every host of the snapshot just
+        // stored: only the hosts that went leave the index and its cache.
+        // In ACME mode the manager says which hosts have a certificate.
+        if self.acme.is_none() {
+            self.certs.change_lazy_hosts(&delta.removed, delta.added);
+        }
         if let Some(acme) = &self.acme {
             acme.sites.send_replace(snapshot);
         }

@@ -64,6 +64,12 @@ const UNVERIFIED: i64 = i64::MIN;
 /// `Served::not_after` of a host whose loader makes a certificate whenever
 /// asked (self-signed mode, before the first load).
 const UNBOUNDED: i64 = i64::MAX;
+/// Whether a host is served (see [`CertIndex::serve_lazily`]).
+type IsServed = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The version of a host served through [`CertIndex::serve_lazily`]
+/// (versions handed out by the index start at 1).
+const LAZY_VERSION: u64 = 0;
 
 /// One host that may complete a handshake.
 struct Served {
@@ -111,6 +117,11 @@ struct Cached {
 /// a copy of the whole set.
 pub struct CertIndex {
     hosts: RwLock<HashMap<Box<str>, Served>>,
+    /// Self-signed mode: every host this says is served is served through
+    /// the loader without an entry in `hosts` (one is made when its
+    /// certificate is first loaded): a million hosts are not a million
+    /// entries.
+    lazy: std::sync::OnceLock<IsServed>,
     cache: quick_cache::sync::Cache<String, Cached>,
     loader: Option<Arc<dyn CertLoader>>,
     /// Certificates loaded from the loader since start (cache misses).
@@ -148,6 +159,7 @@ impl CertIndex {
     fn new(loader: Option<Arc<dyn CertLoader>>, capacity: usize) -> CertIndex {
         CertIndex {
             hosts: RwLock::default(),
+            lazy: std::sync::OnceLock::new(),
             cache: quick_cache::sync::Cache::new(capacity.max(1)),
             loader,
             loads: AtomicU64::new(0),
@@ -175,13 +187,29 @@ impl CertIndex {
 
     /// `(version, not_after, expired)` of a served host.
     fn served(&self, host: &str) -> Option<(u64, i64, bool)> {
-        self.read().get(host).map(|s| {
+        let entry = self.read().get(host).map(|s| {
             (
                 s.version,
                 s.not_after.load(Ordering::Relaxed),
                 s.expired.load(Ordering::Relaxed),
             )
+        });
+        entry.or_else(|| {
+            self.is_lazy(host)
+                .then_some((LAZY_VERSION, UNBOUNDED, false))
         })
+    }
+
+    /// Serves, through the loader, every host `is_served` accepts (the
+    /// current snapshot's, in self-signed mode) without keeping an entry
+    /// per host. Set once; [`CertIndex::change_lazy_hosts`] then only drops
+    /// the hosts that went.
+    pub fn serve_lazily(&self, is_served: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        let _ = self.lazy.set(Box::new(is_served));
+    }
+
+    fn is_lazy(&self, host: &str) -> bool {
+        self.lazy.get().is_some_and(|f| f(host))
     }
 
     /// The expiry (Unix seconds) of the certificate `host` is served with,
@@ -240,11 +268,21 @@ impl CertIndex {
                 self.loads.fetch_add(1, Ordering::Relaxed);
                 let not_after = not_after(&key).unwrap_or(UNBOUNDED);
                 let expired = not_after <= unix_now();
-                if let Some(served) = self.read().get(host)
-                    && served.version == version
-                {
-                    served.not_after.store(not_after, Ordering::Relaxed);
+                let recorded = match self.read().get(host) {
+                    Some(served) if served.version == version => {
+                        served.not_after.store(not_after, Ordering::Relaxed);
+                        served.expired.store(expired, Ordering::Relaxed);
+                        true
+                    }
+                    Some(_) => true,
+                    None => false,
+                };
+                // A lazily served host gets its entry now (its expiry is
+                // known), while it is still served.
+                if !recorded && version == LAZY_VERSION && self.is_lazy(host) {
+                    let served = Served::new(LAZY_VERSION, not_after);
                     served.expired.store(expired, Ordering::Relaxed);
+                    self.write().entry(host.into()).or_insert(served);
                 }
                 if expired {
                     return Err("the certificate has expired".to_owned());
@@ -370,6 +408,12 @@ impl CertIndex {
     /// Stops serving `gone` and serves `new` through the loader: the
     /// change alone, known to the caller (a snapshot's delta).
     pub fn change_lazy_hosts(&self, gone: &[Box<str>], new: Vec<Box<str>>) {
+        // With `serve_lazily`, new hosts need no entry.
+        let new = if self.lazy.get().is_some() {
+            Vec::new()
+        } else {
+            new
+        };
         if !new.is_empty() || !gone.is_empty() {
             let mut map = self.write();
             for host in gone {
@@ -897,5 +941,40 @@ mod tests {
         assert!(!index.contains("a"));
         assert!(index.contains("b") && index.contains("c"));
         assert_eq!(index.len(), 2);
+    }
+
+    /// With `serve_lazily`, hosts are served as the predicate says, with no
+    /// entry until a certificate is loaded; a host that goes is dropped
+    /// from the entries and the cache.
+    #[tokio::test]
+    async fn lazily_served_hosts_need_no_entry_until_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path()).expect("ca");
+        let loader = Arc::new(MapLoader::default());
+        for h in ["mta-sts.a.example", "mta-sts.b.example"] {
+            loader.put(h, leaf_until(&ca, h, 30));
+        }
+        let served = Arc::new(std::sync::Mutex::new(HashSet::from([
+            "mta-sts.a.example".to_owned(),
+            "mta-sts.b.example".to_owned(),
+        ])));
+        let index = CertIndex::lazy(Arc::clone(&loader) as Arc<dyn CertLoader>, 10);
+        let view = Arc::clone(&served);
+        index.serve_lazily(move |h| view.lock().expect("lock").contains(h));
+        assert!(index.contains("mta-sts.a.example"));
+        assert!(!index.contains("mta-sts.c.example"));
+        assert_eq!(index.len(), 0, "no entry before a handshake");
+        assert!(index.obtain("mta-sts.a.example").await.is_some());
+        assert_eq!(index.len(), 1, "an entry once loaded");
+        assert!(index.expiry("mta-sts.a.example").is_some());
+        assert!(index.obtain("mta-sts.c.example").await.is_none());
+        // a.example goes: no entry, not served, not in the cache.
+        served.lock().expect("lock").remove("mta-sts.a.example");
+        index.change_lazy_hosts(&["mta-sts.a.example".into()], Vec::new());
+        assert_eq!(index.len(), 0);
+        assert!(!index.contains("mta-sts.a.example"));
+        assert!(index.obtain("mta-sts.a.example").await.is_none());
+        assert!(index.lookup("mta-sts.a.example").is_none());
+        assert!(index.obtain("mta-sts.b.example").await.is_some());
     }
 }
