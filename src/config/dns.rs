@@ -343,6 +343,15 @@ pub(super) fn delegation_config(
     })
 }
 
+/// A DNS server's `ip:port`, or a bare IP address meaning port 53.
+pub(super) fn dns_server_addr(text: &str) -> Option<SocketAddr> {
+    text.parse::<SocketAddr>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
 /// A TSIG key name: DNS labels of letters, digits, `-` and `_`, with or
 /// without a trailing dot; one label is fine (`mtasts-key`).
 fn key_name_ok(name: &str) -> bool {
@@ -366,11 +375,7 @@ pub(super) fn dns_update_config(
     let r = raw.get_ref();
     let server = required(source, raw, &r.server, "server", report).and_then(|v| {
         let text = v.get_ref().trim();
-        let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
-            text.parse::<std::net::IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, 53))
-        });
+        let parsed = dns_server_addr(text);
         if parsed.is_none() {
             report.errors.push(source.at(
                 v.span(),

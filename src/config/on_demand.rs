@@ -161,12 +161,7 @@ pub(super) fn on_demand_config(
     }
     let resolver = r.resolver.as_ref().and_then(|v| {
         let text = v.get_ref();
-        // A bare address means port 53.
-        let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
-            text.parse::<std::net::IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, 53))
-        });
+        let parsed = super::dns::dns_server_addr(text);
         if parsed.is_none() {
             report.errors.push(source.at(
                 v.span(),
