@@ -576,6 +576,38 @@ impl Entry {
     }
 }
 
+/// Sorts a long list on two threads (each half, then one merge pass); a
+/// short one in place. The full merge of a million domains spent a tenth
+/// of the load sorting their names.
+fn sort_on_two_threads<T: Ord + Copy + Send>(v: &mut Vec<T>) {
+    const PARALLEL_FROM: usize = 100_000;
+    if v.len() < PARALLEL_FROM {
+        v.sort_unstable();
+        return;
+    }
+    let mid = v.len() / 2;
+    let (left, right) = v.split_at_mut(mid);
+    std::thread::scope(|scope| {
+        scope.spawn(|| left.sort_unstable());
+        right.sort_unstable();
+    });
+    let (left, right) = v.split_at(mid);
+    let mut out = Vec::with_capacity(v.len());
+    let (mut l, mut r) = (left.iter().peekable(), right.iter().peekable());
+    while let (Some(a), Some(b)) = (l.peek(), r.peek()) {
+        if a <= b {
+            out.push(**a);
+            l.next();
+        } else {
+            out.push(**b);
+            r.next();
+        }
+    }
+    out.extend(l.copied());
+    out.extend(r.copied());
+    *v = out;
+}
+
 /// The errors and warnings of every entry, in file order, when no name is
 /// defined twice (what [`merge`] reports then).
 fn collect_diagnostics<'a>(files: impl Iterator<Item = &'a [Entry]>, report: &mut Report) {
@@ -610,7 +642,7 @@ fn merge<'a>(
             .enumerate()
             .filter_map(|(i, e)| e.name().map(|(name, _)| (name, i))),
     );
-    named.sort_unstable();
+    sort_on_two_threads(&mut named);
     // Position of a duplicate → position of the definition that wins.
     let mut duplicate_of: HashMap<usize, usize> = HashMap::new();
     for pair in named.windows(2) {
@@ -737,6 +769,20 @@ fn duration(v: &toml::Value) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use crate::policy::{MAX_AGE_LIMIT, Mode, MxPattern};
+
+    #[test]
+    fn two_thread_sort_equals_a_sort() {
+        let mut v: Vec<(u32, usize)> = (0..250_000usize)
+            .map(|i| (((i * 7919) % 100_003) as u32, i))
+            .collect();
+        let mut want = v.clone();
+        want.sort_unstable();
+        sort_on_two_threads(&mut v);
+        assert_eq!(v, want);
+        let mut short = vec![(3, 0), (1, 1), (2, 2)];
+        sort_on_two_threads(&mut short);
+        assert_eq!(short, [(1, 1), (2, 2), (3, 0)]);
+    }
 
     fn load(text: &str) -> Result<Config, ConfigErrors> {
         Config::from_source(Path::new("test.toml"), Path::new("."), text.to_owned())
