@@ -78,6 +78,18 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
         https,
         http,
     } = config(dir.path(), dns, &nameservers, "");
+    // A customer whose name is too long to keep every label below the
+    // zone: its TXT lives at the hashed name `records` prints.
+    let long_customer = format!(
+        "{}.{}.{}.{}.example",
+        "a".repeat(60),
+        "b".repeat(60),
+        "c".repeat(60),
+        "d".repeat(54)
+    );
+    let mut text = std::fs::read_to_string(&cfg).expect("config");
+    text.push_str(&format!("[[domain]]\nname = \"{long_customer}\"\n"));
+    std::fs::write(&cfg, text).expect("config");
     let serve = ServeProc::start(&cfg, https, http);
     common::wait_for("the DNS listener", || {
         common::dns_status(&common::kdig(dns, &["sts.provider.example", "SOA"])) == "NOERROR"
@@ -125,6 +137,22 @@ fn the_delegation_zone_is_answered_from_what_is_served() {
             answered[0]
         );
     }
+
+    let hashed = printed
+        .as_array()
+        .expect("records")
+        .iter()
+        .find(|r| r["domain"] == long_customer.as_str() && r["type"] == "TXT")
+        .expect("the long customer's TXT");
+    let hashed_name = hashed["name"].as_str().expect("name");
+    assert!(hashed_name.starts_with("h-"), "{hashed}");
+    let txt = common::kdig(dns, &[hashed_name, "TXT"]);
+    let id = common::policy_id(&common::served_body(http.port(), &long_customer).expect("served"));
+    assert_eq!(
+        records(&txt, "TXT"),
+        [format!("\"v=STSv1; id={id};\"")],
+        "{txt}"
+    );
 
     // Names that do not exist, and types a name does not have: the SOA
     // for negative caching.

@@ -34,15 +34,49 @@ const MAX_UDP: usize = 1232;
 /// A TCP client must send its query within this long.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The zone as of one snapshot generation.
+/// The zone as of one snapshot generation. Customers' TXT records are not
+/// stored: a query is answered from the snapshot itself (a million
+/// customers cost no memory here).
 struct Zone {
     generation: u64,
     apex: Name,
     soa: Rr,
     ns: Vec<Rr>,
-    /// Owner (lowercase) → records, and the policy host whose certificate
-    /// gates a customer's TXT.
-    names: HashMap<Name, (Vec<Rr>, Option<Box<str>>)>,
+    /// The snapshot the zone is of.
+    snapshot: Arc<crate::snapshot::Snapshot>,
+    /// Owner (lowercase) → the records the config defines inside the zone
+    /// (the policy host's addresses).
+    extra: HashMap<Name, Vec<Rr>>,
+    /// `h-<hash>` owner → customer, for the few names too long to keep
+    /// every label (see [`crate::dns::delegated_name`]).
+    hashed: HashMap<Name, crate::policy::DomainName>,
+}
+
+impl Zone {
+    /// The customer TXT at `qname` (lowercase, inside the zone), if a
+    /// served customer owns that name, and the policy host it is gated by.
+    fn customer(&self, qname: &Name, delegation: &Delegation) -> Option<(Rr, String)> {
+        let site = match self.hashed.get(qname) {
+            Some(domain) => self.snapshot.lookup(&domain.policy_host())?,
+            None => {
+                let text = qname.to_ascii();
+                let head = domain_of_query(&text, &delegation.zone)?;
+                self.snapshot.lookup(&format!("mta-sts.{head}"))?
+            }
+        };
+        let record = crate::dns::provider_records(site, delegation)
+            .into_iter()
+            .next()?;
+        // The name must be the one this customer's CNAME points at (a long
+        // name is only ever answered in its hashed form).
+        let owner = Name::from_ascii(&record.name).ok()?.to_lowercase();
+        if owner != *qname {
+            return None;
+        }
+        let text = record.value.trim_matches('"').to_owned();
+        let rr = Rr::from_rdata(owner, record.ttl, RData::TXT(TXT::new(vec![text])));
+        Some((rr, site.host()))
+    }
 }
 
 /// Builds the zone of the server's current snapshot.
@@ -70,18 +104,16 @@ fn build(server: &Server, delegation: &Delegation, serial: u32) -> Result<Zone, 
         ));
     }
     let snapshot = server.snapshot();
-    let mut names: HashMap<Name, (Vec<Rr>, Option<Box<str>>)> = HashMap::new();
+    // Only names too long for `<customer>.<zone>` need a table.
+    let mut hashed = HashMap::new();
+    let room = 253usize.saturating_sub(delegation.zone.as_str().len() + 1);
     for site in snapshot.sites() {
-        for r in crate::dns::provider_records(site, delegation) {
-            let owner = name(&r.name)?;
-            let text = r.value.trim_matches('"').to_owned();
-            let rr = Rr::from_rdata(owner.clone(), r.ttl, RData::TXT(TXT::new(vec![text])));
-            let entry = names
-                .entry(owner)
-                .or_insert_with(|| (Vec::new(), Some(site.host().into_boxed_str())));
-            entry.0.push(rr);
+        if site.domain.name.as_str().len() > room {
+            let owner = crate::dns::delegated_name(&site.domain.name, &delegation.zone);
+            hashed.insert(name(&owner)?, site.domain.name.clone());
         }
     }
+    let mut extra: HashMap<Name, Vec<Rr>> = HashMap::new();
     for r in crate::dns::policy_host_records(delegation) {
         let owner = name(&r.name)?;
         if !apex.zone_of(&owner) {
@@ -94,10 +126,9 @@ fn build(server: &Server, delegation: &Delegation, serial: u32) -> Result<Zone, 
             _ => None,
         };
         if let Some(rdata) = rdata {
-            names
+            extra
                 .entry(owner.clone())
-                .or_insert_with(|| (Vec::new(), None))
-                .0
+                .or_default()
                 .push(Rr::from_rdata(owner, r.ttl, rdata));
         }
     }
@@ -106,7 +137,9 @@ fn build(server: &Server, delegation: &Delegation, serial: u32) -> Result<Zone, 
         apex,
         soa,
         ns,
-        names,
+        snapshot,
+        extra,
+        hashed,
     })
 }
 
@@ -317,10 +350,13 @@ impl Answerer {
             }
         } else {
             // A customer's TXT exists once its policy host can be served.
-            let found = zone.names.get(&qname).filter(|(_, gate)| {
-                gate.as_deref()
-                    .is_none_or(|host| self.server.has_certificate(host))
-            });
+            let found: Option<Vec<Rr>> = match zone.extra.get(&qname) {
+                Some(records) => Some(records.clone()),
+                None => zone
+                    .customer(&qname, &self.delegation)
+                    .filter(|(_, host)| self.server.has_certificate(host))
+                    .map(|(rr, _)| vec![rr]),
+            };
             match found {
                 None => {
                     resp.metadata.response_code = ResponseCode::NXDomain;
@@ -331,11 +367,10 @@ impl Answerer {
                             .first_contact(&domain, crate::server::FirstContact::Dns);
                     }
                 }
-                Some((records, _)) => {
+                Some(records) => {
                     let matching: Vec<Rr> = records
-                        .iter()
+                        .into_iter()
                         .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
-                        .cloned()
                         .collect();
                     if matching.is_empty() {
                         resp.add_authority(zone.soa.clone());
@@ -560,15 +595,25 @@ impl Answerer {
         head.metadata.authoritative = true;
         let mut all = vec![zone.soa.clone()];
         all.extend(zone.ns.iter().cloned());
-        let mut owners: Vec<&Name> = zone.names.keys().collect();
+        let mut owners: Vec<&Name> = zone.extra.keys().collect();
         owners.sort();
         for owner in owners {
-            if let Some((records, gate)) = zone.names.get(owner)
-                && gate
-                    .as_deref()
-                    .is_none_or(|host| self.server.has_certificate(host))
-            {
-                all.extend(records.iter().cloned());
+            all.extend(zone.extra.get(owner).into_iter().flatten().cloned());
+        }
+        for site in zone.snapshot.sites() {
+            let host = site.host();
+            if !self.server.has_certificate(&host) {
+                continue;
+            }
+            for r in crate::dns::provider_records(site, &self.delegation) {
+                if let Ok(owner) = Name::from_ascii(&r.name) {
+                    let text = r.value.trim_matches('"').to_owned();
+                    all.push(Rr::from_rdata(
+                        owner.to_lowercase(),
+                        r.ttl,
+                        RData::TXT(TXT::new(vec![text])),
+                    ));
+                }
             }
         }
         all.push(zone.soa.clone());
