@@ -318,6 +318,37 @@ pub fn txt_strings(value: &str) -> Vec<&[u8]> {
     bytes.chunks(255).collect()
 }
 
+/// TSIG fudge (RFC 8945 §5.2.3): how far the clocks of the two sides may
+/// differ, in seconds; RFC 8945 recommends 300.
+pub const TSIG_FUDGE: u16 = 300;
+
+/// A TSIG signer (and verifier) for a configured key (`[dns.update]`,
+/// `[delegation.transfer_tsig]`); the error says which part is wrong.
+pub fn tsig_signer(
+    key_name: &str,
+    algorithm: crate::config::TsigAlgorithm,
+    secret: &crate::config::TsigSecret,
+) -> Result<hickory_proto::rr::TSigner, String> {
+    use crate::config::TsigAlgorithm as Config;
+    use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
+    let name = hickory_proto::rr::Name::from_ascii(key_name)
+        .map_err(|e| format!("key name {key_name:?}: {e}"))?;
+    let algorithm = match algorithm {
+        Config::HmacSha256 => TsigAlgorithm::HmacSha256,
+        Config::HmacSha384 => TsigAlgorithm::HmacSha384,
+        Config::HmacSha512 => TsigAlgorithm::HmacSha512,
+    };
+    hickory_proto::rr::TSigner::new(secret.bytes().to_vec(), algorithm, name, TSIG_FUDGE)
+        .map_err(|e| format!("TSIG key: {e}"))
+}
+
+/// Now in Unix seconds, as TSIG timestamps count.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

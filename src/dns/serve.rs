@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record as Rr, RecordType, TSigResponseContext, TSigner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -154,7 +153,10 @@ pub async fn spawn(
     let bound = udp.local_addr()?;
     let tcp = TcpListener::bind(bound).await?;
     let transfer_signer = match &delegation.transfer_tsig {
-        Some(key) => Some(signer(key).map_err(std::io::Error::other)?),
+        Some(key) => Some(
+            super::tsig_signer(&key.key_name, key.algorithm, &key.secret)
+                .map_err(std::io::Error::other)?,
+        ),
         None => None,
     };
     let answerer = Arc::new(Answerer {
@@ -405,25 +407,7 @@ pub fn domain_of_query(qname: &str, zone: &crate::policy::DomainName) -> Option<
     Some(head.to_owned())
 }
 
-/// How far a signed request's clock may be off (RFC 8945 recommends 300 s).
-const FUDGE: u16 = 300;
-
-fn signer(key: &crate::config::TsigKey) -> Result<TSigner, String> {
-    let name = Name::from_ascii(&key.key_name).map_err(|e| format!("TSIG key name: {e}"))?;
-    let algorithm = match key.algorithm {
-        crate::config::TsigAlgorithm::HmacSha256 => TsigAlgorithm::HmacSha256,
-        crate::config::TsigAlgorithm::HmacSha384 => TsigAlgorithm::HmacSha384,
-        crate::config::TsigAlgorithm::HmacSha512 => TsigAlgorithm::HmacSha512,
-    };
-    TSigner::new(key.secret.bytes().to_vec(), algorithm, name, FUDGE)
-        .map_err(|e| format!("TSIG key: {e}"))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use super::{TSIG_FUDGE as FUDGE, unix_now};
 
 /// A request that may not transfer: the answer's code, its TSIG (unsigned
 /// for BADKEY and BADSIG, signed for BADTIME) and why, for the log.

@@ -12,10 +12,10 @@
 //! building is pure; [`Transport`] does the I/O.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::tsig::{TsigAlgorithm, TsigError};
+use hickory_proto::rr::rdata::tsig::TsigError;
 use hickory_proto::rr::{Name, RData, Record as Rr, RecordType, TSigner};
 
 mod message;
@@ -26,10 +26,10 @@ use message::{by_domain, change_names, check_owned, matches, show};
 pub use transport::Transport;
 
 use super::{Record, Side};
-use crate::config::{self, Config, DnsUpdate};
+use crate::config::{Config, DnsUpdate};
 
 /// TSIG fudge (RFC 8945 §5.2.3): allowed clock difference, in seconds.
-const FUDGE: u16 = 300;
+use super::{TSIG_FUDGE as FUDGE, unix_now};
 
 /// How often one domain is re-read and re-sent when its prerequisites fail
 /// because someone else changed the records in between.
@@ -199,20 +199,6 @@ impl PushReport {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn algorithm(a: config::TsigAlgorithm) -> TsigAlgorithm {
-    match a {
-        config::TsigAlgorithm::HmacSha256 => TsigAlgorithm::HmacSha256,
-        config::TsigAlgorithm::HmacSha384 => TsigAlgorithm::HmacSha384,
-        config::TsigAlgorithm::HmacSha512 => TsigAlgorithm::HmacSha512,
-    }
-}
-
 /// Pushes records to the `[dns.update]` server.
 pub struct Pusher {
     cfg: DnsUpdate,
@@ -226,15 +212,8 @@ impl Pusher {
     pub fn new(cfg: &DnsUpdate, dry_run: bool) -> Result<Self, PushError> {
         let zone = Name::from_ascii(format!("{}.", cfg.zone))
             .map_err(|e| PushError::Proto(format!("zone {}: {e}", cfg.zone)))?;
-        let key_name = Name::from_ascii(&cfg.key_name)
-            .map_err(|e| PushError::Proto(format!("key name {:?}: {e}", cfg.key_name)))?;
-        let signer = TSigner::new(
-            cfg.secret.bytes().to_vec(),
-            algorithm(cfg.algorithm),
-            key_name,
-            FUDGE,
-        )
-        .map_err(|e| PushError::Proto(format!("TSIG key: {e}")))?;
+        let signer = super::tsig_signer(&cfg.key_name, cfg.algorithm, &cfg.secret)
+            .map_err(PushError::Proto)?;
         Ok(Self {
             transport: Transport::new(cfg.server, cfg.timeout, cfg.retries),
             cfg: cfg.clone(),
@@ -630,6 +609,7 @@ mod tests {
     use super::*;
     use hickory_proto::op::UpdateMessage;
     use hickory_proto::rr::DNSClass;
+    use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
     use hickory_proto::rr::rdata::{A, TXT};
 
     fn rec(name: &str, rtype: &'static str, value: &str) -> Record {
