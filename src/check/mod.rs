@@ -561,18 +561,7 @@ fn enforce_like(options: &Options, report: &DomainReport) -> bool {
 /// The TXT strings of an answer, each record's strings joined (RFC 7208
 /// §3.3 style, as senders read them).
 fn txt_strings(records: &[RData]) -> Vec<String> {
-    records
-        .iter()
-        .filter_map(|r| match r {
-            RData::TXT(t) => Some(
-                t.txt_data
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+    records.iter().filter_map(crate::dns::txt_text).collect()
 }
 
 /// What a sender makes of the HTTP answer (RFC 8461 §3.3): 200, no

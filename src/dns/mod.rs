@@ -342,6 +342,20 @@ pub fn tsig_signer(
         .map_err(|e| format!("TSIG key: {e}"))
 }
 
+/// A TXT record's strings as one text (RFC 8461 §3.1 and RFC 7208 §3.3:
+/// the strings are concatenated); `None` for other records.
+pub fn txt_text(data: &hickory_proto::rr::RData) -> Option<String> {
+    match data {
+        hickory_proto::rr::RData::TXT(t) => Some(
+            t.txt_data
+                .iter()
+                .map(|s| String::from_utf8_lossy(s))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 /// Now in Unix seconds, as TSIG timestamps count.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

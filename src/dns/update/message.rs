@@ -10,7 +10,7 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record as Rr, RecordType};
 
 use super::{PushError, Rrset};
-use crate::dns::Record;
+use crate::dns::{Record, txt_text};
 
 pub(super) fn record_error(r: &Record, detail: impl std::fmt::Display) -> PushError {
     PushError::Record {
@@ -206,19 +206,6 @@ pub(super) fn change_names(changes: &[Change<'_>]) -> Vec<String> {
         .iter()
         .map(|c| format!("{} {}", c.want.name.to_ascii(), c.want.rtype))
         .collect()
-}
-
-/// TXT data as one string (RFC 8461 §3.1: the strings are concatenated).
-pub(super) fn txt_text(data: &RData) -> Option<String> {
-    match data {
-        RData::TXT(t) => Some(
-            t.txt_data
-                .iter()
-                .map(|s| String::from_utf8_lossy(s))
-                .collect(),
-        ),
-        _ => None,
-    }
 }
 
 pub(super) fn show(data: &RData) -> String {

@@ -605,8 +605,8 @@ pub fn default_side(config: &Config) -> Side {
 
 #[cfg(test)]
 mod tests {
-    use super::message::txt_text;
     use super::*;
+    use crate::dns::txt_text;
     use hickory_proto::op::UpdateMessage;
     use hickory_proto::rr::DNSClass;
     use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
