@@ -278,7 +278,9 @@ impl Server {
         // stored: only the hosts that went leave the index and its cache.
         // In ACME mode the manager says which hosts have a certificate.
         if self.acme.is_none() {
-            self.certs.change_lazy_hosts(&delta.removed, delta.added);
+            for host in &delta.removed {
+                self.certs.remove(host);
+            }
         }
         if let Some(acme) = &self.acme {
             acme.sites.send_replace(snapshot);

@@ -154,8 +154,6 @@ impl Hash for ByHost {
 /// What a new snapshot changed against the one it was built from.
 #[derive(Debug, Default)]
 pub struct Delta {
-    /// Hosts served now and not before.
-    pub added: Vec<Box<str>>,
     /// Hosts served before and not now.
     pub removed: Vec<Box<str>>,
     /// Sites added, replaced or removed.
@@ -214,7 +212,6 @@ impl Snapshot {
                     }
                     None => {
                         let site = Arc::new(Site::with(Arc::clone(d), &mut renderings));
-                        delta.added.push(site.host().into_boxed_str());
                         replaced.push(Arc::clone(&site));
                         site
                     }

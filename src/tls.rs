@@ -4,7 +4,7 @@
 //! `tls.mode = "self-signed"` that issues one certificate per
 //! `mta-sts.<domain>` and keeps it in `state_dir` across restarts.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -202,8 +202,8 @@ impl CertIndex {
 
     /// Serves, through the loader, every host `is_served` accepts (the
     /// current snapshot's, in self-signed mode) without keeping an entry
-    /// per host. Set once; [`CertIndex::change_lazy_hosts`] then only drops
-    /// the hosts that went.
+    /// per host. Set once; hosts that went are dropped with
+    /// [`CertIndex::remove`].
     pub fn serve_lazily(&self, is_served: impl Fn(&str) -> bool + Send + Sync + 'static) {
         let _ = self.lazy.set(Box::new(is_served));
     }
@@ -386,48 +386,6 @@ impl CertIndex {
     pub fn remove(&self, host: &str) {
         self.write().remove(host);
         self.cache.remove(host);
-    }
-
-    /// Sets the hosts served through the loader (self-signed mode: every
-    /// configured host); hosts no longer served leave the cache. Costs the
-    /// size of the change under the write lock, not the size of the set.
-    pub fn set_lazy_hosts(&self, hosts: HashSet<Box<str>>) {
-        let (gone, new): (Vec<Box<str>>, Vec<Box<str>>) = {
-            let map = self.read();
-            let gone = map
-                .keys()
-                .filter(|h| !hosts.contains(*h))
-                .cloned()
-                .collect();
-            let new = hosts.into_iter().filter(|h| !map.contains_key(h)).collect();
-            (gone, new)
-        };
-        self.change_lazy_hosts(&gone, new);
-    }
-
-    /// Stops serving `gone` and serves `new` through the loader: the
-    /// change alone, known to the caller (a snapshot's delta).
-    pub fn change_lazy_hosts(&self, gone: &[Box<str>], new: Vec<Box<str>>) {
-        // With `serve_lazily`, new hosts need no entry.
-        let new = if self.lazy.get().is_some() {
-            Vec::new()
-        } else {
-            new
-        };
-        if !new.is_empty() || !gone.is_empty() {
-            let mut map = self.write();
-            for host in gone {
-                map.remove(host);
-            }
-            for host in new {
-                let version = self.next_version();
-                map.entry(host)
-                    .or_insert_with(|| Served::new(version, UNBOUNDED));
-            }
-        }
-        for host in gone {
-            self.cache.remove(&**host);
-        }
     }
 }
 
@@ -931,18 +889,6 @@ mod tests {
         assert_eq!(loader.loads.load(Ordering::Relaxed), 1);
     }
 
-    #[test]
-    fn set_lazy_hosts_applies_the_difference() {
-        let index = CertIndex::lazy(Arc::new(MapLoader::default()), 10);
-        let set = |names: &[&str]| names.iter().map(|n| Box::<str>::from(*n)).collect();
-        index.set_lazy_hosts(set(&["a", "b"]));
-        assert!(index.contains("a") && index.contains("b"));
-        index.set_lazy_hosts(set(&["b", "c"]));
-        assert!(!index.contains("a"));
-        assert!(index.contains("b") && index.contains("c"));
-        assert_eq!(index.len(), 2);
-    }
-
     /// With `serve_lazily`, hosts are served as the predicate says, with no
     /// entry until a certificate is loaded; a host that goes is dropped
     /// from the entries and the cache.
@@ -954,7 +900,7 @@ mod tests {
         for h in ["mta-sts.a.example", "mta-sts.b.example"] {
             loader.put(h, leaf_until(&ca, h, 30));
         }
-        let served = Arc::new(std::sync::Mutex::new(HashSet::from([
+        let served = Arc::new(std::sync::Mutex::new(std::collections::HashSet::from([
             "mta-sts.a.example".to_owned(),
             "mta-sts.b.example".to_owned(),
         ])));
@@ -970,7 +916,7 @@ mod tests {
         assert!(index.obtain("mta-sts.c.example").await.is_none());
         // a.example goes: no entry, not served, not in the cache.
         served.lock().expect("lock").remove("mta-sts.a.example");
-        index.change_lazy_hosts(&["mta-sts.a.example".into()], Vec::new());
+        index.remove("mta-sts.a.example");
         assert_eq!(index.len(), 0);
         assert!(!index.contains("mta-sts.a.example"));
         assert!(index.obtain("mta-sts.a.example").await.is_none());
