@@ -16,29 +16,17 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from common import free_port, rss_mb, write_domain_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MTASTS = os.path.join(ROOT, "target/release/mtasts")
 ZONE = "sts.provider.example"
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_config(work, n, dns_port):
@@ -63,11 +51,7 @@ mode = "enforce"
 max_age = "1w"
 mx = ["mx1.provider.example", "*.mx.provider.example"]
 """)
-    per = 1000
-    for j in range((n + per - 1) // per):
-        with open(os.path.join(dd, f"part{j:04}.toml"), "w") as f:
-            f.write("".join(f'[[domain]]\nname = "c{i}.bench.test"\n'
-                            for i in range(j * per, min(n, (j + 1) * per))))
+    write_domain_files(dd, n, "c")
     return https, http
 
 

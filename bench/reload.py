@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from common import rss_mb
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MTASTS = os.path.join(ROOT, "target/release/mtasts")
 SUFFIX = ".bench.test"
@@ -139,13 +141,6 @@ def wait_for(pred, what, limit=60.0, pause=0.002):
         time.sleep(pause)
     raise SystemExit(f"timed out waiting for {what}")
 
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def metrics(admin):

@@ -31,16 +31,12 @@ import sys
 import tempfile
 import time
 
+from common import free_port, rss_mb, write_domain_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MTASTS = os.path.join(ROOT, "target/release/mtasts")
 TOKEN = "bench-token-0123456789abcdef"
 POLICY_PATH = "/.well-known/mta-sts.txt"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg_bin():
@@ -114,11 +110,7 @@ mode = "enforce"
 max_age = "1w"
 mx = ["mx1.provider.example", "*.mx.provider.example"]
 """)
-    per = 1000
-    for j in range((n + per - 1) // per):
-        with open(os.path.join(dd, f"part{j:04}.toml"), "w") as f:
-            f.write("".join(f'[[domain]]\nname = "d{i}.bench.test"\n'
-                            for i in range(j * per, min(n, (j + 1) * per))))
+    write_domain_files(dd, n, "d")
     return {"dir": d, "https": https, "http": http, "admin": admin}
 
 
@@ -158,13 +150,6 @@ def wait_for(pred, what, limit=120.0, pause=0.001):
         time.sleep(pause)
     raise SystemExit(f"timed out waiting for {what}")
 
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main():

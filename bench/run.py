@@ -44,17 +44,13 @@ import sys
 import tempfile
 import time
 
+from common import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MTASTS = os.path.join(ROOT, "target/release/mtasts")
 LOADGEN = os.path.join(ROOT, "target/release/examples/loadgen")
 SUFFIX = ".bench.test"
 POLICY_PATH = "/.well-known/mta-sts.txt"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def host(i):
