@@ -383,41 +383,21 @@ impl Loader {
         // files is a full load too.)
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let results = if threads > 1 && work.len() >= 2 * threads {
-            let chunk = work.len().div_ceil(threads);
-            let mut chunks = Vec::new();
-            while work.len() > chunk {
-                let rest = work.split_off(chunk);
-                chunks.push(std::mem::replace(&mut work, rest));
-            }
-            chunks.push(work);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = chunks
-                    .into_iter()
-                    .map(|chunk| {
-                        scope.spawn(move || {
-                            let mut own = CertReader::new(now);
-                            let done = refresh_all(chunk, &mut own);
-                            (done, own)
-                        })
-                    })
-                    .collect();
-                let mut results = Vec::new();
-                for h in handles {
-                    match h.join() {
-                        Ok((done, own)) => {
-                            results.extend(done);
-                            for (path, state) in own.read {
-                                certs.read.entry(path).or_insert(state);
-                            }
-                            for (path, found) in own.globs {
-                                certs.globs.entry(path).or_insert(found);
-                            }
-                        }
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    }
+            let mut results = Vec::new();
+            for (done, own) in on_threads(work, threads, |chunk| {
+                let mut own = CertReader::new(now);
+                let done = refresh_all(chunk, &mut own);
+                (done, own)
+            }) {
+                results.extend(done);
+                for (path, state) in own.read {
+                    certs.read.entry(path).or_insert(state);
                 }
-                results
-            })
+                for (path, found) in own.globs {
+                    certs.globs.entry(path).or_insert(found);
+                }
+            }
+            results
         } else {
             refresh_all(work, &mut certs)
         };
@@ -655,33 +635,43 @@ fn list_dir(dir: &Path) -> Result<Vec<(OsString, Stamp)>, String> {
     // few µs each): spread it over the cores.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut files = if threads > 1 && entries.len() >= 4096 {
-        let mut entries = entries;
-        let chunk = entries.len().div_ceil(threads);
-        let mut chunks = Vec::new();
-        while entries.len() > chunk {
-            let rest = entries.split_off(chunk);
-            chunks.push(std::mem::replace(&mut entries, rest));
-        }
-        chunks.push(entries);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|c| scope.spawn(move || stat(c)))
-                .collect();
-            let mut files = Vec::new();
-            for h in handles {
-                match h.join() {
-                    Ok(part) => files.extend(part),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            files
-        })
+        on_threads(entries, threads, stat).concat()
     } else {
         stat(entries)
     };
     files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
+}
+
+/// `f` over `work` cut into `threads` contiguous chunks, one scoped thread
+/// each; the results in chunk order (so in `work`'s order). A panic in a
+/// chunk is resumed here.
+pub(super) fn on_threads<W: Send, R: Send>(
+    mut work: Vec<W>,
+    threads: usize,
+    f: impl Fn(Vec<W>) -> R + Sync,
+) -> Vec<R> {
+    let chunk = work.len().div_ceil(threads.max(1)).max(1);
+    let mut chunks = Vec::new();
+    while work.len() > chunk {
+        let rest = work.split_off(chunk);
+        chunks.push(std::mem::replace(&mut work, rest));
+    }
+    chunks.push(work);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|c| scope.spawn(move || f(c)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 /// The names of a file's valid entries.
