@@ -20,6 +20,7 @@ mod dns;
 mod domain;
 mod loader;
 mod on_demand;
+mod scan;
 mod server;
 mod store;
 mod tlsrpt;
@@ -29,6 +30,7 @@ use domain::{Layer, domain_config, domain_name, validate_defaults};
 use loader::CertReader;
 pub use loader::Loader;
 pub use on_demand::{DenyPattern, OnDemand};
+pub use scan::{Scan, scan};
 pub use server::{
     ADMIN_MAX_CONNECTIONS, AcmeConfig, AdminConfig, ChallengeKind, Eab, KeyType, LETS_ENCRYPT,
     LETS_ENCRYPT_STAGING, Limits, ServerConfig, TlsConfig, TlsMode,

@@ -48,13 +48,14 @@ impl Rendered {
 /// is rendered once while any site serves it. Entries whose rendering is
 /// gone are dropped when the table has doubled since the last sweep.
 #[derive(Debug, Default)]
-struct Renderings {
+pub struct Renderings {
     by_policy: HashMap<Policy, Weak<Rendered>>,
     sweep_at: usize,
 }
 
 impl Renderings {
-    fn get(&mut self, policy: &Policy) -> Arc<Rendered> {
+    /// `policy` rendered: the rendering already made, when one is alive.
+    pub fn get(&mut self, policy: &Policy) -> Arc<Rendered> {
         if let Some(r) = self.by_policy.get(policy).and_then(Weak::upgrade) {
             return r;
         }

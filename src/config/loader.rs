@@ -45,7 +45,7 @@ const RACY: Duration = Duration::from_secs(2);
 
 /// What `stat` says about a file, enough to notice a rewrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub(super) struct Stamp {
     len: u64,
     mtime: Option<SystemTime>,
     ino: u64,
@@ -141,7 +141,7 @@ pub(super) struct CertReader {
 }
 
 impl CertReader {
-    fn new(now: time::OffsetDateTime) -> CertReader {
+    pub(super) fn new(now: time::OffsetDateTime) -> CertReader {
         CertReader {
             now,
             read: HashMap::new(),
@@ -605,7 +605,7 @@ fn refresh(
 
 /// The `*.toml` files of `domains_dir` (symlinks followed), sorted by name,
 /// with their stamps. One `fstatat` per file, relative to the directory.
-fn list_dir(dir: &Path) -> Result<Vec<(OsString, Stamp)>, String> {
+pub(super) fn list_dir(dir: &Path) -> Result<Vec<(OsString, Stamp)>, String> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read domains_dir {}: {e}", dir.display()))?;
     let entries: Vec<(std::fs::DirEntry, OsString)> = entries

@@ -15,12 +15,14 @@ pub mod write;
 
 use std::fmt::Write as _;
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Delegation, HostRecord};
-use crate::policy::DomainName;
-use crate::snapshot::{Site, Snapshot};
+use crate::config::{Delegation, DomainConfig, HostRecord};
+use crate::policy::{DomainName, Policy, PolicyId};
+use crate::snapshot::{Rendered, Renderings, Site, Snapshot};
 
 /// One resource record, value unquoted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -89,27 +91,130 @@ pub enum RecordsError {
     NoDelegation,
 }
 
+/// What one domain's records are made of: a served [`Site`], or the
+/// [`Published`] part of a domain that `mtasts records` keeps while it
+/// reads a config file by file.
+pub trait Publish {
+    fn name(&self) -> &DomainName;
+    fn ttl(&self) -> u32;
+    fn host_record(&self) -> &HostRecord;
+    /// The `rua` of the `_smtp._tls` record; empty for none.
+    fn rua(&self) -> &[String];
+    fn id(&self) -> &PolicyId;
+}
+
+impl Publish for Site {
+    fn name(&self) -> &DomainName {
+        &self.domain.name
+    }
+    fn ttl(&self) -> u32 {
+        self.domain.ttl
+    }
+    fn host_record(&self) -> &HostRecord {
+        &self.domain.host
+    }
+    fn rua(&self) -> &[String] {
+        &self.domain.tlsrpt_rua
+    }
+    fn id(&self) -> &PolicyId {
+        &self.rendered.id
+    }
+}
+
+/// Of one domain, what its records need and nothing else: its name, and
+/// a part shared with the domains configured the same way (no origin, no
+/// mx list; the rendering is shared by every domain with the policy).
+/// 24 bytes and the name, made by a [`Publisher`].
+#[derive(Debug)]
+pub struct Published {
+    name: DomainName,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    ttl: u32,
+    host: HostRecord,
+    rua: Arc<[String]>,
+    rendered: Arc<Rendered>,
+}
+
+/// Makes [`Published`] values for one thread: a domain configured like
+/// the one before it (as a provider's domains mostly are) shares its part.
+#[derive(Debug, Default)]
+pub struct Publisher {
+    renderings: Renderings,
+    last: Option<(Policy, Arc<Shared>)>,
+}
+
+impl Publisher {
+    pub fn publish(&mut self, d: &DomainConfig) -> Published {
+        let shared = match &self.last {
+            Some((policy, shared))
+                if *policy == d.policy
+                    && shared.ttl == d.ttl
+                    && shared.host == d.host
+                    && shared.rua == d.tlsrpt_rua =>
+            {
+                Arc::clone(shared)
+            }
+            _ => {
+                let shared = Arc::new(Shared {
+                    ttl: d.ttl,
+                    host: d.host.clone(),
+                    rua: Arc::clone(&d.tlsrpt_rua),
+                    rendered: self.renderings.get(&d.policy),
+                });
+                self.last = Some((d.policy.clone(), Arc::clone(&shared)));
+                shared
+            }
+        };
+        Published {
+            name: d.name.clone(),
+            shared,
+        }
+    }
+}
+
+impl Publish for Published {
+    fn name(&self) -> &DomainName {
+        &self.name
+    }
+    fn ttl(&self) -> u32 {
+        self.shared.ttl
+    }
+    fn host_record(&self) -> &HostRecord {
+        &self.shared.host
+    }
+    fn rua(&self) -> &[String] {
+        &self.shared.rua
+    }
+    fn id(&self) -> &PolicyId {
+        &self.shared.rendered.id
+    }
+}
+
 /// The `_mta-sts` TXT text: `v=STSv1; id=<id>;` (RFC 8461 §3.1).
-fn sts_txt(site: &Site) -> String {
-    format!("v=STSv1; id={};", site.id)
+fn sts_txt(site: &(impl Publish + ?Sized)) -> String {
+    format!("v=STSv1; id={};", site.id())
 }
 
 /// All records of one site, published in its own zone.
-pub fn site_records(site: &Site) -> Vec<Record> {
-    let d = &site.domain;
-    let domain = d.name.as_str();
+pub fn site_records(site: &(impl Publish + ?Sized)) -> Vec<Record> {
+    let domain = site.name().as_str();
+    let ttl = site.ttl();
     let zone = format!("{domain}.");
     let rec = |name: String, rtype: &'static str, value: String| Record {
         domain: domain.to_owned(),
         name,
         rtype,
-        ttl: d.ttl,
+        ttl,
         value,
         zone: zone.clone(),
     };
     let mut out = vec![rec(format!("_mta-sts.{domain}."), "TXT", sts_txt(site))];
     let host = format!("mta-sts.{domain}.");
-    match &d.host {
+    match site.host_record() {
         HostRecord::Unset => {}
         HostRecord::Cname(target) => out.push(rec(host, "CNAME", format!("{target}."))),
         HostRecord::Addresses(addrs) => {
@@ -133,14 +238,14 @@ pub fn site_records(site: &Site) -> Vec<Record> {
     out
 }
 
-fn tlsrpt_record(site: &Site, zone: &str) -> Option<Record> {
-    let d = &site.domain;
-    (!d.tlsrpt_rua.is_empty()).then(|| Record {
-        domain: d.name.to_string(),
-        name: format!("_smtp._tls.{}.", d.name),
+fn tlsrpt_record(site: &(impl Publish + ?Sized), zone: &str) -> Option<Record> {
+    let rua = site.rua();
+    (!rua.is_empty()).then(|| Record {
+        domain: site.name().to_string(),
+        name: format!("_smtp._tls.{}.", site.name()),
         rtype: "TXT",
-        ttl: d.ttl,
-        value: format!("v=TLSRPTv1; rua={};", d.tlsrpt_rua.join(",")),
+        ttl: site.ttl(),
+        value: format!("v=TLSRPTv1; rua={};", rua.join(",")),
         zone: zone.to_owned(),
     })
 }
@@ -150,22 +255,22 @@ fn tlsrpt_record(site: &Site, zone: &str) -> Option<Record> {
 /// the CNAME at `_mta-sts` (RFC 8461 §3.1) and still connect to
 /// `mta-sts.<domain>` with that name as SNI, so the certificate stays the
 /// customer's name.
-pub fn customer_records(site: &Site, delegation: &Delegation) -> Vec<Record> {
-    let d = &site.domain;
-    let domain = d.name.as_str();
+pub fn customer_records(site: &(impl Publish + ?Sized), delegation: &Delegation) -> Vec<Record> {
+    let domain = site.name().as_str();
+    let ttl = site.ttl();
     let zone = format!("{domain}.");
     let cname = |name: String, value: String| Record {
         domain: domain.to_owned(),
         name,
         rtype: "CNAME",
-        ttl: d.ttl,
+        ttl,
         value,
         zone: zone.clone(),
     };
     let mut out = vec![
         cname(
             format!("_mta-sts.{domain}."),
-            delegated_name(&d.name, &delegation.zone),
+            delegated_name(site.name(), &delegation.zone),
         ),
         cname(
             format!("mta-sts.{domain}."),
@@ -180,12 +285,12 @@ pub fn customer_records(site: &Site, delegation: &Delegation) -> Vec<Record> {
 
 /// Delegated hosting, provider side for one customer: the TXT with the
 /// current id at [`delegated_name`] in the delegation zone.
-pub fn provider_records(site: &Site, delegation: &Delegation) -> Vec<Record> {
+pub fn provider_records(site: &(impl Publish + ?Sized), delegation: &Delegation) -> Vec<Record> {
     vec![Record {
-        domain: site.domain.name.to_string(),
-        name: delegated_name(&site.domain.name, &delegation.zone),
+        domain: site.name().to_string(),
+        name: delegated_name(site.name(), &delegation.zone),
         rtype: "TXT",
-        ttl: site.domain.ttl,
+        ttl: site.ttl(),
         value: sts_txt(site),
         zone: format!("{}.", delegation.zone),
     }]
@@ -267,13 +372,24 @@ pub fn each_record<'a>(
     let sites = snapshot
         .sites()
         .iter()
+        .map(|s| &**s)
         .filter(move |s| wanted.is_empty() || wanted.contains(&s.domain.name));
+    records_of(sites, side, delegation)
+}
+
+/// The records of `sites` (in zone order: the order of their names), for
+/// `side`.
+pub fn records_of<'a, P: Publish + 'a>(
+    sites: impl Iterator<Item = &'a P> + 'a,
+    side: Side,
+    delegation: Option<&'a Delegation>,
+) -> Result<impl Iterator<Item = Record> + 'a, RecordsError> {
     let head: Vec<Record> = match (side, delegation) {
         (Side::Provider, Some(del)) => policy_host_records(del),
         (Side::Full, _) | (Side::Customer, Some(_)) => Vec::new(),
         (Side::Customer | Side::Provider, None) => return Err(RecordsError::NoDelegation),
     };
-    let per_site = move |s: &'a std::sync::Arc<Site>| match (side, delegation) {
+    let per_site = move |s: &'a P| match (side, delegation) {
         (Side::Customer, Some(del)) => customer_records(s, del),
         (Side::Provider, Some(del)) => provider_records(s, del),
         _ => site_records(s),

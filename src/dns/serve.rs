@@ -63,7 +63,7 @@ impl Zone {
                 self.snapshot.lookup(&format!("mta-sts.{head}"))?
             }
         };
-        let record = crate::dns::provider_records(site, delegation)
+        let record = crate::dns::provider_records(&**site, delegation)
             .into_iter()
             .next()?;
         // The name must be the one this customer's CNAME points at (a long
@@ -589,7 +589,7 @@ impl Answerer {
             if !self.server.has_certificate(&host) {
                 continue;
             }
-            for r in crate::dns::provider_records(site, &self.delegation) {
+            for r in crate::dns::provider_records(&**site, &self.delegation) {
                 if let Ok(owner) = Name::from_ascii(&r.name) {
                     let text = r.value.trim_matches('"').to_owned();
                     all.push(Rr::from_rdata(
