@@ -133,8 +133,10 @@ pub struct Config {
     /// The admin API listener; `None` (the default) keeps it off.
     pub admin: Option<AdminConfig>,
     /// Sorted by domain name; names are unique. Shared with the snapshot
-    /// (no copy of 100,000 domain configs per reload).
-    pub domains: Vec<Arc<DomainConfig>>,
+    /// (no copy of 100,000 domain configs per reload), and a persistent
+    /// vector: a reload that changes a few domains shares the rest of the
+    /// list with the previous config.
+    pub domains: Domains,
     /// Non-fatal findings (e.g. a short `max_age`, skipped certificate names).
     pub warnings: Vec<Diagnostic>,
     /// `[delegation]`: customers CNAME to the provider (docs/DNS.md).
@@ -152,6 +154,9 @@ pub struct Config {
     /// means none does, so the certificate watch has nothing to do.
     pub mx_certs_used: bool,
 }
+
+/// The domains of a [`Config`], sorted by name.
+pub type Domains = imbl::Vector<Arc<DomainConfig>>;
 
 /// Where a domain's `mx` list came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -631,7 +636,7 @@ fn merge<'a>(
     files: impl Iterator<Item = &'a [Entry]>,
     count: usize,
     report: &mut Report,
-) -> Vec<Arc<DomainConfig>> {
+) -> Domains {
     let entries: Vec<&Entry> = files.flat_map(|f| f.iter()).collect();
     // Names with their position in file order, sorted by name then
     // position: the first of a run of equal names is the definition that

@@ -50,8 +50,15 @@ pub async fn hold_shrinks(
     // Unchanged domains (the same `Arc`, the common case of a reload)
     // cannot shrink: both lists are in name order, so one walk compares
     // pointers, and names only where the lists differ.
+    if !new.mx_certs_used {
+        // Only mx lists taken from certificates are held.
+        return held;
+    }
+    // Replaced after the walk, by position (the list is persistent: a
+    // mutable walk would copy all of it).
+    let mut replace: Vec<(usize, Arc<DomainConfig>)> = Vec::new();
     let mut old_walk = applied.domains.iter().peekable();
-    for slot in new.domains.iter_mut() {
+    for (at, slot) in new.domains.iter().enumerate() {
         if old_walk.next_if(|o| Arc::ptr_eq(o, slot)).is_some() {
             continue;
         }
@@ -104,11 +111,15 @@ pub async fn hold_shrinks(
             reason,
         });
         // Held as it was: the same `Arc`, so nothing is swapped for it.
-        *slot = if domain == **old {
+        let domain = if domain == **old {
             Arc::clone(old)
         } else {
             Arc::new(domain)
         };
+        replace.push((at, domain));
+    }
+    for (at, domain) in replace {
+        new.domains.set(at, domain);
     }
     held
 }

@@ -345,7 +345,7 @@ fn print_banner(
         ));
     }
     if let (Some(site), crate::config::TlsMode::SelfSigned) =
-        (snapshot.sites().first(), cfg.tls.mode)
+        (snapshot.sites().front(), cfg.tls.mode)
     {
         out.push_str(&format!(
             "fetch a policy:\n  curl --cacert {} --resolve {host}:{port}:{connect_ip} https://{host}:{port}{path}\n",

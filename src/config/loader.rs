@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Config, ConfigErrors, Diagnostic, DomainConfig, Entry, Layer, MainParts, MxSource,
+    Config, ConfigErrors, Diagnostic, DomainConfig, Domains, Entry, Layer, MainParts, MxSource,
     RawDomainFile, collect_diagnostics, domain_source, merge, parse_main, read_limited, toml_error,
     validate_defaults, validate_entries,
 };
@@ -221,7 +221,7 @@ pub struct Loader {
     /// The last load's domains when every entry was valid and no name was
     /// defined twice: a load that changes a few files then applies its
     /// change to this list instead of merging every entry again.
-    merged: Option<Vec<Arc<DomainConfig>>>,
+    merged: Option<Domains>,
     /// Some domain of `merged` may use `mx_certs`.
     merged_mx_certs: bool,
 }
@@ -688,12 +688,12 @@ fn entry_names(entries: &[Entry]) -> impl Iterator<Item = DomainName> + '_ {
 /// invalid, a name is defined twice, or the change is large — so the full
 /// merge decides (and reports) instead.
 fn apply_change(
-    previous: Vec<Arc<DomainConfig>>,
+    previous: Domains,
     taken_out: &[DomainName],
     added: &[&Entry],
     count: usize,
     main_entries: usize,
-) -> Option<Vec<Arc<DomainConfig>>> {
+) -> Option<Domains> {
     // Past an eighth of the domains a full merge costs about the same.
     if main_entries > 0 || (taken_out.len() + added.len()) * 8 > previous.len().max(1) {
         return None;
@@ -711,7 +711,7 @@ fn apply_change(
     }
     let position = |name: &DomainName| previous.binary_search_by(|p| p.name.cmp(name));
     // Positions in `previous` that leave, and where each incoming domain
-    // goes: k binary searches, then one pass without comparing names.
+    // goes: k binary searches.
     let mut leaving: Vec<usize> = taken_out.iter().filter_map(|n| position(n).ok()).collect();
     leaving.sort_unstable();
     leaving.dedup();
@@ -724,18 +724,26 @@ fn apply_change(
             Err(i) => inserts.push((i, d)),
         }
     }
-    let mut out = Vec::with_capacity(count);
-    let mut leaving = leaving.into_iter().peekable();
-    let mut inserts = inserts.into_iter().peekable();
-    for (i, p) in previous.into_iter().enumerate() {
-        while let Some((_, d)) = inserts.next_if(|(at, _)| *at == i) {
-            out.push(Arc::clone(d));
+    // Applied from the last position to the first, so the positions still
+    // to apply stay where they were found. Each is O(log n) on the
+    // persistent vector: the list is shared, not copied.
+    let mut out = previous;
+    let mut leaving = leaving.into_iter().rev().peekable();
+    let mut inserts = inserts.into_iter().rev().peekable();
+    loop {
+        let next_leave = leaving.peek().copied();
+        let next_insert = inserts.peek().map(|(at, _)| *at);
+        let at = match (next_leave, next_insert) {
+            (None, None) => break,
+            (l, i) => l.max(i)?,
+        };
+        if leaving.next_if_eq(&at).is_some() {
+            out.remove(at);
         }
-        if leaving.next_if_eq(&i).is_none() {
-            out.push(p);
+        while let Some((_, d)) = inserts.next_if(|(i, _)| *i == at) {
+            out.insert(at, Arc::clone(d));
         }
     }
-    out.extend(inserts.map(|(_, d)| Arc::clone(d)));
     (out.len() == count).then_some(out)
 }
 

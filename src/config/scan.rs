@@ -15,7 +15,7 @@ use std::path::Path;
 
 use super::loader::{CertReader, list_dir, on_threads};
 use super::{
-    Config, ConfigErrors, Diagnostic, DomainConfig, Entry, Layer, MxSource, RawDomainFile,
+    Config, ConfigErrors, Diagnostic, DomainConfig, Domains, Entry, Layer, MxSource, RawDomainFile,
     domain_source, parse_main, read_limited, validate_defaults, validate_entries,
 };
 
@@ -54,7 +54,7 @@ where
             let mut config = Config::load(path)?;
             let mut keep = keeper();
             let domains = config.domains.iter().map(|d| keep(d)).collect();
-            config.domains = Vec::new();
+            config.domains = Domains::new();
             Ok(Scan { config, domains })
         }
     }
@@ -170,7 +170,7 @@ where
         tls: main.tls,
         domains_dir: main.domains_dir.map(|(d, _)| d),
         admin: main.admin,
-        domains: Vec::new(),
+        domains: Domains::new(),
         warnings,
         delegation: main.delegation,
         dns_update: main.dns_update,
