@@ -15,6 +15,10 @@ admin API on loopback:
   noop-admin     POST /v1/reload with nothing changed (s, one HTTP call)
   rss-10         resident memory after 10 reloads in a row, each changing
                  one domain (MB)
+  under-load     9 reloads (a domain changed, a file added, removed) while
+                 two load generators run (HTTP keep-alive, new HTTPS
+                 connections; names spread over all domains): requests and
+                 failed requests of each (needs the loadgen example built)
 
 Layouts: `per-file` (one file per domain, what the admin API writes) or
 `files:K` (the domains spread over K big files).
@@ -42,6 +46,7 @@ from common import rss_mb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MTASTS = os.path.join(ROOT, "target/release/mtasts")
+LOADGEN = os.path.join(ROOT, "target/release/examples/loadgen")
 SUFFIX = ".bench.test"
 POLICY_PATH = "/.well-known/mta-sts.txt"
 TOKEN = "bench-token-0123456789abcdef"
@@ -242,6 +247,51 @@ def main():
         for k, v in sorted((k, v) for k, v in final.items() if isinstance(k, tuple)):
             rows.append((f"reloads {k[0]}/{k[1]}", "", v))
         rows.append(("generation", "", final.get("generation", -1)))
+
+        # (e) Reloads under load: two load generators for the whole of 9
+        # reloads (a domain changed, a file added, that file removed), names
+        # spread over all domains: HTTP keep-alive and a new HTTPS
+        # connection per request. Every request must get its policy.
+        if not os.path.exists(LOADGEN):
+            sys.exit(f"{LOADGEN} is missing: cargo build --release --example loadgen")
+        ca = os.path.join(work, "state/ca/ca.pem")
+        secs = 12
+        loads = {
+            "http-ka": subprocess.Popen(
+                [LOADGEN, "--addr", f"127.0.0.1:{http}", "--domains", str(n),
+                 "--connections", "16", "--seconds", str(secs)],
+                stdout=subprocess.PIPE, text=True),
+            "https-new": subprocess.Popen(
+                [LOADGEN, "--addr", f"127.0.0.1:{https}", "--tls", "--ca", ca,
+                 "--domains", str(n), "--connections", "8", "--seconds", str(secs),
+                 "--new-conn"],
+                stdout=subprocess.PIPE, text=True),
+        }
+        time.sleep(1.0)
+        extra = os.path.join(dd, "under-load.toml")
+        done = 0
+        for r in range(9):
+            if r % 3 == 0:
+                mode = "testing" if r % 2 else "none"
+                change_one(work, n, args.layout, 200 + r, mode)
+                check = (lambda i, m: lambda: f"mode: {m}".encode() in policy(http, i)[1])(200 + r, mode)
+            elif r % 3 == 1:
+                with open(extra, "w") as f:
+                    f.write(entry(n + 5000 + r))
+                check = (lambda i: lambda: policy(http, i)[0] == 200)(n + 5000 + r)
+            else:
+                os.unlink(extra)
+                check = (lambda i: lambda: policy(http, i)[0] == 404)(n + 5000 + r - 1)
+            proc.send_signal(signal.SIGHUP)
+            wait_for(check, "reload under load")
+            done += 1
+            time.sleep(0.8)
+        rows.append(("under-load: reloads applied", "", done))
+        for what, p in loads.items():
+            out, _ = p.communicate(timeout=secs + 120)
+            m = re.search(r"requests=(\d+) .*errors=(\d+)", out)
+            rows.append((f"under-load: {what} requests", "", int(m.group(1)) if m else -1))
+            rows.append((f"under-load: {what} failed", "", int(m.group(2)) if m else -1))
     finally:
         if proc:
             proc.send_signal(signal.SIGTERM)

@@ -35,7 +35,8 @@
 //!   config is loaded; [`progress`]: the issuance progress line on
 //!   a terminal, kept apart from the log lines.
 //! - [`sync`]: the one rule for `std::sync` locks (a poisoned lock is used
-//!   as it is).
+//!   as it is); [`persistent`]: editing the persistent lists of domains and
+//!   sites by position at a reload.
 
 pub mod acme;
 pub mod admin;
@@ -53,6 +54,7 @@ pub mod metrics;
 pub mod mxcert;
 pub mod mxhold;
 pub mod onboard;
+pub mod persistent;
 pub mod policy;
 pub mod progress;
 pub mod replica;

@@ -20,6 +20,7 @@ use axum::http::HeaderValue;
 use bytes::Bytes;
 
 use crate::config::{Config, DomainConfig};
+use crate::persistent::Edits;
 use crate::policy::{Policy, PolicyId};
 
 /// A policy as served: shared by every site whose policy is equal.
@@ -191,15 +192,6 @@ fn shard(name: &str) -> usize {
     h as usize % SHARDS
 }
 
-/// One step from the previous site list to the next, at a position of the
-/// next list; in ascending order, each applies to the list as the steps
-/// before it left it.
-enum Edit {
-    Remove(usize),
-    Insert(usize, Arc<Site>),
-    Set(usize, Arc<Site>),
-}
-
 impl Snapshot {
     pub fn build(config: &Config) -> Snapshot {
         Self::build_from(config, &Snapshot::default())
@@ -216,104 +208,61 @@ impl Snapshot {
     /// applied (when the change is small): a reload that changes one domain
     /// of a million neither hashes nor copies a million sites.
     pub fn build_next(config: &Config, previous: &Snapshot) -> (Snapshot, Delta) {
-        let mut old = previous.ordered.iter().peekable();
+        let mut old = previous.ordered.iter().enumerate().peekable();
         let shared = Arc::clone(&previous.renderings);
         let mut renderings = crate::sync::lock(&shared);
         let mut delta = Delta::default();
-        let mut edits: Vec<Edit> = Vec::new();
-        for (at, d) in config.domains.iter().enumerate() {
+        // By position in the previous list.
+        let mut edits: Edits<Arc<Site>> = Edits::default();
+        for d in config.domains.iter() {
             // The same config `Arc`: the same site (no name compared).
-            if old.next_if(|s| Arc::ptr_eq(&s.domain, d)).is_some() {
+            if old.next_if(|(_, s)| Arc::ptr_eq(&s.domain, d)).is_some() {
                 continue;
             }
-            while let Some(gone) = old.next_if(|s| s.domain.name < d.name) {
+            while let Some((at, gone)) = old.next_if(|(_, s)| s.domain.name < d.name) {
                 delta.removed.push(gone.host().into_boxed_str());
-                edits.push(Edit::Remove(at));
+                edits.removes.push(at);
             }
-            match old.next_if(|s| s.domain.name == d.name) {
-                Some(prev) => {
+            match old.next_if(|(_, s)| s.domain.name == d.name) {
+                Some((at, prev)) => {
                     let site = Site::renew(d, prev, &mut renderings);
                     if !Arc::ptr_eq(&site, prev) {
-                        edits.push(Edit::Set(at, site));
+                        edits.sets.push((at, site));
                     }
                 }
                 None => {
+                    let at = old.peek().map_or(previous.ordered.len(), |(at, _)| *at);
                     let site = Arc::new(Site::with(Arc::clone(d), &mut renderings));
-                    edits.push(Edit::Insert(at, site));
+                    edits.inserts.push((at, site));
                 }
             }
         }
         drop(renderings);
-        let end = config.domains.len();
-        for gone in old {
+        for (at, gone) in old {
             delta.removed.push(gone.host().into_boxed_str());
-            edits.push(Edit::Remove(end));
+            edits.removes.push(at);
         }
         delta.changed = edits.len();
-        // Applying the change to the previous list and index is cheaper
-        // than new ones until about a quarter of the sites changed.
-        let small = delta.changed < end / 4 && !previous.by_host.is_empty();
-        let mut by_host = if small {
-            previous.by_host.clone()
-        } else {
-            Box::default()
-        };
-        if small {
+        let end = config.domains.len();
+        // Applying the change to the previous index is cheaper than a new
+        // one until about a quarter of the sites changed.
+        let by_host = if delta.changed < end / 4 && !previous.by_host.is_empty() {
+            let mut by_host = previous.by_host.clone();
             for host in &delta.removed {
                 if let Some(name) = host.strip_prefix("mta-sts.") {
                     Arc::make_mut(&mut by_host[shard(name)]).remove(name);
                 }
             }
-            for edit in &edits {
-                if let Edit::Insert(_, site) | Edit::Set(_, site) = edit {
-                    let table = Arc::make_mut(&mut by_host[shard(site.domain.name.as_str())]);
-                    table.replace(ByHost(Arc::clone(site)));
-                }
+            for (_, site) in edits.sets.iter().chain(&edits.inserts) {
+                let table = Arc::make_mut(&mut by_host[shard(site.domain.name.as_str())]);
+                table.replace(ByHost(Arc::clone(site)));
             }
-        }
-        let ordered = if small {
-            let mut list = previous.ordered.clone();
-            for edit in edits {
-                match edit {
-                    Edit::Remove(at) => {
-                        list.remove(at);
-                    }
-                    Edit::Insert(at, site) => list.insert(at, site),
-                    Edit::Set(at, site) => {
-                        list.set(at, site);
-                    }
-                }
-            }
-            list
+            Some(by_host)
         } else {
-            // Replayed in one pass over the previous list.
-            let mut list: Vec<Arc<Site>> = Vec::with_capacity(end);
-            let mut old = previous.ordered.iter();
-            for edit in edits {
-                let at = match &edit {
-                    Edit::Remove(at) | Edit::Insert(at, _) | Edit::Set(at, _) => *at,
-                };
-                while list.len() < at {
-                    match old.next() {
-                        Some(s) => list.push(Arc::clone(s)),
-                        None => break,
-                    }
-                }
-                match edit {
-                    Edit::Remove(_) => {
-                        old.next();
-                    }
-                    Edit::Insert(_, site) => list.push(site),
-                    Edit::Set(_, site) => {
-                        old.next();
-                        list.push(site);
-                    }
-                }
-            }
-            list.extend(old.cloned());
-            list.into_iter().collect()
+            None
         };
-        if !small {
+        let ordered = edits.apply(&previous.ordered);
+        let by_host = by_host.unwrap_or_else(|| {
             let per_table = end / SHARDS + 1;
             let mut tables: Vec<HashSet<ByHost>> = (0..SHARDS)
                 .map(|_| HashSet::with_capacity(per_table))
@@ -321,8 +270,8 @@ impl Snapshot {
             for site in ordered.iter() {
                 tables[shard(site.domain.name.as_str())].insert(ByHost(Arc::clone(site)));
             }
-            by_host = tables.into_iter().map(Arc::new).collect();
-        }
+            tables.into_iter().map(Arc::new).collect()
+        });
         debug_assert_eq!(ordered.len(), end);
         let snapshot = Snapshot {
             by_host,

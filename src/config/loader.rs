@@ -715,35 +715,29 @@ fn apply_change(
     let mut leaving: Vec<usize> = taken_out.iter().filter_map(|n| position(n).ok()).collect();
     leaving.sort_unstable();
     leaving.dedup();
-    let mut inserts: Vec<(usize, &Arc<DomainConfig>)> = Vec::with_capacity(incoming.len());
+    // A domain that stays where it was is set in place (nothing at all
+    // when its file was read again but it kept its `Arc`); the rest are
+    // removes and inserts (see `crate::persistent` for what each costs).
+    let mut edits = crate::persistent::Edits::default();
+    let mut replaced: Vec<usize> = Vec::new();
     for d in incoming {
         match position(&d.name) {
             // A name coming in may only replace one that leaves.
-            Ok(i) if leaving.binary_search(&i).is_ok() => inserts.push((i, d)),
+            Ok(i) if leaving.binary_search(&i).is_ok() => {
+                replaced.push(i);
+                if !previous.get(i).is_some_and(|p| Arc::ptr_eq(p, d)) {
+                    edits.sets.push((i, Arc::clone(d)));
+                }
+            }
             Ok(_) => return None,
-            Err(i) => inserts.push((i, d)),
+            Err(i) => edits.inserts.push((i, Arc::clone(d))),
         }
     }
-    // Applied from the last position to the first, so the positions still
-    // to apply stay where they were found. Each is O(log n) on the
-    // persistent vector: the list is shared, not copied.
-    let mut out = previous;
-    let mut leaving = leaving.into_iter().rev().peekable();
-    let mut inserts = inserts.into_iter().rev().peekable();
-    loop {
-        let next_leave = leaving.peek().copied();
-        let next_insert = inserts.peek().map(|(at, _)| *at);
-        let at = match (next_leave, next_insert) {
-            (None, None) => break,
-            (l, i) => l.max(i)?,
-        };
-        if leaving.next_if_eq(&at).is_some() {
-            out.remove(at);
-        }
-        while let Some((_, d)) = inserts.next_if(|(i, _)| *i == at) {
-            out.insert(at, Arc::clone(d));
-        }
-    }
+    edits.removes = leaving
+        .into_iter()
+        .filter(|at| replaced.binary_search(at).is_err())
+        .collect();
+    let out = edits.apply(&previous);
     (out.len() == count).then_some(out)
 }
 
