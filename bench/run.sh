@@ -8,6 +8,7 @@ missing=""
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
 command -v h2load >/dev/null 2>&1 || missing="$missing nghttp2-client"
+[ -x /usr/bin/time ] || missing="$missing time"
 if [ -n "$missing" ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
