@@ -95,7 +95,7 @@ impl AutoPush {
         )?;
         self.tx.send_replace(Some(std::sync::Arc::new(Job {
             update: update.clone(),
-            digest: crate::replica::records_digest(&records),
+            digest: crate::dns::records_digest(&records),
             records,
             retire: crate::retire::Observation::new(config),
         })));
@@ -204,13 +204,13 @@ async fn auto_push_worker(
             // leader works on the database's copy.
             let state_dir = &job.retire.state_dir;
             if let Some(gate) = &gate
-                && let Err(e) = crate::replica::pull_documents(&gate.store, state_dir).await
+                && let Err(e) = crate::documents::pull_documents(&gate.store, state_dir).await
             {
                 tracing::warn!(error = %e, "dns push: cannot read the shared retirement records; using the local copy");
             }
             let done = run_auto_push(&job).await;
             if let Some(gate) = &gate
-                && let Err(e) = crate::replica::push_documents(&gate.store, state_dir).await
+                && let Err(e) = crate::documents::push_documents(&gate.store, state_dir).await
             {
                 tracing::error!(error = %e, "dns push: cannot share the retirement records");
             }

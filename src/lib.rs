@@ -11,14 +11,17 @@
 //! - [`http`]: the axum handler (Host/SNI → bytes); [`server`]: listeners,
 //!   limits, graceful shutdown; [`tls`]: SNI index and the local CA.
 //! - [`dns`]: the `_mta-sts`, host and `_smtp._tls` records (`dns::write`
-//!   streams the built-in formats), and the one stub resolver
-//!   (`dns::resolve`) of `check` and the ACME precheck.
+//!   streams the built-in formats), the authoritative listener
+//!   (`dns::serve`) and RFC 2136 pushes (`dns::update`); [`resolve`]: the
+//!   one stub resolver of `check`, onboarding and the ACME precheck.
 //! - [`metrics`]: Prometheus counters (one atomic add per request).
 //! - [`acme`]: certificates for every policy host through ACME (orders,
 //!   challenges, renewals, pacing); [`store`]: atomic, permission-correct
 //!   files in `state_dir` behind the `CertStore` trait, or PostgreSQL
-//!   shared by replicas (`store::pg`, `store::import`); [`replica`]: what
-//!   a replica follows and reports there (domains, certificates, heartbeat).
+//!   shared by replicas (`store::pg`); [`store_import`]: `mtasts store
+//!   import`, a files store into PostgreSQL; [`replica`]: what
+//!   a replica follows and reports there (domains, certificates, heartbeat);
+//!   [`documents`]: `state_dir` files shared through the database.
 //! - [`tlsrpt`]: TLS reports (RFC 8460) received on the policy hosts or
 //!   by mail, stored (SQLite or PostgreSQL) and summarised.
 //! - [`retire`]: retiring a domain (RFC 8461 §8.3): when its records may go.
@@ -46,6 +49,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod documents;
 pub mod http;
 pub mod idle;
 pub mod managed;
@@ -58,11 +62,13 @@ pub mod persistent;
 pub mod policy;
 pub mod progress;
 pub mod replica;
+pub mod resolve;
 pub mod retire;
 pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod store_import;
 pub mod sync;
 pub mod tls;
 pub mod tlsrpt;

@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Delegation, OnDemand};
 use crate::control::Control;
-use crate::dns::resolve::{Protocol, Resolver};
 use crate::managed::{self, WriteError};
 use crate::policy::{DomainName, MxPattern};
+use crate::resolve::{Protocol, Resolver};
 
 /// Budget of one DNS exchange of a check.
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);

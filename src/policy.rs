@@ -47,6 +47,9 @@ pub enum NameError {
     Wildcard { name: String },
 }
 
+/// Path of the TLS report (RFC 8460) HTTPS endpoint on every policy host.
+pub const TLSRPT_PATH: &str = "/tlsrpt";
+
 /// A fully qualified domain name in lowercase A-label (punycode) form, without
 /// the trailing dot. Unicode input (IDN) is converted with UTS #46.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +74,11 @@ impl DomainName {
     /// The policy host `mta-sts.<domain>` (RFC 8461 §3.3).
     pub fn policy_host(&self) -> String {
         format!("mta-sts.{}", self.0)
+    }
+
+    /// The `rua` URI of the TLS report endpoint on the policy host.
+    pub fn tlsrpt_rua(&self) -> String {
+        format!("https://mta-sts.{}{TLSRPT_PATH}", self.0)
     }
 }
 

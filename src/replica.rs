@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::Digest;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -141,18 +140,9 @@ fn apply_rows(dir: &Path, rows: &[DomainRow]) -> (Vec<Changed>, i64) {
 pub fn served_digest(config: &Config, snapshot: &Snapshot) -> String {
     let side = crate::dns::update::default_side(config);
     match crate::dns::records(snapshot, &[], side, config.delegation.as_ref()) {
-        Ok(records) => records_digest(&records),
+        Ok(records) => crate::dns::records_digest(&records),
         Err(e) => format!("error: {e}"),
     }
-}
-
-/// The digest [`served_digest`] reports, of records already built.
-pub fn records_digest(records: &[crate::dns::Record]) -> String {
-    let mut hasher = sha2::Sha256::new();
-    for r in records {
-        hasher.update(format!("{r:?}\n").as_bytes());
-    }
-    data_encoding::HEXLOWER.encode(&hasher.finalize()[..16])
 }
 
 /// Runs the replica's side of the shared store until the process ends:
@@ -242,84 +232,4 @@ async fn heartbeats(control: Arc<Control>, store: PgStore, every: Duration) {
             tracing::debug!(error = %e, "heartbeat not recorded");
         }
     }
-}
-
-/// Files in `state_dir` that replicas share as documents in the database:
-/// the retirement records (written by `auto_push`'s leader and by
-/// `mtasts retire` / `dns push` on any machine).
-const SHARED_DOCUMENTS: &[&str] = &[crate::retire::FILE_NAME];
-
-/// Copies the shared documents from the database into `state_dir` (the
-/// database's copy wins; one missing there is left alone here).
-pub async fn pull_documents(store: &PgStore, state_dir: &Path) -> Result<(), StoreError> {
-    for name in SHARED_DOCUMENTS {
-        let Some(body) = store.document(name).await? else {
-            continue;
-        };
-        let path = state_dir.join(name);
-        if std::fs::read(&path).ok().as_deref() == Some(body.as_bytes()) {
-            continue;
-        }
-        files::ensure_private_dir(state_dir).map_err(|source| StoreError::Io {
-            path: state_dir.to_owned(),
-            source,
-        })?;
-        files::write_atomic(&path, body.as_bytes(), files::KEY_MODE)
-            .map_err(|source| StoreError::Io { path, source })?;
-    }
-    Ok(())
-}
-
-/// Copies the shared documents of `state_dir` into the database (after a
-/// local change).
-pub async fn push_documents(store: &PgStore, state_dir: &Path) -> Result<(), StoreError> {
-    for name in SHARED_DOCUMENTS {
-        let path = state_dir.join(name);
-        let Ok(body) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        if store.document(name).await?.as_deref() != Some(body.as_str()) {
-            store.put_document(name, &body).await?;
-        }
-    }
-    Ok(())
-}
-
-/// For commands that read and write the shared documents (`retire`, `dns
-/// push`): pulls them before `work` and pushes them after, when `config`
-/// uses the PostgreSQL store. Runs the database calls on a thread of its
-/// own, so `work` may run its own runtime.
-pub fn with_shared_documents<R>(
-    config: &Config,
-    work: impl FnOnce() -> anyhow::Result<R>,
-) -> anyhow::Result<R> {
-    let crate::config::StoreConfig::Postgres(pg) = &config.store else {
-        return work();
-    };
-    let state_dir = config.server.state_dir.clone();
-    let run = |push: bool| -> Result<(), StoreError> {
-        let (pg, state_dir) = (pg.clone(), state_dir.clone());
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| StoreError::Task(e.to_string()))?;
-                runtime.block_on(async {
-                    let store = PgStore::open(&pg, &state_dir)?;
-                    if push {
-                        push_documents(&store, &state_dir).await
-                    } else {
-                        pull_documents(&store, &state_dir).await
-                    }
-                })
-            })
-            .join()
-            .unwrap_or_else(|_| Err(StoreError::Task("document sync panicked".to_owned())))
-        })
-    };
-    run(false).map_err(|e| anyhow::anyhow!("cannot read the shared retirement records: {e}"))?;
-    let result = work()?;
-    run(true).map_err(|e| anyhow::anyhow!("cannot share the retirement records: {e}"))?;
-    Ok(result)
 }

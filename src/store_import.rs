@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::pg::{Imported, PgStore};
-use super::{CertStore, DirStore, StoreError};
+use crate::store::pg::{Imported, PgStore};
+use crate::store::{CertStore, DirStore, StoreError};
 
 /// Imports `from` (a `state_dir`) and the API-managed files of
 /// `domains_dir` into `pg`; `directory` is the configured ACME directory

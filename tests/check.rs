@@ -906,7 +906,7 @@ fn check_trusts_the_platform_store() {
 fn resolver_falls_back_to_tcp_on_truncation() {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::{Name, RecordType};
-    use mtasts::dns::resolve::{Protocol, Resolver};
+    use mtasts::resolve::{Protocol, Resolver};
     let Some(w) = World::start() else {
         return;
     };

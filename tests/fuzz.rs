@@ -25,9 +25,9 @@ use mtasts::check::parse::{is_sts_record, parse_policy, parse_sts_txt, parse_tls
 use mtasts::check::probe::read_reply;
 use mtasts::config::Config;
 use mtasts::dns::quote_txt;
-use mtasts::dns::resolve::{Protocol, Resolver};
 use mtasts::http::normalize_host;
 use mtasts::policy::{DomainName, MAX_BODY_BYTES, MxPattern, PolicyId};
+use mtasts::resolve::{Protocol, Resolver};
 use proptest::prelude::*;
 
 /// Counts the cases of one property and prints the count when dropped (at

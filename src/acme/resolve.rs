@@ -1,13 +1,13 @@
 //! Address lookups for the DNS precheck: the system resolver, or one DNS
 //! server asked directly (`tls.precheck_resolver`), so the check can see
 //! what the CA sees rather than a split-horizon local view. The direct
-//! queries go through the stub resolver of [`crate::dns::resolve`] over UDP
+//! queries go through the stub resolver of [`crate::resolve`] over UDP
 //! (TCP when an answer is truncated).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::dns::resolve::{Protocol, Resolver};
+use crate::resolve::{Protocol, Resolver};
 
 /// Budget for one lookup.
 const TIMEOUT: Duration = Duration::from_secs(10);

@@ -5,7 +5,7 @@
 //! Every finding has a level; a domain's verdict is the worst of them. Each
 //! step below is one function; [`parse`] reads what the network gave as
 //! senders do, [`probe`] talks HTTPS and SMTP, and DNS goes through the stub
-//! resolver of [`crate::dns::resolve`] over TCP. Certificates are verified
+//! resolver of [`crate::resolve`] over TCP. Certificates are verified
 //! against the platform's trusted roots or `--ca-file`. One domain's check
 //! is bounded by `--deadline` as a whole.
 
@@ -23,9 +23,9 @@ use rustls::pki_types::pem::PemObject;
 use serde::Serialize;
 
 use crate::config::MxSource;
-use crate::dns::resolve::{Protocol, Resolver};
 use crate::http::POLICY_PATH;
 use crate::policy::{DomainName, MAX_AGE_RECOMMENDED_MIN, Mode, PolicyId};
+use crate::resolve::{Protocol, Resolver};
 use crate::snapshot::{Site, Snapshot};
 
 pub use parse::{FetchedPolicy, MxHosts};
@@ -220,7 +220,7 @@ fn tls_config(options: &Options) -> Result<Arc<rustls::ClientConfig>, CheckError
 
 /// The MX hosts of `domain` (lowercase, no trailing dot, lowest preference
 /// first) asked of `resolver`, for callers outside `check` (the mx shrink
-/// hold in `crate::mxhold`). NXDOMAIN, NODATA and a null MX give an empty
+/// hold in the mxhold module). NXDOMAIN, NODATA and a null MX give an empty
 /// list.
 pub async fn mx_hosts(
     resolver: SocketAddr,
@@ -237,12 +237,7 @@ pub async fn mx_hosts(
     })
 }
 
-/// The last days' TLS reports per policy domain (`check --config` reads
-/// them from the config's report store).
-pub type RecentReports = std::collections::HashMap<String, crate::tlsrpt::store::DomainSummary>;
-
-/// How many days of TLS reports `check` looks at.
-pub const REPORT_DAYS: i64 = 7;
+pub use crate::tlsrpt::{REPORT_DAYS, RecentReports};
 
 /// Checks every domain; `snapshot` is the config to compare with, if any,
 /// and `reports` the recent TLS reports, if any are stored.
@@ -683,7 +678,7 @@ fn coverage(options: &Options, report: &mut DomainReport) {
     }
 }
 
-/// A certificate-driven mx shrink the server holds (`crate::mxhold`): the
+/// A certificate-driven mx shrink the server holds (the mxhold module): the
 /// config's names no longer cover a live MX that the served policy does.
 fn shrink_held(site: &Site, report: &mut DomainReport) {
     let Some(policy) = report.policy.clone() else {

@@ -2,6 +2,13 @@
 //! Errors end here, printed with their whole chain; the exit code says
 //! whether the command did its job.
 
+mod push;
+mod records;
+mod tlsrpt;
+
+use push::{dns_push, retire};
+use records::{check_config, records};
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -389,7 +396,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             domains,
         } => {
             let cfg = load(&config)?;
-            crate::replica::with_shared_documents(&cfg, || {
+            crate::documents::with_shared_documents(&cfg, || {
                 retire(&config, &cfg, old_max_age, &domains)
             })
         }
@@ -404,12 +411,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let cfg = load(&config)?;
-            crate::replica::with_shared_documents(&cfg, || {
+            crate::documents::with_shared_documents(&cfg, || {
                 dns_push(&config, &cfg, side, dry_run, prune, &domains)
             })
         }
         Command::Store { command } => store_command(command),
-        Command::Tlsrpt { command } => crate::tlsrpt::cli::run(command),
+        Command::Tlsrpt { command } => tlsrpt::run(command),
     }
 }
 
@@ -492,7 +499,7 @@ fn store_command(command: StoreCommand) -> anyhow::Result<ExitCode> {
             ),
         }
         if let StoreCommand::Import { from_dir, .. } = &command {
-            let done = crate::store::import::import(
+            let done = crate::store_import::import(
                 &store,
                 from_dir,
                 cfg.domains_dir.as_deref(),
@@ -580,146 +587,6 @@ fn domain_args(names: &[String]) -> anyhow::Result<Vec<DomainName>> {
         .collect()
 }
 
-fn check_config(path: &Path) -> ExitCode {
-    // Only the names are kept while the files are read (config::scan).
-    let scan = crate::config::scan(
-        path,
-        || |d: &crate::config::DomainConfig| d.name.clone(),
-        |name: &DomainName| name.as_str(),
-    );
-    match scan {
-        Ok(scan) => {
-            let cfg = &scan.config;
-            for w in &cfg.warnings {
-                eprintln!("{}", with_severity(w, "warning"));
-            }
-            println!(
-                "{}: ok, {} domain{}, {} warning{}",
-                path.display(),
-                scan.domains.len(),
-                plural(scan.domains.len()),
-                cfg.warnings.len(),
-                plural(cfg.warnings.len())
-            );
-            exit_without_freeing(scan);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            for w in &e.warnings {
-                eprintln!("{}", with_severity(w, "warning"));
-            }
-            for err in &e.errors {
-                eprintln!("{err}");
-            }
-            eprintln!(
-                "{}: {} error{}",
-                path.display(),
-                e.errors.len(),
-                plural(e.errors.len())
-            );
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// For one-shot commands about to exit: leaves `value` to the operating
-/// system instead of freeing it piece by piece. A million domains' config
-/// is millions of small allocations; freeing them took an eighth of
-/// `check-config`. Nothing in it needs a destructor to run (no files or
-/// connections are held open by a loaded config).
-fn exit_without_freeing<T>(value: T) {
-    std::mem::forget(value);
-}
-
-fn with_severity(d: &crate::config::Diagnostic, severity: &str) -> String {
-    format!(
-        "{}:{}:{}: {severity}: {}",
-        d.file.display(),
-        d.line,
-        d.col,
-        d.message
-    )
-}
-
-fn records(
-    path: &Path,
-    format: RecordFormat,
-    template: Option<&Path>,
-    side: Option<RecordSide>,
-    names: &[String],
-) -> anyhow::Result<ExitCode> {
-    // Of each domain only what its records need stays in memory while the
-    // files are read (config::scan): a million domains in under 200 MB.
-    let scan = crate::config::scan(
-        path,
-        || {
-            let mut publisher = dns::Publisher::default();
-            move |d: &crate::config::DomainConfig| publisher.publish(d)
-        },
-        |p: &dns::Published| dns::Publish::name(p).as_str(),
-    )
-    .map_err(print_config_errors)?;
-    for w in &scan.config.warnings {
-        eprintln!("{w}");
-    }
-    let cfg = &scan.config;
-    let configured = &scan.domains;
-    // Read the template before any output, so a bad path prints nothing else.
-    let template = template
-        .map(|p| {
-            std::fs::read_to_string(p)
-                .map(|text| (p, text))
-                .with_context(|| format!("cannot read template {}", p.display()))
-        })
-        .transpose()?;
-    let side = side.map_or(dns::Side::Full, dns::Side::from);
-    let only = domain_args(names)?;
-    for d in &only {
-        if configured
-            .binary_search_by(|p| dns::Publish::name(p).cmp(d))
-            .is_err()
-        {
-            anyhow::bail!("{d} is not configured in {}", path.display());
-        }
-    }
-    let wanted: std::collections::HashSet<&DomainName> = only.iter().collect();
-    let sites = || {
-        configured
-            .iter()
-            .filter(|p| wanted.is_empty() || wanted.contains(dns::Publish::name(*p)))
-    };
-    let mut hostless = sites()
-        .filter(|_| side == dns::Side::Full)
-        .filter(|p| *dns::Publish::host_record(*p) == crate::config::HostRecord::Unset);
-    if let Some(first) = hostless.next() {
-        let more = match hostless.count() {
-            0 => String::new(),
-            n => format!(" and {n} more"),
-        };
-        eprintln!(
-            "note: no host record for {}{more} (set host_a/host_aaaa or host_cname); point it at this server",
-            dns::Publish::name(first).policy_host()
-        );
-    }
-    let recs = dns::records_of(sites(), side, cfg.delegation.as_ref())?;
-    match &template {
-        Some((p, source)) => {
-            // A user template sees every record at once (its context).
-            let recs: Vec<dns::Record> = recs.collect();
-            let text = dns::format::render_source(&p.display().to_string(), source, &recs)?;
-            std::io::stdout().write_all(text.as_bytes())?;
-        }
-        None => {
-            // Built-in formats stream, one zone at a time.
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-            dns::write::write_records(format.into(), recs, &mut out)?;
-            out.flush()?;
-        }
-    }
-    exit_without_freeing(scan);
-    Ok(ExitCode::SUCCESS)
-}
-
 fn check(
     path: Option<&Path>,
     options: &crate::check::Options,
@@ -762,265 +629,6 @@ fn check(
     })
 }
 
-fn dns_push(
-    path: &Path,
-    cfg: &Config,
-    side: Option<RecordSide>,
-    dry_run: bool,
-    prune: bool,
-    names: &[String],
-) -> anyhow::Result<ExitCode> {
-    use dns::update::{Outcome, Pusher};
-
-    let Some(update) = &cfg.dns_update else {
-        anyhow::bail!(
-            "{} has no [dns.update] section (server, zone, key_name, secret); see docs/DNS.md",
-            path.display()
-        );
-    };
-    let only = domain_args(names)?;
-    let side = side.map_or_else(|| dns::update::default_side(cfg), dns::Side::from);
-    let snapshot = Snapshot::build(cfg);
-    let recs = dns::records(&snapshot, &only, side, cfg.delegation.as_ref())?;
-    let mut pusher = Pusher::new(update, dry_run)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let report = runtime.block_on(pusher.push(&recs));
-
-    if let Some(first) = report.outside_zone.first() {
-        eprintln!(
-            "note: {} record{} outside zone {} not pushed (e.g. {first})",
-            report.outside_zone.len(),
-            plural(report.outside_zone.len()),
-            update.zone
-        );
-    }
-    let mut unchanged = 0;
-    let mut changed = 0;
-    for (domain, outcome) in &report.domains {
-        match outcome {
-            Outcome::Unchanged => unchanged += 1,
-            Outcome::Updated(sets) => {
-                changed += 1;
-                println!("updated {domain}: {}", sets.join(", "));
-            }
-            Outcome::WouldUpdate(sets) => {
-                changed += 1;
-                println!("would update {domain}: {}", sets.join(", "));
-            }
-            Outcome::Failed(e) => eprintln!("error: {domain}: {e}"),
-            Outcome::Deleted(_) | Outcome::WouldDelete(_) => {}
-        }
-    }
-    if let Some(e) = &report.aborted {
-        eprintln!("error: push stopped: {e}");
-    }
-    let mut failed = report.failed();
-    // The mode none id of a retiring domain is in DNS now: its retirement
-    // clock starts (RFC 8461 §8.3). Only the sides that carry the id count.
-    if !dry_run && side != dns::Side::Customer {
-        let observation = crate::retire::Observation::new(cfg);
-        if let Err(e) = observation.record(&recs, &report.published(), &update.zone, update.ttl) {
-            eprintln!("error: cannot record retirements: {e}");
-            failed += 1;
-        }
-    }
-    if !prune {
-        note_prunable(cfg);
-    }
-    let pruned = if prune && report.aborted.is_none() {
-        let (pruned, prune_failed) =
-            runtime.block_on(dns_prune(cfg, &mut pusher, &only, dry_run))?;
-        failed += prune_failed;
-        Some(pruned)
-    } else {
-        None
-    };
-    println!(
-        "dns push to {} (zone {}): {changed} {}, {unchanged} unchanged, {failed} failed{}",
-        update.server,
-        update.zone,
-        if dry_run { "to update" } else { "updated" },
-        match pruned {
-            Some(n) if dry_run => format!(", {n} to prune"),
-            Some(n) => format!(", {n} pruned"),
-            None => String::new(),
-        }
-    );
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-/// Without `--prune`: mentions retired domains that left the config and
-/// whose records are still recorded as published.
-fn note_prunable(cfg: &Config) {
-    let Ok(state) = crate::retire::State::load(&cfg.server.state_dir) else {
-        return;
-    };
-    let removed: Vec<&str> = state
-        .domains
-        .keys()
-        .filter(|d| DomainName::parse(d).is_ok_and(|d| cfg.domain(&d).is_none()))
-        .map(String::as_str)
-        .collect();
-    if let Some(first) = removed.first() {
-        let more = match removed.len() {
-            1 => String::new(),
-            n => format!(" and {} more", n - 1),
-        };
-        eprintln!(
-            "note: retired {first}{more} left the config; `mtasts dns push --prune` deletes the records once their period is over (`mtasts retire` shows when)"
-        );
-    }
-}
-
-/// `dns push --prune`: deletes the records of domains that left the config
-/// after their retirement period (all recorded ones, or the named ones that
-/// are not configured). Returns (pruned, failed).
-async fn dns_prune(
-    cfg: &Config,
-    pusher: &mut dns::update::Pusher,
-    only: &[DomainName],
-    dry_run: bool,
-) -> anyhow::Result<(usize, usize)> {
-    use crate::retire::{self, State};
-    use dns::update::Outcome;
-
-    let state_dir = &cfg.server.state_dir;
-    let mut state = State::load(state_dir)?;
-    let candidates: Vec<DomainName> = if only.is_empty() {
-        state
-            .domains
-            .keys()
-            .filter_map(|d| DomainName::parse(d).ok())
-            .filter(|d| cfg.domain(d).is_none())
-            .collect()
-    } else {
-        // Named domains that are configured were pushed above.
-        only.iter()
-            .filter(|d| cfg.domain(d).is_none())
-            .cloned()
-            .collect()
-    };
-    let now = retire::unix_now();
-    let (mut pruned, mut failed) = (0, 0);
-    let mut changed = false;
-    for domain in candidates {
-        let records = match retire::may_prune(&state, state_dir, cfg, &domain, now) {
-            Ok(entry) => entry.records(domain.as_str()),
-            Err(refusal) => {
-                eprintln!("error: not pruning: {refusal}");
-                failed += 1;
-                continue;
-            }
-        };
-        match pusher.prune(domain.as_str(), &records).await {
-            Outcome::Deleted(sets) => println!("deleted {domain}: {}", sets.join(", ")),
-            Outcome::WouldDelete(sets) => println!("would delete {domain}: {}", sets.join(", ")),
-            Outcome::Unchanged => println!("pruned {domain}: none of its records were left"),
-            Outcome::Failed(e) => {
-                eprintln!("error: {domain}: {e}");
-                failed += 1;
-                continue;
-            }
-            Outcome::Updated(_) | Outcome::WouldUpdate(_) => {}
-        }
-        pruned += 1;
-        if !dry_run {
-            state.domains.remove(domain.as_str());
-            changed = true;
-        }
-    }
-    if changed {
-        state.save(state_dir)?;
-    }
-    Ok((pruned, failed))
-}
-
-/// `--old-max-age`: a duration no longer than a policy's max_age may be
-/// (RFC 8461 §3.2), so that nothing out of range reaches `retire.json`.
-fn parse_old_max_age(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if d.as_secs() > crate::policy::MAX_AGE_LIMIT {
-        return Err(format!(
-            "{} s is longer than a policy's max_age may be (at most {} s, RFC 8461 §3.2)",
-            d.as_secs(),
-            crate::policy::MAX_AGE_LIMIT
-        ));
-    }
-    Ok(d)
-}
-
-/// `mtasts retire`: records the named retiring domains as published now
-/// (unless already recorded) and prints where every retirement stands.
-fn retire(
-    path: &Path,
-    cfg: &Config,
-    old_max_age: Option<Duration>,
-    names: &[String],
-) -> anyhow::Result<ExitCode> {
-    use crate::retire::{self, Observation, State};
-
-    let only = domain_args(names)?;
-    let mut state = State::load(&cfg.server.state_dir)?;
-    for d in &only {
-        match cfg.domain(d) {
-            Some(c) if c.retire => {}
-            Some(_) => anyhow::bail!(
-                "{d} is configured without retire = true: add it to its [[domain]] entry, reload, publish the new TXT (`mtasts records`), then run this again"
-            ),
-            None if state.domains.contains_key(d.as_str()) => {}
-            None => anyhow::bail!("{d} is not configured in {}", path.display()),
-        }
-    }
-    let started: Vec<DomainName> = only
-        .iter()
-        .filter(|d| cfg.domain(d).is_some())
-        .cloned()
-        .collect();
-    let records = if started.is_empty() {
-        Vec::new()
-    } else {
-        let snapshot = Snapshot::build(cfg);
-        let side = dns::update::default_side(cfg);
-        let ttl = cfg.dns_update.as_ref().and_then(|u| u.ttl);
-        dns::records(&snapshot, &started, side, cfg.delegation.as_ref())?
-            .into_iter()
-            .map(|r| dns::Record {
-                ttl: ttl.unwrap_or(r.ttl),
-                ..r
-            })
-            .collect()
-    };
-    let mut changed = Observation::new(cfg).apply(&mut state, &records, retire::unix_now());
-    if let Some(longer) = old_max_age {
-        for d in &only {
-            if let Some(entry) = state.domains.get_mut(d.as_str())
-                && entry.old_max_age < longer.as_secs()
-            {
-                entry.old_max_age = longer.as_secs();
-                changed = true;
-            }
-        }
-    }
-    if changed {
-        state.save(&cfg.server.state_dir)?;
-    }
-    let lines = retire::status(&state, cfg, retire::unix_now());
-    if lines.is_empty() {
-        println!("no domain is retiring (set retire = true in its [[domain]] entry)");
-    }
-    for line in lines {
-        println!("{line}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn policy(path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
     let domain = DomainName::parse(name).with_context(|| format!("domain argument {name:?}"))?;
@@ -1058,4 +666,18 @@ fn serve(
     };
     crate::service::run(cfg, loader, path, mx_resolver)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--old-max-age`: a duration no longer than a policy's max_age may be
+/// (RFC 8461 §3.2), so that nothing out of range reaches `retire.json`.
+fn parse_old_max_age(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.as_secs() > crate::policy::MAX_AGE_LIMIT {
+        return Err(format!(
+            "{} s is longer than a policy's max_age may be (at most {} s, RFC 8461 §3.2)",
+            d.as_secs(),
+            crate::policy::MAX_AGE_LIMIT
+        ));
+    }
+    Ok(d)
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::report::{self, Report};
-use super::store::{DomainSummary, ReportStore};
-use crate::cli::{CertsFormat, TlsrptCommand};
+use super::{CertsFormat, TlsrptCommand};
 use crate::config::Config;
 use crate::snapshot::Site;
+use crate::tlsrpt::report::{self, Report};
+use crate::tlsrpt::store::{DomainSummary, ReportStore};
 
 pub fn run(command: TlsrptCommand) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -19,7 +19,7 @@ pub fn run(command: TlsrptCommand) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     match command {
         TlsrptCommand::Ingest { config, files } => {
-            let cfg = crate::cli::load(&config)?;
+            let cfg = super::load(&config)?;
             runtime.block_on(ingest(&cfg, &files))
         }
         TlsrptCommand::Summary {
@@ -28,7 +28,7 @@ pub fn run(command: TlsrptCommand) -> anyhow::Result<ExitCode> {
             format,
             domains,
         } => {
-            let cfg = crate::cli::load(&config)?;
+            let cfg = super::load(&config)?;
             let since = parse_since(&since)?;
             runtime.block_on(summary(&cfg, since, format, &domains))
         }
@@ -77,9 +77,10 @@ async fn ingest(cfg: &Config, files: &[std::path::PathBuf]) -> anyhow::Result<Ex
     }
     let verifier = match cfg.tlsrpt.dkim {
         crate::config::DkimPolicy::Off => None,
-        _ => {
-            Some(super::dkim::Verifier::new(cfg.tlsrpt.dkim_resolver).map_err(anyhow::Error::msg)?)
-        }
+        _ => Some(
+            crate::tlsrpt::dkim::Verifier::new(cfg.tlsrpt.dkim_resolver)
+                .map_err(anyhow::Error::msg)?,
+        ),
     };
     let mut failed = 0;
     for (name, input) in inputs {
@@ -101,15 +102,17 @@ async fn ingest(cfg: &Config, files: &[std::path::PathBuf]) -> anyhow::Result<Ex
 async fn ingest_one(
     cfg: &Config,
     store: &ReportStore,
-    verifier: Option<&super::dkim::Verifier>,
+    verifier: Option<&crate::tlsrpt::dkim::Verifier>,
     name: &str,
     input: &[u8],
 ) -> anyhow::Result<String> {
-    let (body, mail) = super::ingest::extract_with_kind(input).map_err(anyhow::Error::msg)?;
+    let (body, mail) =
+        crate::tlsrpt::ingest::extract_with_kind(input).map_err(anyhow::Error::msg)?;
     let mut dkim_note = None;
     if mail && let Some(verifier) = verifier {
         let verdict = verifier.verify(input).await;
-        dkim_note = super::dkim::accept(cfg.tlsrpt.dkim, &verdict).map_err(anyhow::Error::msg)?;
+        dkim_note =
+            crate::tlsrpt::dkim::accept(cfg.tlsrpt.dkim, &verdict).map_err(anyhow::Error::msg)?;
     }
     let json = report::decode(&body, cfg.tlsrpt.max_decompressed)?;
     let parsed = Report::parse(&json)?;
@@ -139,7 +142,7 @@ async fn ingest_one(
                 .collect(),
             ..parsed.clone()
         };
-        super::receive::alert(&only, site.as_ref(), None);
+        crate::tlsrpt::receive::alert(&only, site.as_ref(), None);
     }
     Ok(format!(
         "stored {} {} ({domains}){}",

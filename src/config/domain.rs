@@ -331,7 +331,7 @@ pub(super) fn domain_config(
                 None => Vec::new(),
             };
             if defaults.tlsrpt_receive {
-                let own = crate::tlsrpt::rua_for(name.as_str());
+                let own = name.tlsrpt_rua();
                 if !own_list.contains(&own) {
                     own_list.push(own);
                 }

@@ -8,7 +8,6 @@
 //! [`resolve`] is the stub resolver of `check` and the ACME precheck.
 
 pub mod format;
-pub mod resolve;
 pub mod serve;
 pub mod update;
 pub mod write;
@@ -477,6 +476,16 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// A digest of records (what a replica reports it serves, see
+/// `replica::served_digest`).
+pub fn records_digest(records: &[Record]) -> String {
+    let mut hasher = sha2::Sha256::new();
+    for r in records {
+        hasher.update(format!("{r:?}\n").as_bytes());
+    }
+    data_encoding::HEXLOWER.encode(&hasher.finalize()[..16])
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! Prometheus, and joined with what this server served when they report a
 //! failure of the policy host itself.
 
-pub mod cli;
 pub mod dkim;
 pub mod ingest;
 pub mod receive;
@@ -12,7 +11,7 @@ pub mod report;
 pub mod store;
 
 /// Path of the HTTPS delivery endpoint on every policy host.
-pub const PATH: &str = "/tlsrpt";
+pub use crate::policy::TLSRPT_PATH as PATH;
 
 /// Result types that report a failure of the policy host itself (fetching
 /// or validating the policy, or its certificate): alerts.
@@ -38,11 +37,6 @@ pub const KNOWN_RESULT_TYPES: &[&str] = &[
     "sts-webpki-invalid",
 ];
 
-/// The `rua` URI of the HTTPS endpoint on `domain`'s policy host.
-pub fn rua_for(domain: &str) -> String {
-    format!("https://mta-sts.{domain}{PATH}")
-}
-
 /// Removes reports older than `retention` now and every 6 hours.
 pub fn spawn_retention(store: store::ReportStore, retention: std::time::Duration) {
     tokio::spawn(async move {
@@ -60,16 +54,22 @@ pub fn spawn_retention(store: store::ReportStore, retention: std::time::Duration
     });
 }
 
-/// The last [`crate::check::REPORT_DAYS`] days' reports by policy domain,
+/// The last days' TLS reports per policy domain (`check --config` reads
+/// them from the config's report store).
+pub type RecentReports = std::collections::HashMap<String, store::DomainSummary>;
+
+/// How many days of TLS reports `check` looks at.
+pub const REPORT_DAYS: i64 = 7;
+
+/// The last [`REPORT_DAYS`] days' reports by policy domain,
 /// when the config's report store exists (`None` when no report was ever
 /// stored, or the store cannot be read: said on stderr).
-pub async fn recent(config: &crate::config::Config) -> Option<crate::check::RecentReports> {
+pub async fn recent(config: &crate::config::Config) -> Option<RecentReports> {
     let files = matches!(config.store, crate::config::StoreConfig::Files);
     if files && !config.server.state_dir.join("tlsrpt.sqlite").exists() {
         return None;
     }
-    let since =
-        time::OffsetDateTime::now_utc().unix_timestamp() - crate::check::REPORT_DAYS * 86_400;
+    let since = time::OffsetDateTime::now_utc().unix_timestamp() - REPORT_DAYS * 86_400;
     let store = match store::ReportStore::for_config(config).await {
         Ok(s) => s,
         Err(e) => {
