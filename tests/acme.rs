@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::inproc::InProcess;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::pebble::{self, Pebble, https_get, serial};
 use mtasts::config::Config;
-use mtasts::server::Server;
 use tokio::net::TcpListener;
 
 const POLICY: &str = "/.well-known/mta-sts.txt";
@@ -103,39 +104,32 @@ mx = ["mx.example.net"]
     (path, cfg)
 }
 
-/// A server running in this process until `stop`.
+/// A server running in this process until `stop` (`common::inproc`).
 struct Running {
-    server: Arc<Server>,
-    https: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    run: InProcess,
+}
+
+impl std::ops::Deref for Running {
+    type Target = InProcess;
+
+    fn deref(&self) -> &InProcess {
+        &self.run
+    }
 }
 
 impl Running {
-    fn start(cfg: &Config, listeners: Listeners) -> Running {
-        let server = Arc::new(Server::new(cfg).expect("server"));
-        let https = listeners.https.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(
-            Arc::clone(&server)
-                .run(listeners.https, listeners.http, None, async {
-                    let _ = rx.await;
-                })
-                .map_ok(),
-        );
-        Running {
-            server,
-            https,
-            stop: Some(tx),
-            task,
-        }
+    async fn start(cfg: &Config, listeners: Listeners) -> Running {
+        let run = InProcess::start(cfg.clone(), listeners.https, listeners.http, None).await;
+        Running { run }
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = (&mut self.task).await;
+    /// Stops the server; it must end cleanly (an order in flight is
+    /// abandoned at shutdown, so this is bounded generously).
+    async fn stop(self) {
+        self.run
+            .stop_within(Duration::from_secs(120))
+            .await
+            .expect("the server ran and stopped cleanly");
     }
 
     /// Waits until every host has a certificate in the SNI index.
@@ -162,18 +156,6 @@ impl Running {
         https_get(self.https, host, POLICY, root, &[b"http/1.1"])
             .await
             .unwrap_or_else(|e| panic!("GET https://{host}{POLICY}: {e}"))
-    }
-}
-
-trait MapOk {
-    fn map_ok(self) -> impl std::future::Future<Output = ()> + Send;
-}
-
-impl<F: std::future::Future<Output = std::io::Result<()>> + Send> MapOk for F {
-    async fn map_ok(self) {
-        if let Err(e) = self.await {
-            panic!("server failed: {e}");
-        }
     }
 }
 
@@ -236,7 +218,7 @@ async fn issue_and_fetch(challenge: &str) {
         &domains,
     );
     let started = Instant::now();
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     let hosts = policy_hosts(&domains);
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
@@ -297,7 +279,7 @@ async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
         &domains,
     );
     let hosts = policy_hosts(&domains);
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -310,7 +292,7 @@ async fn restart_reuses_stored_certificate_and_new_domain_needs_no_restart() {
 
     // Restart on the same ports (pebble validates there).
     let listeners = Listeners::rebind(http_port, tls_port).await;
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     // The very first connection gets the stored certificate.
     let again = running.policy(&hosts[0], &root).await;
     assert_eq!(
@@ -367,7 +349,7 @@ async fn short_renewal_window_renews_and_serves_new_certificate() {
         &domains,
     );
     let hosts = policy_hosts(&domains);
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -400,7 +382,7 @@ async fn ca_down_backs_off_keeps_serving_and_recovers() {
         &domains,
     );
     let hosts = policy_hosts(&domains);
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -472,7 +454,7 @@ async fn many_domains_with_bounded_concurrency() {
     );
     let hosts = policy_hosts(&domains);
     let started = Instant::now();
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     // About 30 s on an idle 2-core machine. The margin is for a loaded
     // machine, where pebble (and we) answer slower; a single order that
     // stalls is bounded by the ACME request timeout, not this deadline.
@@ -657,7 +639,7 @@ async fn switching_directory_replaces_certificates() {
         "",
         &domains,
     );
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -668,7 +650,7 @@ async fn switching_directory_replaces_certificates() {
     let other = pebble.directory.replace("127.0.0.1", "localhost");
     let (_, cfg) = config(dir.path(), &other, &pebble.ca_roots, "", &domains);
     let listeners = Listeners::rebind(http_port, tls_port).await;
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = serial(&running.policy(&hosts[0], &root).await.chain[0]);
@@ -708,7 +690,7 @@ async fn paced_batch_resumes_after_restart() {
         paced,
         &domains,
     );
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     // Three orders per hour: three certificates, then the queue waits.
     let deadline = Instant::now() + Duration::from_secs(30);
     while running.server.acme_progress().map_or(0, |p| p.valid) < 3 {
@@ -731,7 +713,7 @@ async fn paced_batch_resumes_after_restart() {
     running.stop().await;
 
     // A restart does not reset the hourly window (order times are stored).
-    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pebble.orders(), 3, "no new order within the same hour");
     assert_eq!(running.server.acme_progress().map(|p| p.valid), Some(3));
@@ -746,7 +728,7 @@ async fn paced_batch_resumes_after_restart() {
         "orders_per_hour = 8\nmax_concurrent_orders = 2",
         &domains,
     );
-    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -776,7 +758,7 @@ async fn external_account_binding() {
         "",
         &domains,
     );
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let report = certs_json(&path);
@@ -801,7 +783,7 @@ async fn external_account_binding() {
         &eab,
         &domains,
     );
-    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -831,7 +813,7 @@ async fn failed_http01_falls_back_to_tls_alpn01() {
         &domains,
     );
     let hosts = policy_hosts(&domains);
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -883,7 +865,7 @@ async fn dns_precheck_holds_back_domains_pointing_elsewhere() {
     std::fs::write(&path, text).expect("config");
     let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let hosts = policy_hosts(&domains);
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts[1..], Duration::from_secs(60), &pebble)
         .await;
@@ -966,7 +948,7 @@ async fn corrupt_store_files_are_reported_and_never_served() {
     std::fs::write(&roots, ca_cert.pem()).expect("write");
     // Nothing listens on port 9: orders fail fast.
     let (path, cfg) = config(dir.path(), "https://127.0.0.1:9/dir", &roots, "", &domains);
-    let running = Running::start(&cfg, Listeners::bind().await);
+    let running = Running::start(&cfg, Listeners::bind().await).await;
     // Stored certificates are loaded before the first connection is served.
     let ok = running.policy(&hosts[0], ca_cert.pem().as_bytes()).await;
     assert_eq!(ok.status, 200);
@@ -1052,7 +1034,7 @@ async fn restart_serves_stored_certificates_through_a_small_cache() {
     );
     std::fs::write(&path, text).expect("config");
     let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(120), &pebble)
         .await;
@@ -1067,7 +1049,7 @@ async fn restart_serves_stored_certificates_through_a_small_cache() {
     let orders = pebble.orders();
     assert_eq!(orders, N);
 
-    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await).await;
     for round in 0..2 {
         for (host, want) in hosts.iter().zip(&serials) {
             let resp = running.policy(host, &root).await;
@@ -1164,7 +1146,7 @@ async fn certificate_broken_after_restart_is_refused_and_replaced() {
         "",
         &domains,
     );
-    let running = Running::start(&cfg, listeners);
+    let running = Running::start(&cfg, listeners).await;
     running
         .wait_issued(&hosts, Duration::from_secs(60), &pebble)
         .await;
@@ -1186,7 +1168,7 @@ async fn certificate_broken_after_restart_is_refused_and_replaced() {
     );
     std::fs::write(cert_file(dir.path(), &hosts[0]), swapped).expect("break");
 
-    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await);
+    let running = Running::start(&cfg, Listeners::rebind(http_port, tls_port).await).await;
     assert_eq!(running.policy(&hosts[1], &root).await.status, 200);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::inproc::InProcess;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +15,10 @@ use std::time::Duration;
 use axum::http::{Method, Request, StatusCode};
 use common::client;
 use mtasts::config::Config;
-use mtasts::server::Server;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
@@ -26,26 +26,25 @@ const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 const HOST: &str = "mta-sts.example.com";
 const DOMAIN: &str = "[[domain]]\nname = \"example.com\"\nmx = [\"mx.example.com\"]\n";
 
+/// The server in this process (`common::inproc`) with its admin listener.
 struct Running {
-    https: SocketAddr,
-    http: SocketAddr,
+    run: InProcess,
     admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
     _dir: tempfile::TempDir,
     tls: TlsConnector,
 }
 
+impl std::ops::Deref for Running {
+    type Target = InProcess;
+
+    fn deref(&self) -> &InProcess {
+        &self.run
+    }
+}
+
 impl Running {
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("server stops")
-            .expect("join")
-            .expect("clean stop");
+    async fn stop(self) {
+        self.run.stop().await.expect("clean stop");
     }
 
     /// An HTTP/2 connection over TLS (ALPN h2) with SNI `HOST`.
@@ -79,28 +78,13 @@ async fn start(server: &str) -> Running {
     );
     let cfg = Config::from_source(&dir.path().join("mtasts.toml"), dir.path(), text)
         .expect("valid test config");
-    let server = tokio::task::spawn_blocking(move || Server::new(&cfg))
-        .await
-        .expect("join")
-        .expect("server setup");
-    let server = Arc::new(server);
     let https_l = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
     let http_l = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let admin_l = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-    let (https, http, admin) = (
-        https_l.local_addr().expect("addr"),
-        http_l.local_addr().expect("addr"),
-        admin_l.local_addr().expect("addr"),
-    );
+    let admin = admin_l.local_addr().expect("addr");
     let router = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    let (tx, rx) = oneshot::channel::<()>();
-    let task =
-        tokio::spawn(
-            Arc::clone(&server).run(https_l, http_l, Some((admin_l, router)), async {
-                let _ = rx.await;
-            }),
-        );
-    let pem = std::fs::read(server.ca_path()).expect("read CA");
+    let run = InProcess::start(cfg, https_l, http_l, Some((admin_l, router))).await;
+    let pem = std::fs::read(run.server.ca_path()).expect("read CA");
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.expect("CA PEM")).expect("add root");
@@ -110,11 +94,8 @@ async fn start(server: &str) -> Running {
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Running {
-        https,
-        http,
+        run,
         admin,
-        stop: Some(tx),
-        task,
         _dir: dir,
         tls: TlsConnector::from(Arc::new(config)),
     }

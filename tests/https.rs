@@ -4,39 +4,37 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::client::{self, TlsClient};
+use common::inproc::InProcess;
 use mtasts::config::Config;
-use mtasts::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 
+/// The server in this process (`common::inproc`), its directory and a
+/// client that trusts its local CA.
 struct Running {
-    server: Arc<Server>,
-    https: SocketAddr,
-    http: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    run: InProcess,
     dir: tempfile::TempDir,
     client: TlsClient,
 }
 
+impl std::ops::Deref for Running {
+    type Target = InProcess;
+
+    fn deref(&self) -> &InProcess {
+        &self.run
+    }
+}
+
 impl Running {
-    async fn stop(mut self) -> std::io::Result<()> {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("server stops")
-            .expect("join")
+    async fn stop(self) -> std::io::Result<()> {
+        self.run.stop_within(Duration::from_secs(20)).await
     }
 }
 
@@ -49,32 +47,13 @@ fn config(dir: &Path, body: &str) -> Config {
 }
 
 async fn start(body: &str) -> Running {
-    common::init_crypto();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), body);
-    let server = tokio::task::spawn_blocking(move || Server::new(&cfg))
-        .await
-        .expect("join")
-        .expect("server setup");
-    let server = Arc::new(server);
     let https_l = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
     let http_l = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let https = https_l.local_addr().expect("addr");
-    let http = http_l.local_addr().expect("addr");
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(Arc::clone(&server).run(https_l, http_l, None, async {
-        let _ = rx.await;
-    }));
-    let client = TlsClient::trusting_pem_file(server.ca_path());
-    Running {
-        server,
-        https,
-        http,
-        stop: Some(tx),
-        task,
-        dir,
-        client,
-    }
+    let run = InProcess::start(cfg, https_l, http_l, None).await;
+    let client = TlsClient::trusting_pem_file(run.server.ca_path());
+    Running { run, dir, client }
 }
 
 fn many_domains(n: usize) -> String {
@@ -469,12 +448,8 @@ async fn shutdown_lets_in_flight_request_finish() {
     tls.flush().await.expect("flush");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let https = r.https;
-    let Running {
-        stop, task, dir, ..
-    } = r;
-    if let Some(tx) = stop {
-        let _ = tx.send(());
-    }
+    let Running { mut run, dir, .. } = r;
+    run.begin_stop();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // New connections are no longer accepted...
     assert!(TcpStream::connect(https).await.is_err(), "listener closed");
@@ -485,10 +460,8 @@ async fn shutdown_lets_in_flight_request_finish() {
     let resp = client::parse_response(&raw, false);
     assert_eq!(resp.status, 200);
     assert!(resp.body.starts_with(b"version: STSv1"));
-    tokio::time::timeout(Duration::from_secs(20), task)
+    run.stop_within(Duration::from_secs(20))
         .await
-        .expect("server stops")
-        .expect("join")
         .expect("clean stop");
     drop(dir);
 }
@@ -512,19 +485,10 @@ async fn certificates_persist_across_restarts() {
     assert!(stored.exists(), "issued on first use and stored");
     // A second server on the same state directory shows the same certificate.
     let cfg = config(first.dir.path(), body);
-    let second = Arc::new(
-        tokio::task::spawn_blocking(move || Server::new(&cfg))
-            .await
-            .expect("join")
-            .expect("second start"),
-    );
     let https_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let http_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let https = https_l.local_addr().expect("addr");
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(Arc::clone(&second).run(https_l, http_l, None, async {
-        let _ = rx.await;
-    }));
+    let second = InProcess::start(cfg, https_l, http_l, None).await;
+    let https = second.https;
     let tls = first
         .client
         .connect(https, "mta-sts.example.com")
@@ -534,8 +498,7 @@ async fn certificates_persist_across_restarts() {
         tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec(),
         cert
     );
-    let _ = tx.send(());
-    task.await.expect("join").expect("stop");
+    second.stop().await.expect("stop");
     first.stop().await.expect("clean stop");
 }
 

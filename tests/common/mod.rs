@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod inproc;
 pub mod knot;
 pub mod pebble;
 pub mod postgres;
