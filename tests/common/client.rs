@@ -45,18 +45,26 @@ impl TlsClient {
     }
 
     pub fn trusting_pem(pem: &[u8]) -> TlsClient {
+        Self::trusting(pem, &[b"http/1.1"]).expect("CA PEM")
+    }
+
+    /// Trusting the PEM certificates in `pem`, offering the `alpn`
+    /// protocols (none when empty); an error for a PEM that does not parse.
+    pub fn trusting(pem: &[u8], alpn: &[&[u8]]) -> Result<TlsClient, String> {
         super::init_crypto();
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            roots.add(cert.expect("CA PEM")).expect("add root");
+            roots
+                .add(cert.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
         }
         let mut config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        TlsClient {
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(TlsClient {
             connector: TlsConnector::from(Arc::new(config)),
-        }
+        })
     }
 
     /// Connects and completes the handshake with `sni` as server name.
@@ -66,6 +74,15 @@ impl TlsClient {
         sni: &str,
     ) -> std::io::Result<TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(addr).await?;
+        self.handshake(tcp, sni).await
+    }
+
+    /// The TLS handshake on a connected `tcp`, with `sni` as server name.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        sni: &str,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let name = ServerName::try_from(sni.to_owned())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         self.connector.connect(name, tcp).await

@@ -12,13 +12,9 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A running pebble + challtestsrv pair; both are killed on drop.
 pub struct Pebble {
@@ -295,7 +291,8 @@ pub struct Response {
 }
 
 /// `GET path` over TLS to `addr` with SNI `name`, trusting only the PEM
-/// certificates in `roots`; `alpn` protocols offered (empty = none).
+/// certificates in `roots`; `alpn` protocols offered (empty = none). The
+/// tests' one HTTPS client (`common::client`) with the chain kept.
 pub async fn https_get(
     addr: SocketAddr,
     name: &str,
@@ -303,24 +300,13 @@ pub async fn https_get(
     roots: &[u8],
     alpn: &[&[u8]],
 ) -> Result<Response, String> {
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots) {
-        store
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let server_name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = super::client::TlsClient::trusting(roots, alpn)?;
     let fut = async {
-        let mut tls = connector
-            .connect(server_name, tcp)
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut tls = client
+            .handshake(tcp, name)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         let chain: Vec<Vec<u8>> = tls
@@ -331,23 +317,12 @@ pub async fn https_get(
             .iter()
             .map(|c| c.to_vec())
             .collect();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
-        tls.write_all(req.as_bytes())
+        let resp = super::client::exchange(&mut tls, "GET", name, path)
             .await
             .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        // Some servers close without close_notify; keep what arrived.
-        let _ = tls.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP response")?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or("no status")?;
         Ok(Response {
-            status,
-            body: body.to_owned(),
+            status: resp.status,
+            body: String::from_utf8_lossy(&resp.body).into_owned(),
             chain,
         })
     };
