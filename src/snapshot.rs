@@ -192,6 +192,36 @@ fn shard(name: &str) -> usize {
     h as usize % SHARDS
 }
 
+/// A new host index of `sites`. The sites are put in their tables' buckets
+/// first (FNV, one pass); the tables (SipHash inserts, most of the work)
+/// are then built on two threads when there are many: at a million
+/// domains that is a tenth of the start.
+fn new_index(sites: &imbl::Vector<Arc<Site>>) -> Box<[Arc<HashSet<ByHost>>]> {
+    let mut buckets: Vec<Vec<Arc<Site>>> = vec![Vec::new(); SHARDS];
+    for site in sites.iter() {
+        buckets[shard(site.domain.name.as_str())].push(Arc::clone(site));
+    }
+    let build = |buckets: Vec<Vec<Arc<Site>>>| -> Vec<Arc<HashSet<ByHost>>> {
+        buckets
+            .into_iter()
+            .map(|b| Arc::new(b.into_iter().map(ByHost).collect()))
+            .collect()
+    };
+    if sites.len() < 100_000 {
+        return build(buckets).into_boxed_slice();
+    }
+    let second = buckets.split_off(SHARDS / 2);
+    let (first, second) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| build(second));
+        let first = build(buckets);
+        (first, other.join())
+    });
+    match second {
+        Ok(second) => first.into_iter().chain(second).collect(),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 impl Snapshot {
     pub fn build(config: &Config) -> Snapshot {
         Self::build_from(config, &Snapshot::default())
@@ -262,16 +292,7 @@ impl Snapshot {
             None
         };
         let ordered = edits.apply(&previous.ordered);
-        let by_host = by_host.unwrap_or_else(|| {
-            let per_table = end / SHARDS + 1;
-            let mut tables: Vec<HashSet<ByHost>> = (0..SHARDS)
-                .map(|_| HashSet::with_capacity(per_table))
-                .collect();
-            for site in ordered.iter() {
-                tables[shard(site.domain.name.as_str())].insert(ByHost(Arc::clone(site)));
-            }
-            tables.into_iter().map(Arc::new).collect()
-        });
+        let by_host = by_host.unwrap_or_else(|| new_index(&ordered));
         debug_assert_eq!(ordered.len(), end);
         let snapshot = Snapshot {
             by_host,
