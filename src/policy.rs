@@ -321,12 +321,11 @@ pub struct PolicyId(Box<str>);
 impl PolicyId {
     pub fn for_body(body: &[u8]) -> Self {
         let digest = Sha256::digest(body);
-        let mut hex = String::with_capacity(32);
-        for byte in &digest[..16] {
-            hex.push(char::from(HEX[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
-        }
-        Self(hex.into_boxed_str())
+        Self(
+            data_encoding::HEXLOWER
+                .encode(&digest[..16])
+                .into_boxed_str(),
+        )
     }
 
     /// Accepts any id a publisher may have written (RFC 8461 §3.1 syntax).
@@ -340,8 +339,6 @@ impl PolicyId {
         &self.0
     }
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl fmt::Display for PolicyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
