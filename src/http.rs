@@ -13,7 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, RequestOutcome};
 use crate::snapshot::{Site, Snapshot};
 
 /// The only path senders fetch (RFC 8461 §3.3).
@@ -145,14 +145,14 @@ enum Reject {
 }
 
 impl Reject {
-    fn outcome(&self) -> Outcome {
+    fn outcome(&self) -> RequestOutcome {
         match self {
-            Reject::BadHost => Outcome::BadHost,
-            Reject::UnknownHost => Outcome::UnknownHost,
-            Reject::NotFound => Outcome::NotFound,
-            Reject::Method => Outcome::MethodNotAllowed,
-            Reject::Misdirected => Outcome::Misdirected,
-            Reject::HttpsOnly(_) => Outcome::HttpsOnly,
+            Reject::BadHost => RequestOutcome::BadHost,
+            Reject::UnknownHost => RequestOutcome::UnknownHost,
+            Reject::NotFound => RequestOutcome::NotFound,
+            Reject::Method => RequestOutcome::MethodNotAllowed,
+            Reject::Misdirected => RequestOutcome::Misdirected,
+            Reject::HttpsOnly(_) => RequestOutcome::HttpsOnly,
         }
     }
 }
@@ -249,7 +249,7 @@ fn respond<B>(
     listener: Listener,
     sni: Option<&str>,
     req: &axum::http::Request<B>,
-) -> Result<(Response, Outcome), Reject> {
+) -> Result<(Response, RequestOutcome), Reject> {
     // HTTP/1.1 sends Host; HTTP/2 sends :authority, which hyper puts in the URI.
     let raw_host = request_host(req)?;
     let host = match (raw_host.and_then(normalize_host), sni) {
@@ -270,14 +270,14 @@ fn respond<B>(
         return Err(Reject::HttpsOnly(Arc::clone(site)));
     }
     let (resp, outcome) = policy_response(site, req);
-    if outcome == Outcome::Policy {
+    if outcome == RequestOutcome::Policy {
         shared.metrics.fetch(site.domain.policy.mode);
     }
     Ok((resp, outcome))
 }
 
 /// 200 with the policy; 304 when the client already holds this version.
-fn policy_response<B>(site: &Site, req: &axum::http::Request<B>) -> (Response, Outcome) {
+fn policy_response<B>(site: &Site, req: &axum::http::Request<B>) -> (Response, RequestOutcome) {
     let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -286,13 +286,13 @@ fn policy_response<B>(site: &Site, req: &axum::http::Request<B>) -> (Response, O
         (
             StatusCode::NOT_MODIFIED,
             Body::empty(),
-            Outcome::NotModified,
+            RequestOutcome::NotModified,
         )
     } else {
         (
             StatusCode::OK,
             Body::from(site.body.clone()),
-            Outcome::Policy,
+            RequestOutcome::Policy,
         )
     };
     let mut resp = Response::new(body);

@@ -22,7 +22,7 @@ pub enum Listener {
 
 /// What became of one HTTP request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum RequestOutcome {
     /// 200 with a policy.
     Policy,
     /// 304: the client already had this version.
@@ -39,16 +39,16 @@ pub enum Outcome {
     BadHost,
 }
 
-const OUTCOMES: [(Outcome, &str); 9] = [
-    (Outcome::Policy, "policy"),
-    (Outcome::NotModified, "not_modified"),
-    (Outcome::UnknownHost, "unknown_host"),
-    (Outcome::NotFound, "not_found"),
-    (Outcome::MethodNotAllowed, "method_not_allowed"),
-    (Outcome::Misdirected, "misdirected"),
-    (Outcome::HttpsOnly, "https_only"),
-    (Outcome::AcmeChallenge, "acme_challenge"),
-    (Outcome::BadHost, "bad_host"),
+const OUTCOMES: [(RequestOutcome, &str); 9] = [
+    (RequestOutcome::Policy, "policy"),
+    (RequestOutcome::NotModified, "not_modified"),
+    (RequestOutcome::UnknownHost, "unknown_host"),
+    (RequestOutcome::NotFound, "not_found"),
+    (RequestOutcome::MethodNotAllowed, "method_not_allowed"),
+    (RequestOutcome::Misdirected, "misdirected"),
+    (RequestOutcome::HttpsOnly, "https_only"),
+    (RequestOutcome::AcmeChallenge, "acme_challenge"),
+    (RequestOutcome::BadHost, "bad_host"),
 ];
 
 /// Result of a TLS handshake attempt.
@@ -292,7 +292,7 @@ impl Metrics {
     }
 
     /// Counts one request (one atomic add).
-    pub fn request(&self, listener: Listener, outcome: Outcome) {
+    pub fn request(&self, listener: Listener, outcome: RequestOutcome) {
         let l = match listener {
             Listener::Https => 0,
             Listener::Http => 1,
@@ -392,9 +392,9 @@ mod tests {
     #[test]
     fn counts_show_in_exposition() {
         let m = Metrics::new();
-        m.request(Listener::Https, Outcome::Policy);
-        m.request(Listener::Https, Outcome::Policy);
-        m.request(Listener::Http, Outcome::UnknownHost);
+        m.request(Listener::Https, RequestOutcome::Policy);
+        m.request(Listener::Https, RequestOutcome::Policy);
+        m.request(Listener::Http, RequestOutcome::UnknownHost);
         m.fetch(Mode::Enforce);
         m.handshake(Handshake::UnknownSni);
         m.reload(Trigger::Admin, ReloadResult::Error);

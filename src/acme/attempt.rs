@@ -13,18 +13,18 @@ impl<S: CertStore> Manager<S> {
         kind: ChallengeKind,
         current: Option<(Vec<u8>, i64)>,
         expires: Option<i64>,
-    ) -> (Option<crate::store::Claim>, bool, Result<Outcome, Failure>) {
+    ) -> (Option<crate::store::Claim>, bool, Result<Success, Failure>) {
         let (ordered, result) = match self.store.claim(&target.host).await {
             Ok(Ok(claim)) => {
                 // A certificate another replica stored since this host was
                 // read (it held the claim until it had stored it).
                 if let Some(adopted) = self.stored_newer(&target.host, expires).await {
-                    return (Some(claim), false, Ok(Outcome::Adopted(adopted)));
+                    return (Some(claim), false, Ok(Success::Adopted(adopted)));
                 }
                 // Another replica's failed attempt set a backoff: it holds
                 // here too (failed validations count cluster-wide).
                 if let Some(retry) = self.stored_backoff(&target.host).await {
-                    return (Some(claim), false, Ok(Outcome::Later(retry)));
+                    return (Some(claim), false, Ok(Success::Later(retry)));
                 }
                 let (ordered, result) = self.attempt_claimed(target, kind, current).await;
                 return (Some(claim), ordered, result);
@@ -35,7 +35,7 @@ impl<S: CertStore> Manager<S> {
                 // other replica died, its claim has ended by then.
                 let wait =
                     (left + Duration::from_millis(fastrand::u64(100..1000))).min(CLAIMED_RETRY);
-                (false, Ok(Outcome::Later(SystemTime::now() + wait)))
+                (false, Ok(Success::Later(SystemTime::now() + wait)))
             }
             Err(e) => (
                 false,
@@ -79,7 +79,7 @@ impl<S: CertStore> Manager<S> {
 
     /// Serves a certificate another replica stored, and schedules its
     /// renewal like one issued here.
-    pub(super) fn adopt(&self, entries: &mut Queue<Entry>, host: &str, adopted: Adopted) {
+    pub(super) fn adopt(&self, entries: &mut Queue<Scheduled>, host: &str, adopted: Adopted) {
         let now = SystemTime::now();
         let Adopted {
             key,
@@ -98,7 +98,7 @@ impl<S: CertStore> Manager<S> {
         entries.update(host, |entry| {
             entry.renew_at = Some(renew);
             entry.expires = Some(not_after);
-            entry.state = Entry::keep(state);
+            entry.state = Scheduled::keep(state);
             entry.due = due;
         });
     }
@@ -109,7 +109,7 @@ impl<S: CertStore> Manager<S> {
         target: &Target,
         kind: ChallengeKind,
         current: Option<(Vec<u8>, i64)>,
-    ) -> (bool, Result<Outcome, Failure>) {
+    ) -> (bool, Result<Success, Failure>) {
         let now = SystemTime::now();
         let mut replaces = None;
         if let Some((leaf, renew_at)) = current {
@@ -122,7 +122,7 @@ impl<S: CertStore> Manager<S> {
             match ari {
                 Ok(Some(id)) => replaces = Some(id),
                 Ok(None) => {}
-                Err(later) if !due => return (false, Ok(Outcome::Later(later))),
+                Err(later) if !due => return (false, Ok(Success::Later(later))),
                 Err(_) => {}
             }
         }
@@ -194,7 +194,7 @@ impl<S: CertStore> Manager<S> {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             *self.account.lock().await = None;
         }
-        (true, result.map(|i| Outcome::Issued(Box::new(i))))
+        (true, result.map(|i| Success::Issued(Box::new(i))))
     }
 
     /// ARI (RFC 9773) for the served certificate: `Ok(Some(id))` renew now,
@@ -339,7 +339,7 @@ impl<S: CertStore> Manager<S> {
 
     /// Records the outcome of an attempt: a new certificate is stored first,
     /// then served; a failure schedules a retry with backoff.
-    pub(super) async fn finish(&self, entries: &mut Queue<Entry>, done: Attempted) {
+    pub(super) async fn finish(&self, entries: &mut Queue<Scheduled>, done: Attempted) {
         // Released when this returns, after the certificate is stored.
         let Attempted {
             claim: _claim,
@@ -364,17 +364,17 @@ impl<S: CertStore> Manager<S> {
             state.last_challenge = Some(kind.as_str().to_owned());
         }
         let issued = match result {
-            Ok(Outcome::Later(at)) => {
+            Ok(Success::Later(at)) => {
                 entries.update(&host, |entry| entry.due = at);
                 return;
             }
-            Ok(Outcome::Adopted(adopted)) => {
+            Ok(Success::Adopted(adopted)) => {
                 if entries.get(&host).is_some() {
                     self.adopt(entries, &host, adopted);
                 }
                 return;
             }
-            Ok(Outcome::Issued(issued)) => Ok(issued),
+            Ok(Success::Issued(issued)) => Ok(issued),
             Err(f) => Err(f),
         };
         let result = match issued {
@@ -470,7 +470,7 @@ impl<S: CertStore> Manager<S> {
                 entry.renew_at = Some(renew);
                 entry.expires = Some(not_after);
             }
-            entry.state = Entry::keep(state);
+            entry.state = Scheduled::keep(state);
             entry.due = due;
         });
     }

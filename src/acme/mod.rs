@@ -133,11 +133,11 @@ struct Attempted {
     /// An order reached the CA (counts for pacing).
     ordered: bool,
     kind: ChallengeKind,
-    result: Result<Outcome, Failure>,
+    result: Result<Success, Failure>,
 }
 
 /// A successful attempt: a new certificate, or "not yet" (ARI check).
-enum Outcome {
+enum Success {
     Issued(Box<Issued>),
     /// Nothing to renew yet; look again then.
     Later(SystemTime),
@@ -160,7 +160,7 @@ const CLAIMED_RETRY: Duration = Duration::from_secs(30);
 
 /// What the scheduler keeps per host: small, since there is one per
 /// configured domain (100,000 of them and more).
-struct Entry {
+struct Scheduled {
     target: Target,
     /// Expiry (unix seconds) of the stored, usable certificate.
     expires: Option<i64>,
@@ -173,14 +173,14 @@ struct Entry {
     due: SystemTime,
 }
 
-impl Entry {
+impl Scheduled {
     /// Keeps `state` in memory only where the scheduler needs it.
     fn keep(state: CertState) -> Option<Box<CertState>> {
         (state.failures > 0 || state.last_error.is_some()).then(|| Box::new(state))
     }
 }
 
-impl Queued for Entry {
+impl Queued for Scheduled {
     fn due(&self) -> SystemTime {
         self.due
     }
@@ -539,7 +539,7 @@ impl<S: CertStore> Manager<S> {
     /// state is then not read. Without it every certificate is read.
     async fn reconcile(
         &self,
-        entries: &mut Queue<Entry>,
+        entries: &mut Queue<Scheduled>,
         snapshot: &Snapshot,
         listed: Option<&HashSet<String>>,
     ) -> Vec<i64> {
@@ -604,7 +604,7 @@ impl<S: CertStore> Manager<S> {
         target: Target,
         now: SystemTime,
         listed: Option<&HashSet<String>>,
-    ) -> (Entry, Option<i64>) {
+    ) -> (Scheduled, Option<i64>) {
         let host = &*target.host;
         let mut state = match self.store.load_state(host).await {
             Ok(s) => s.unwrap_or_default(),
@@ -697,11 +697,11 @@ impl<S: CertStore> Manager<S> {
             None => retry_at.unwrap_or(now),
         };
         let last_order = state.last_order_at;
-        let entry = Entry {
+        let entry = Scheduled {
             target,
             expires: cert.map(|(_, not_after)| not_after),
             renew_at,
-            state: Entry::keep(state),
+            state: Scheduled::keep(state),
             due,
         };
         (entry, last_order)
@@ -725,7 +725,7 @@ impl<S: CertStore> Manager<S> {
         crate::sync::lock(&self.progress)
     }
 
-    fn update_progress(&self, entries: &Queue<Entry>, in_flight: usize) {
+    fn update_progress(&self, entries: &Queue<Scheduled>, in_flight: usize) {
         let counts = entries.counts();
         let mut p = self.progress_lock();
         p.configured = counts.configured;
