@@ -6,7 +6,6 @@
 //! `file:line:col`, so an operator fixes a broken config in one pass.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -16,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod diagnostic;
 mod dns;
 mod domain;
 mod loader;
@@ -24,6 +24,8 @@ mod scan;
 mod server;
 mod store;
 mod tlsrpt;
+pub use diagnostic::{ConfigErrors, Diagnostic, Origin};
+use diagnostic::{Report, Source, line_starts, toml_error};
 pub use dns::{Delegation, DnsUpdate, TsigAlgorithm, TsigKey, TsigSecret};
 use dns::{RawDelegation, RawDns, delegation_config, dns_update_config};
 use domain::{Layer, domain_config, domain_name, validate_defaults};
@@ -47,79 +49,6 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 
 /// Largest config file we read: a provider's domain file is big, but not this big.
 const MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
-
-/// One located problem in a config file.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Diagnostic {
-    /// Shared by every diagnostic (and domain origin) of one file.
-    pub file: Arc<Path>,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-/// Where something is defined: a file, line and column (a diagnostic
-/// without a message, kept in every domain's config, so a third of the
-/// size of a [`Diagnostic`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Origin {
-    pub file: Arc<Path>,
-    pub line: u32,
-    pub col: u32,
-}
-
-impl Origin {
-    /// A diagnostic at this place.
-    pub fn diagnostic(&self, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            file: Arc::clone(&self.file),
-            line: self.line as usize,
-            col: self.col as usize,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<&Diagnostic> for Origin {
-    fn from(d: &Diagnostic) -> Origin {
-        Origin {
-            file: Arc::clone(&d.file),
-            line: u32::try_from(d.line).unwrap_or(u32::MAX),
-            col: u32::try_from(d.col).unwrap_or(u32::MAX),
-        }
-    }
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.col,
-            self.message
-        )
-    }
-}
-
-/// Every error found in a config, plus the warnings seen on the way.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigErrors {
-    pub errors: Vec<Diagnostic>,
-    pub warnings: Vec<Diagnostic>,
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.errors.len();
-        write!(f, "{n} config error{}", if n == 1 { "" } else { "s" })?;
-        for e in &self.errors {
-            write!(f, "\n{e}")?;
-        }
-        Ok(())
-    }
-}
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -253,61 +182,6 @@ struct RawPolicy {
 
 // ---------------------------------------------------------------------------
 // Loading.
-
-/// The text of one config file and how to report positions in it.
-struct Source {
-    path: Arc<Path>,
-    /// Relative paths inside the file are resolved against this directory.
-    base: PathBuf,
-    text: String,
-    line_starts: Vec<usize>,
-}
-
-impl Source {
-    fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
-        let (line, col) = line_col(&self.text, &self.line_starts, span.start);
-        Diagnostic {
-            file: self.path.clone(),
-            line,
-            col,
-            message: message.into(),
-        }
-    }
-
-    fn resolve(&self, p: &str) -> PathBuf {
-        let path = Path::new(p);
-        if path.is_absolute() {
-            path.to_owned()
-        } else {
-            self.base.join(path)
-        }
-    }
-}
-
-/// Byte offsets at which lines start, so positions are found by binary
-/// search: a 100,000-domain file needs 100,000 positions, and scanning from
-/// the start for each would be quadratic.
-fn line_starts(text: &str) -> Vec<usize> {
-    std::iter::once(0)
-        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-        .collect()
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, starts: &[usize], offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let line = starts.partition_point(|&s| s <= offset).max(1);
-    let start = starts.get(line - 1).copied().unwrap_or(0);
-    let col = text.get(start..offset).map_or(0, |s| s.chars().count()) + 1;
-    (line, col)
-}
-
-/// Collects diagnostics while validating.
-#[derive(Default)]
-struct Report {
-    errors: Vec<Diagnostic>,
-    warnings: Vec<Diagnostic>,
-}
 
 impl Config {
     /// Reads and validates `path` and every `*.toml` in its `domains_dir`.
@@ -492,14 +366,14 @@ fn validate_entries(
     raw: &[Spanned<RawPolicy>],
     defaults: &Layer<'_>,
     certs: &mut CertReader,
-    previous: &[Entry],
-) -> Vec<Entry> {
+    previous: &[DomainEntry],
+) -> Vec<DomainEntry> {
     let by_name: HashMap<&DomainName, &Arc<DomainConfig>> = if previous.len() > 8 {
         previous
             .iter()
             .filter_map(|e| match e {
-                Entry::Valid { domain, .. } => Some((&domain.name, domain)),
-                Entry::Invalid(_) => None,
+                DomainEntry::Valid { domain, .. } => Some((&domain.name, domain)),
+                DomainEntry::Invalid(_) => None,
             })
             .collect()
     } else {
@@ -510,7 +384,7 @@ fn validate_entries(
             by_name.get(&d.name).copied()
         } else {
             previous.iter().find_map(|e| match e {
-                Entry::Valid { domain, .. } if domain.name == d.name => Some(domain),
+                DomainEntry::Valid { domain, .. } if domain.name == d.name => Some(domain),
                 _ => None,
             })
         };
@@ -520,7 +394,7 @@ fn validate_entries(
     for entry in raw {
         let mut report = Report::default();
         let Some((name, origin)) = domain_name(source, entry, &mut report) else {
-            out.push(Entry::Invalid(Box::new(InvalidEntry {
+            out.push(DomainEntry::Invalid(Box::new(InvalidEntry {
                 name: None,
                 errors: report.errors,
                 warnings: report.warnings,
@@ -538,13 +412,13 @@ fn validate_entries(
         ) {
             Ok(domain) if report.errors.is_empty() => {
                 let domain = reuse(&domain).unwrap_or_else(|| Arc::new(domain));
-                out.push(Entry::Valid {
+                out.push(DomainEntry::Valid {
                     domain,
                     warnings: report.warnings.into_boxed_slice(),
                 });
             }
             Ok(DomainConfig { name, origin, .. }) | Err((name, origin)) => {
-                out.push(Entry::Invalid(Box::new(InvalidEntry {
+                out.push(DomainEntry::Invalid(Box::new(InvalidEntry {
                     name: Some((name, origin)),
                     errors: report.errors,
                     warnings: report.warnings,
@@ -558,7 +432,7 @@ fn validate_entries(
 /// One `[[domain]]` entry after [`validate_entries`] (kept small: a
 /// reloading server keeps one per domain).
 #[derive(Debug)]
-enum Entry {
+enum DomainEntry {
     Valid {
         domain: Arc<DomainConfig>,
         warnings: Box<[Diagnostic]>,
@@ -574,11 +448,11 @@ struct InvalidEntry {
     warnings: Vec<Diagnostic>,
 }
 
-impl Entry {
+impl DomainEntry {
     fn name(&self) -> Option<(&DomainName, &Origin)> {
         match self {
-            Entry::Valid { domain, .. } => Some((&domain.name, &domain.origin)),
-            Entry::Invalid(e) => e.name.as_ref().map(|(n, o)| (n, o)),
+            DomainEntry::Valid { domain, .. } => Some((&domain.name, &domain.origin)),
+            DomainEntry::Invalid(e) => e.name.as_ref().map(|(n, o)| (n, o)),
         }
     }
 }
@@ -617,11 +491,11 @@ fn sort_on_two_threads<T: Ord + Copy + Send>(v: &mut Vec<T>) {
 
 /// The errors and warnings of every entry, in file order, when no name is
 /// defined twice (what [`merge`] reports then).
-fn collect_diagnostics<'a>(files: impl Iterator<Item = &'a [Entry]>, report: &mut Report) {
+fn collect_diagnostics<'a>(files: impl Iterator<Item = &'a [DomainEntry]>, report: &mut Report) {
     for entry in files.flat_map(|f| f.iter()) {
         match entry {
-            Entry::Valid { warnings, .. } => report.warnings.extend(warnings.iter().cloned()),
-            Entry::Invalid(e) => {
+            DomainEntry::Valid { warnings, .. } => report.warnings.extend(warnings.iter().cloned()),
+            DomainEntry::Invalid(e) => {
                 report.errors.extend(e.errors.iter().cloned());
                 report.warnings.extend(e.warnings.iter().cloned());
             }
@@ -633,11 +507,11 @@ fn collect_diagnostics<'a>(files: impl Iterator<Item = &'a [Entry]>, report: &mu
 /// and every `domains_dir` file (first definition wins, in file order), and
 /// the errors and warnings of every entry, in file order.
 fn merge<'a>(
-    files: impl Iterator<Item = &'a [Entry]>,
+    files: impl Iterator<Item = &'a [DomainEntry]>,
     count: usize,
     report: &mut Report,
 ) -> Domains {
-    let entries: Vec<&Entry> = files.flat_map(|f| f.iter()).collect();
+    let entries: Vec<&DomainEntry> = files.flat_map(|f| f.iter()).collect();
     // Names with their position in file order, sorted by name then
     // position: the first of a run of equal names is the definition that
     // wins, the others are duplicates. One sort of a million pairs instead
@@ -675,8 +549,8 @@ fn merge<'a>(
             continue;
         }
         match entry {
-            Entry::Valid { warnings, .. } => report.warnings.extend(warnings.iter().cloned()),
-            Entry::Invalid(e) => {
+            DomainEntry::Valid { warnings, .. } => report.warnings.extend(warnings.iter().cloned()),
+            DomainEntry::Invalid(e) => {
                 report.errors.extend(e.errors.iter().cloned());
                 report.warnings.extend(e.warnings.iter().cloned());
             }
@@ -687,7 +561,7 @@ fn merge<'a>(
         .iter()
         .filter(|(_, i)| !duplicate_of.contains_key(i))
         .filter_map(|&(_, i)| match entries.get(i) {
-            Some(Entry::Valid { domain, .. }) => Some(Arc::clone(domain)),
+            Some(DomainEntry::Valid { domain, .. }) => Some(Arc::clone(domain)),
             _ => None,
         })
         .collect()
@@ -714,31 +588,6 @@ fn domain_source(path: &Path, text: String) -> Source {
         line_starts: line_starts(&text),
         text,
     }
-}
-
-/// Turns a TOML/serde error into a located diagnostic, with a "did you mean"
-/// for misspelt keys.
-fn toml_error(source: &Source, e: &toml::de::Error) -> Diagnostic {
-    let span = e.span().unwrap_or(0..0);
-    let mut message = e.message().trim().to_owned();
-    if let Some(hint) = did_you_mean(&message) {
-        message.push_str(&format!("; did you mean `{hint}`?"));
-    }
-    source.at(span, message)
-}
-
-/// serde's unknown-field message is "unknown field `x`, expected one of `a`, `b`".
-fn did_you_mean(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    let (unknown, expected) = rest.split_once('`')?;
-    expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|cand| (strsim::damerau_levenshtein(unknown, cand), cand))
-        .filter(|(dist, cand)| *dist <= 2.max(cand.len() / 4) && *dist < cand.len())
-        .min_by_key(|(dist, _)| *dist)
-        .map(|(_, cand)| cand.to_owned())
 }
 
 /// A duration given as seconds (integer) or humane text ("7d", "1w", "90s").

@@ -31,9 +31,9 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Config, ConfigErrors, Diagnostic, DomainConfig, Domains, Entry, Layer, MainParts, MxSource,
-    RawDomainFile, collect_diagnostics, domain_source, merge, parse_main, read_limited, toml_error,
-    validate_defaults, validate_entries,
+    Config, ConfigErrors, Diagnostic, DomainConfig, DomainEntry, Domains, Layer, MainParts,
+    MxSource, RawDomainFile, collect_diagnostics, domain_source, merge, parse_main, read_limited,
+    toml_error, validate_defaults, validate_entries,
 };
 use crate::mxcert;
 use crate::policy::DomainName;
@@ -105,12 +105,12 @@ struct CachedFile {
     deps: Box<[PathBuf]>,
     /// The file cannot be read or parsed (then there are no entries).
     failed: Option<Box<Diagnostic>>,
-    entries: Vec<Entry>,
+    entries: Vec<DomainEntry>,
 }
 
 /// A mail server certificate file as last read.
 #[derive(Debug)]
-struct CertState {
+struct CertFile {
     stamp: Option<Stamp>,
     /// Read it again at the next load (unreadable or invalid, or racy).
     always: bool,
@@ -121,7 +121,7 @@ struct CertState {
     matches: Option<Vec<PathBuf>>,
 }
 
-impl CertState {
+impl CertFile {
     fn stale(&self, path: &Path, now: time::OffsetDateTime) -> bool {
         if let Some(matches) = &self.matches {
             return mxcert::expand(path).ok().as_ref() != Some(matches);
@@ -213,10 +213,10 @@ pub struct Loader {
     base: PathBuf,
     /// The main file's text the cached files were validated against.
     main_text: Option<String>,
-    main_entries: Vec<Entry>,
+    main_entries: Vec<DomainEntry>,
     /// Sorted by name, as the directory listing is.
     files: Vec<CachedFile>,
-    certs: HashMap<PathBuf, CertState>,
+    certs: HashMap<PathBuf, CertFile>,
     stats: LoadStats,
     /// The last load's domains when every entry was valid and no name was
     /// defined twice: a load that changes a few files then applies its
@@ -424,7 +424,7 @@ impl Loader {
         // those that cached files depend on.
         drop(stale_certs);
         for (path, (stamp, result)) in certs.read {
-            let state = CertState {
+            let state = CertFile {
                 always: result.is_err() || stamp.is_none_or(|s| s.racy(read_at)),
                 expires: result.ok().map(|n| n.expires),
                 stamp,
@@ -433,7 +433,7 @@ impl Loader {
             self.certs.insert(path, state);
         }
         for (path, found) in certs.globs {
-            let state = CertState {
+            let state = CertFile {
                 always: false,
                 expires: None,
                 stamp: None,
@@ -460,7 +460,7 @@ impl Loader {
         // The files read again, by their position in `files` (a file that
         // could not be read keeps no slot there but holds no entries).
         // Every slot was filled, so `files[slot]` is the file read again.
-        let added: Vec<&Entry> = changed_slots
+        let added: Vec<&DomainEntry> = changed_slots
             .iter()
             .filter_map(|slot| files.get(*slot))
             .flat_map(|f| f.entries.iter())
@@ -475,8 +475,8 @@ impl Loader {
                 collect_diagnostics(all, &mut report);
                 // A domain that left may have used them: still counted.
                 let incoming = added.iter().any(|e| match e {
-                    Entry::Valid { domain, .. } => uses_certs(domain),
-                    Entry::Invalid(_) => false,
+                    DomainEntry::Valid { domain, .. } => uses_certs(domain),
+                    DomainEntry::Invalid(_) => false,
                 });
                 (domains, self.merged_mx_certs || incoming)
             }
@@ -675,10 +675,10 @@ pub(super) fn on_threads<W: Send, R: Send>(
 }
 
 /// The names of a file's valid entries.
-fn entry_names(entries: &[Entry]) -> impl Iterator<Item = DomainName> + '_ {
+fn entry_names(entries: &[DomainEntry]) -> impl Iterator<Item = DomainName> + '_ {
     entries.iter().filter_map(|e| match e {
-        Entry::Valid { domain, .. } => Some(domain.name.clone()),
-        Entry::Invalid(_) => None,
+        DomainEntry::Valid { domain, .. } => Some(domain.name.clone()),
+        DomainEntry::Invalid(_) => None,
     })
 }
 
@@ -690,7 +690,7 @@ fn entry_names(entries: &[Entry]) -> impl Iterator<Item = DomainName> + '_ {
 fn apply_change(
     previous: Domains,
     taken_out: &[DomainName],
-    added: &[&Entry],
+    added: &[&DomainEntry],
     count: usize,
     main_entries: usize,
 ) -> Option<Domains> {
@@ -701,8 +701,8 @@ fn apply_change(
     let mut incoming: Vec<&Arc<DomainConfig>> = Vec::with_capacity(added.len());
     for e in added {
         match e {
-            Entry::Valid { domain, .. } => incoming.push(domain),
-            Entry::Invalid(_) => return None,
+            DomainEntry::Valid { domain, .. } => incoming.push(domain),
+            DomainEntry::Invalid(_) => return None,
         }
     }
     incoming.sort_unstable_by(|a, b| a.name.cmp(&b.name));

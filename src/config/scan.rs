@@ -15,8 +15,8 @@ use std::path::Path;
 
 use super::loader::{CertReader, list_dir, on_threads};
 use super::{
-    Config, ConfigErrors, Diagnostic, DomainConfig, Domains, Entry, Layer, MxSource, RawDomainFile,
-    domain_source, parse_main, read_limited, validate_defaults, validate_entries,
+    Config, ConfigErrors, Diagnostic, DomainConfig, DomainEntry, Domains, Layer, MxSource,
+    RawDomainFile, domain_source, parse_main, read_limited, validate_defaults, validate_entries,
 };
 
 /// A config read by [`scan`].
@@ -94,15 +94,15 @@ where
     if !report.errors.is_empty() {
         return None;
     }
-    let keep_entries = |entries: Vec<Entry>, chunk: &mut Chunk<T>, keep: &mut K| {
+    let keep_entries = |entries: Vec<DomainEntry>, chunk: &mut Chunk<T>, keep: &mut K| {
         for entry in entries {
             match entry {
-                Entry::Valid { domain, warnings } => {
+                DomainEntry::Valid { domain, warnings } => {
                     chunk.mx_certs_used |= matches!(domain.mx_source, MxSource::Certs(_));
                     chunk.warnings.extend(warnings);
                     chunk.kept.push(keep(&domain));
                 }
-                Entry::Invalid(_) => chunk.clean = false,
+                DomainEntry::Invalid(_) => chunk.clean = false,
             }
         }
     };

@@ -1,3 +1,4 @@
+use super::diagnostic::line_col;
 use super::*;
 use crate::policy::{MAX_AGE_LIMIT, Mode, MxPattern};
 
