@@ -32,6 +32,8 @@ use crate::dns::Record;
 use crate::policy::{DomainName, MAX_AGE_LIMIT};
 use crate::store;
 
+pub mod commands;
+
 /// The state file's name inside `state_dir`.
 pub const FILE_NAME: &str = "retire.json";
 

@@ -120,65 +120,31 @@ pub(super) fn note_prunable(cfg: &Config) {
     }
 }
 
-/// `dns push --prune`: deletes the records of domains that left the config
-/// after their retirement period (all recorded ones, or the named ones that
-/// are not configured). Returns (pruned, failed).
+/// `dns push --prune`: prints what `retire::prune` did. Returns (pruned,
+/// failed).
 pub(super) async fn dns_prune(
     cfg: &Config,
     pusher: &mut dns::update::Pusher,
     only: &[DomainName],
     dry_run: bool,
 ) -> anyhow::Result<(usize, usize)> {
-    use crate::retire::{self, State};
-    use dns::update::Outcome;
+    use crate::retire::commands::{Pruned, prune};
 
-    let state_dir = &cfg.server.state_dir;
-    let mut state = State::load(state_dir)?;
-    let candidates: Vec<DomainName> = if only.is_empty() {
-        state
-            .domains
-            .keys()
-            .filter_map(|d| DomainName::parse(d).ok())
-            .filter(|d| cfg.domain(d).is_none())
-            .collect()
-    } else {
-        // Named domains that are configured were pushed above.
-        only.iter()
-            .filter(|d| cfg.domain(d).is_none())
-            .cloned()
-            .collect()
-    };
-    let now = retire::unix_now();
     let (mut pruned, mut failed) = (0, 0);
-    let mut changed = false;
-    for domain in candidates {
-        let records = match retire::may_prune(&state, state_dir, cfg, &domain, now) {
-            Ok(entry) => entry.records(domain.as_str()),
-            Err(refusal) => {
-                eprintln!("error: not pruning: {refusal}");
-                failed += 1;
-                continue;
-            }
-        };
-        match pusher.prune(domain.as_str(), &records).await {
-            Outcome::Deleted(sets) => println!("deleted {domain}: {}", sets.join(", ")),
-            Outcome::WouldDelete(sets) => println!("would delete {domain}: {}", sets.join(", ")),
-            Outcome::Unchanged => println!("pruned {domain}: none of its records were left"),
-            Outcome::Failed(e) => {
-                eprintln!("error: {domain}: {e}");
-                failed += 1;
-                continue;
-            }
-            Outcome::Updated(_) | Outcome::WouldUpdate(_) => {}
+    for (domain, result) in prune(cfg, pusher, only, dry_run).await? {
+        match &result {
+            Pruned::Deleted(sets) => println!("deleted {domain}: {}", sets.join(", ")),
+            Pruned::WouldDelete(sets) => println!("would delete {domain}: {}", sets.join(", ")),
+            Pruned::NoneLeft => println!("pruned {domain}: none of its records were left"),
+            Pruned::Done => {}
+            Pruned::Refused(why) => eprintln!("error: not pruning: {why}"),
+            Pruned::Failed(e) => eprintln!("error: {domain}: {e}"),
         }
-        pruned += 1;
-        if !dry_run {
-            state.domains.remove(domain.as_str());
-            changed = true;
+        if result.pruned() {
+            pruned += 1;
+        } else {
+            failed += 1;
         }
-    }
-    if changed {
-        state.save(state_dir)?;
     }
     Ok((pruned, failed))
 }
@@ -191,54 +157,8 @@ pub(super) fn retire(
     old_max_age: Option<Duration>,
     names: &[String],
 ) -> anyhow::Result<ExitCode> {
-    use crate::retire::{self, Observation, State};
-
     let only = domain_args(names)?;
-    let mut state = State::load(&cfg.server.state_dir)?;
-    for d in &only {
-        match cfg.domain(d) {
-            Some(c) if c.retire => {}
-            Some(_) => anyhow::bail!(
-                "{d} is configured without retire = true: add it to its [[domain]] entry, reload, publish the new TXT (`mtasts records`), then run this again"
-            ),
-            None if state.domains.contains_key(d.as_str()) => {}
-            None => anyhow::bail!("{d} is not configured in {}", path.display()),
-        }
-    }
-    let started: Vec<DomainName> = only
-        .iter()
-        .filter(|d| cfg.domain(d).is_some())
-        .cloned()
-        .collect();
-    let records = if started.is_empty() {
-        Vec::new()
-    } else {
-        let snapshot = Snapshot::build(cfg);
-        let side = dns::update::default_side(cfg);
-        let ttl = cfg.dns_update.as_ref().and_then(|u| u.ttl);
-        dns::records(&snapshot, &started, side, cfg.delegation.as_ref())?
-            .into_iter()
-            .map(|r| dns::Record {
-                ttl: ttl.unwrap_or(r.ttl),
-                ..r
-            })
-            .collect()
-    };
-    let mut changed = Observation::new(cfg).apply(&mut state, &records, retire::unix_now());
-    if let Some(longer) = old_max_age {
-        for d in &only {
-            if let Some(entry) = state.domains.get_mut(d.as_str())
-                && entry.old_max_age < longer.as_secs()
-            {
-                entry.old_max_age = longer.as_secs();
-                changed = true;
-            }
-        }
-    }
-    if changed {
-        state.save(&cfg.server.state_dir)?;
-    }
-    let lines = retire::status(&state, cfg, retire::unix_now());
+    let lines = crate::retire::commands::record_published(path, cfg, &only, old_max_age)?;
     if lines.is_empty() {
         println!("no domain is retiring (set retire = true in its [[domain]] entry)");
     }
