@@ -310,55 +310,19 @@ impl Loader {
         };
         stats.files = listing.len();
         let t_list = t0.elapsed();
-        // Which files are kept as they are, and which must be read.
-        let mut old = std::mem::take(&mut self.files).into_iter().peekable();
-        let mut slots: Vec<Option<CachedFile>> = Vec::with_capacity(listing.len());
-        let mut work = Vec::new();
-        // Domains of files that are gone or read again: what an incremental
-        // merge takes out of the previous list.
-        let mut taken_out: Vec<DomainName> = Vec::new();
         let previous_merge = if main_same { self.merged.take() } else { None };
         self.merged = None;
-        for (name, stamp) in listing {
-            let mut previous = None;
-            while let Some(o) = old.peek() {
-                match o.name.cmp(&name) {
-                    std::cmp::Ordering::Less => {
-                        if let Some(gone) = old.next() {
-                            taken_out.extend(entry_names(&gone.entries));
-                        }
-                    }
-                    std::cmp::Ordering::Equal => {
-                        previous = old.next();
-                        break;
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-            }
-            let reusable = previous.as_ref().is_some_and(|f| {
-                main_same
-                    && f.stamp.is_some()
-                    && f.deps
-                        .iter()
-                        .all(|d| self.certs.contains_key(d) && !stale_certs.contains(d.as_path()))
-            });
-            match previous {
-                Some(f) if reusable && f.stamp == Some(stamp) && !f.racy => slots.push(Some(f)),
-                previous => {
-                    work.push(Work {
-                        slot: slots.len(),
-                        name,
-                        stamp,
-                        previous,
-                        reusable,
-                    });
-                    slots.push(None);
-                }
-            }
-        }
-        for gone in old {
-            taken_out.extend(entry_names(&gone.entries));
-        }
+        let Plan {
+            mut slots,
+            work,
+            mut taken_out,
+        } = plan(
+            std::mem::take(&mut self.files),
+            listing,
+            main_same,
+            &self.certs,
+            &stale_certs,
+        );
         // Read again: their previous domains, by slot, for the files that
         // turn out changed (a file read again may be the same).
         let mut previous_names: HashMap<usize, Vec<DomainName>> = HashMap::new();
@@ -372,35 +336,7 @@ impl Loader {
         let dir = domains_dir
             .as_ref()
             .map_or(Path::new("."), |(d, _)| d.as_path());
-        let refresh_all = |work: Vec<Work>, certs: &mut CertReader| {
-            work.into_iter()
-                .map(|w| (w.slot, refresh(w, dir, &defaults, certs, read_at)))
-                .collect::<Vec<_>>()
-        };
-        // A full load (start, main file changed) reads and parses every
-        // file: spread it over the cores. A reload of a few files stays here.
-        // (Providers keep many domains per file: a million domains in 1,000
-        // files is a full load too.)
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let results = if threads > 1 && work.len() >= 2 * threads {
-            let mut results = Vec::new();
-            for (done, own) in on_threads(work, threads, |chunk| {
-                let mut own = CertReader::new(now);
-                let done = refresh_all(chunk, &mut own);
-                (done, own)
-            }) {
-                results.extend(done);
-                for (path, state) in own.read {
-                    certs.read.entry(path).or_insert(state);
-                }
-                for (path, found) in own.globs {
-                    certs.globs.entry(path).or_insert(found);
-                }
-            }
-            results
-        } else {
-            refresh_all(work, &mut certs)
-        };
+        let results = read_all(work, dir, &defaults, &mut certs, read_at, now);
         for (slot, (file, parsed)) in results {
             stats.parsed += usize::from(parsed);
             if parsed || file.failed.is_some() {
@@ -420,34 +356,8 @@ impl Loader {
             validate_entries(&source, &entries, &defaults, &mut certs, &self.main_entries);
         certs.take_touched();
 
-        // Certificates read now replace what was known of them; keep only
-        // those that cached files depend on.
         drop(stale_certs);
-        for (path, (stamp, result)) in certs.read {
-            let state = CertFile {
-                always: result.is_err() || stamp.is_none_or(|s| s.racy(read_at)),
-                expires: result.ok().map(|n| n.expires),
-                stamp,
-                matches: None,
-            };
-            self.certs.insert(path, state);
-        }
-        for (path, found) in certs.globs {
-            let state = CertFile {
-                always: false,
-                expires: None,
-                stamp: None,
-                matches: Some(found),
-            };
-            self.certs.insert(path, state);
-        }
-        if !self.certs.is_empty() {
-            let used: HashSet<&Path> = files
-                .iter()
-                .flat_map(|f| f.deps.iter().map(PathBuf::as_path))
-                .collect();
-            self.certs.retain(|p, _| used.contains(p.as_path()));
-        }
+        self.remember_certs(certs, &files, read_at);
 
         for f in &files {
             if let Some(d) = &f.failed {
@@ -525,6 +435,152 @@ impl Loader {
                 warnings: report.warnings,
             })
         }
+    }
+}
+
+impl Loader {
+    /// Certificates read by this load replace what was known of them; only
+    /// those that the cached `files` depend on are kept.
+    fn remember_certs(&mut self, certs: CertReader, files: &[CachedFile], read_at: SystemTime) {
+        for (path, (stamp, result)) in certs.read {
+            let state = CertFile {
+                always: result.is_err() || stamp.is_none_or(|s| s.racy(read_at)),
+                expires: result.ok().map(|n| n.expires),
+                stamp,
+                matches: None,
+            };
+            self.certs.insert(path, state);
+        }
+        for (path, found) in certs.globs {
+            let state = CertFile {
+                always: false,
+                expires: None,
+                stamp: None,
+                matches: Some(found),
+            };
+            self.certs.insert(path, state);
+        }
+        if !self.certs.is_empty() {
+            let used: HashSet<&Path> = files
+                .iter()
+                .flat_map(|f| f.deps.iter().map(PathBuf::as_path))
+                .collect();
+            self.certs.retain(|p, _| used.contains(p.as_path()));
+        }
+    }
+}
+
+/// Which `domains_dir` files a load keeps as they are and which it reads.
+struct Plan {
+    /// One per listed file, in listing order: the cached file kept, or
+    /// `None` for one of `work`.
+    slots: Vec<Option<CachedFile>>,
+    work: Vec<Work>,
+    /// Domains of files that are gone: what an incremental merge takes out
+    /// of the previous list (the load adds those of files read again).
+    taken_out: Vec<DomainName>,
+}
+
+/// Compares the listing with the files cached by the previous load (both
+/// sorted by name): a file is kept when its stamp is the same, it is not
+/// racy, the main file is the same and no certificate it depends on is
+/// stale; every other listed file is read.
+fn plan(
+    old_files: Vec<CachedFile>,
+    listing: Vec<(OsString, Stamp)>,
+    main_same: bool,
+    known_certs: &HashMap<PathBuf, CertFile>,
+    stale_certs: &HashSet<&Path>,
+) -> Plan {
+    let mut old = old_files.into_iter().peekable();
+    let mut slots: Vec<Option<CachedFile>> = Vec::with_capacity(listing.len());
+    let mut work = Vec::new();
+    let mut taken_out: Vec<DomainName> = Vec::new();
+    for (name, stamp) in listing {
+        let mut previous = None;
+        while let Some(o) = old.peek() {
+            match o.name.cmp(&name) {
+                std::cmp::Ordering::Less => {
+                    if let Some(gone) = old.next() {
+                        taken_out.extend(entry_names(&gone.entries));
+                    }
+                }
+                std::cmp::Ordering::Equal => {
+                    previous = old.next();
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        let reusable = previous.as_ref().is_some_and(|f| {
+            main_same
+                && f.stamp.is_some()
+                && f.deps
+                    .iter()
+                    .all(|d| known_certs.contains_key(d) && !stale_certs.contains(d.as_path()))
+        });
+        match previous {
+            Some(f) if reusable && f.stamp == Some(stamp) && !f.racy => slots.push(Some(f)),
+            previous => {
+                work.push(Work {
+                    slot: slots.len(),
+                    name,
+                    stamp,
+                    previous,
+                    reusable,
+                });
+                slots.push(None);
+            }
+        }
+    }
+    for gone in old {
+        taken_out.extend(entry_names(&gone.entries));
+    }
+    Plan {
+        slots,
+        work,
+        taken_out,
+    }
+}
+
+/// Reads (and parses when changed) the files of `work`, by slot. A full
+/// load (start, main file changed) reads every file: spread over the
+/// cores, each thread with its own certificate reader, merged into
+/// `certs`. A reload of a few files stays on this thread. (Providers keep
+/// many domains per file: a million domains in 1,000 files is a full load
+/// too.)
+fn read_all(
+    work: Vec<Work>,
+    dir: &Path,
+    defaults: &Layer<'_>,
+    certs: &mut CertReader,
+    read_at: SystemTime,
+    now: time::OffsetDateTime,
+) -> Vec<(usize, (CachedFile, bool))> {
+    let refresh_all = |work: Vec<Work>, certs: &mut CertReader| {
+        work.into_iter()
+            .map(|w| (w.slot, refresh(w, dir, defaults, certs, read_at)))
+            .collect::<Vec<_>>()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if threads > 1 && work.len() >= 2 * threads {
+        let mut results = Vec::new();
+        for (done, own) in on_threads(work, threads, |chunk| {
+            let mut own = CertReader::new(now);
+            let done = refresh_all(chunk, &mut own);
+            (done, own)
+        }) {
+            results.extend(done);
+            for (path, state) in own.read {
+                certs.read.entry(path).or_insert(state);
+            }
+            for (path, found) in own.globs {
+                certs.globs.entry(path).or_insert(found);
+            }
+        }
+        results
+    } else {
+        refresh_all(work, certs)
     }
 }
 
