@@ -183,39 +183,7 @@ pub(super) fn domain_config(
         None => Mode::Testing,
     };
 
-    let max_age = match pick(&domain, defaults, |r| r.max_age.as_ref()) {
-        Some((src, v)) => match duration(v.get_ref()) {
-            Ok(d) if d.as_secs() <= MAX_AGE_LIMIT && d.subsec_nanos() == 0 => {
-                if d.as_secs() < MAX_AGE_RECOMMENDED_MIN {
-                    report.warnings.push(src.at(
-                        v.span(),
-                        format!(
-                            "{name}: max_age {} s is below one day (86400 s); senders will refetch the policy very often",
-                            d.as_secs()
-                        ),
-                    ));
-                }
-                d.as_secs()
-            }
-            Ok(d) => {
-                report.errors.push(src.at(
-                    v.span(),
-                    format!(
-                        "max_age {} s is outside 0..={MAX_AGE_LIMIT} whole seconds (RFC 8461 §3.2)",
-                        d.as_secs_f64()
-                    ),
-                ));
-                0
-            }
-            Err(msg) => {
-                report
-                    .errors
-                    .push(src.at(v.span(), format!("max_age: {msg}")));
-                0
-            }
-        },
-        None => 604_800,
-    };
+    let max_age = max_age_of(&domain, defaults, &name, report);
 
     let mode = if retire { Mode::None } else { mode };
 
@@ -251,46 +219,7 @@ pub(super) fn domain_config(
                 (MxList::Own(mx), MxSource::Explicit)
             }
         } else if let Some((src, list)) = pick(&domain, defaults, |r| r.mx_certs.as_ref()) {
-            let mut mx = Vec::new();
-            let mut paths = Vec::new();
-            for item in list.get_ref() {
-                let path = src.resolve(item.get_ref());
-                // A glob (crate::mxcert::expand) may match nothing, and a file
-                // it matches that gives no names is skipped with a warning; a
-                // file named as such must give names.
-                let glob = crate::mxcert::is_glob(&path);
-                let files = certs.expand(&path).unwrap_or_else(|msg| {
-                    report.errors.push(src.at(item.span(), msg));
-                    Vec::new()
-                });
-                if glob && files.is_empty() {
-                    report.warnings.push(src.at(
-                        item.span(),
-                        format!("{name}: mx_certs glob {} matches no file", path.display()),
-                    ));
-                }
-                for file in files {
-                    match certs.read(&file) {
-                        Ok(names) => {
-                            mx.extend(names.patterns.iter().cloned());
-                            for (skipped, why) in &names.skipped {
-                                report.warnings.push(src.at(
-                                    item.span(),
-                                    format!(
-                                        "{name}: skipping {skipped:?} from {}: {why}",
-                                        file.display()
-                                    ),
-                                ));
-                            }
-                        }
-                        Err(msg) if glob => report
-                            .warnings
-                            .push(src.at(item.span(), format!("{name}: skipping {msg}"))),
-                        Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
-                    }
-                }
-                paths.push(path);
-            }
+            let (mx, paths) = mx_from_certs(src, list, &name, certs, report);
             (MxList::Own(mx), MxSource::Certs(paths))
         } else {
             (MxList::Own(Vec::new()), MxSource::Explicit)
@@ -318,33 +247,7 @@ pub(super) fn domain_config(
         )));
     }
 
-    let inherited_rua = raw
-        .tlsrpt_rua
-        .is_none()
-        .then_some(defaults.rua.as_ref())
-        .flatten();
-    let tlsrpt_rua: Arc<[String]> = match inherited_rua {
-        Some(shared) if !defaults.tlsrpt_receive => Arc::clone(shared),
-        _ => {
-            let mut own_list = match pick(&domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
-                Some((src, v)) => rua_list(src, v, report),
-                None => Vec::new(),
-            };
-            if defaults.tlsrpt_receive {
-                let own = name.tlsrpt_rua();
-                if !own_list.contains(&own) {
-                    own_list.push(own);
-                }
-            }
-            if own_list.is_empty() {
-                // Most domains have none: one shared empty list, not an
-                // allocation each (16 MB at a million domains).
-                Arc::clone(&NO_RUA)
-            } else {
-                own_list.into()
-            }
-        }
-    };
+    let tlsrpt_rua = rua_of(&domain, defaults, &name, report);
 
     let ttl = match pick(&domain, defaults, |r| r.ttl.as_ref()) {
         Some((src, v)) => match u32::try_from(*v.get_ref()) {
@@ -383,6 +286,138 @@ pub(super) fn domain_config(
         origin,
         retire,
     })
+}
+
+/// `max_age` in seconds (a week when unset); a warning below one day.
+fn max_age_of(
+    domain: &Layer<'_>,
+    defaults: &Layer<'_>,
+    name: &DomainName,
+    report: &mut Report,
+) -> u64 {
+    match pick(domain, defaults, |r| r.max_age.as_ref()) {
+        Some((src, v)) => match duration(v.get_ref()) {
+            Ok(d) if d.as_secs() <= MAX_AGE_LIMIT && d.subsec_nanos() == 0 => {
+                if d.as_secs() < MAX_AGE_RECOMMENDED_MIN {
+                    report.warnings.push(src.at(
+                        v.span(),
+                        format!(
+                            "{name}: max_age {} s is below one day (86400 s); senders will refetch the policy very often",
+                            d.as_secs()
+                        ),
+                    ));
+                }
+                d.as_secs()
+            }
+            Ok(d) => {
+                report.errors.push(src.at(
+                    v.span(),
+                    format!(
+                        "max_age {} s is outside 0..={MAX_AGE_LIMIT} whole seconds (RFC 8461 §3.2)",
+                        d.as_secs_f64()
+                    ),
+                ));
+                0
+            }
+            Err(msg) => {
+                report
+                    .errors
+                    .push(src.at(v.span(), format!("max_age: {msg}")));
+                0
+            }
+        },
+        None => 604_800,
+    }
+}
+
+/// The mx patterns of the mail server certificates an `mx_certs` list
+/// names (files or globs), and the paths as resolved.
+fn mx_from_certs(
+    src: &Source,
+    list: &Spanned<Vec<Spanned<String>>>,
+    name: &DomainName,
+    certs: &mut CertReader,
+    report: &mut Report,
+) -> (Vec<MxPattern>, Vec<std::path::PathBuf>) {
+    let mut mx = Vec::new();
+    let mut paths = Vec::new();
+    for item in list.get_ref() {
+        let path = src.resolve(item.get_ref());
+        // A glob (crate::mxcert::expand) may match nothing, and a file
+        // it matches that gives no names is skipped with a warning; a
+        // file named as such must give names.
+        let glob = crate::mxcert::is_glob(&path);
+        let files = certs.expand(&path).unwrap_or_else(|msg| {
+            report.errors.push(src.at(item.span(), msg));
+            Vec::new()
+        });
+        if glob && files.is_empty() {
+            report.warnings.push(src.at(
+                item.span(),
+                format!("{name}: mx_certs glob {} matches no file", path.display()),
+            ));
+        }
+        for file in files {
+            match certs.read(&file) {
+                Ok(names) => {
+                    mx.extend(names.patterns.iter().cloned());
+                    for (skipped, why) in &names.skipped {
+                        report.warnings.push(src.at(
+                            item.span(),
+                            format!(
+                                "{name}: skipping {skipped:?} from {}: {why}",
+                                file.display()
+                            ),
+                        ));
+                    }
+                }
+                Err(msg) if glob => report
+                    .warnings
+                    .push(src.at(item.span(), format!("{name}: skipping {msg}"))),
+                Err(msg) => report.errors.push(src.at(item.span(), msg.clone())),
+            }
+        }
+        paths.push(path);
+    }
+    (mx, paths)
+}
+
+/// `tlsrpt_rua`: the domain's own list, or the one `[defaults]` list shared,
+/// plus the policy host's own endpoint with `[tlsrpt] receive`.
+fn rua_of(
+    domain: &Layer<'_>,
+    defaults: &Layer<'_>,
+    name: &DomainName,
+    report: &mut Report,
+) -> Arc<[String]> {
+    let inherited_rua = domain
+        .raw
+        .tlsrpt_rua
+        .is_none()
+        .then_some(defaults.rua.as_ref())
+        .flatten();
+    match inherited_rua {
+        Some(shared) if !defaults.tlsrpt_receive => Arc::clone(shared),
+        _ => {
+            let mut own_list = match pick(domain, defaults, |r| r.tlsrpt_rua.as_ref()) {
+                Some((src, v)) => rua_list(src, v, report),
+                None => Vec::new(),
+            };
+            if defaults.tlsrpt_receive {
+                let own = name.tlsrpt_rua();
+                if !own_list.contains(&own) {
+                    own_list.push(own);
+                }
+            }
+            if own_list.is_empty() {
+                // Most domains have none: one shared empty list, not an
+                // allocation each (16 MB at a million domains).
+                Arc::clone(&NO_RUA)
+            } else {
+                own_list.into()
+            }
+        }
+    }
 }
 
 /// The `tlsrpt_rua` of every domain without one.
