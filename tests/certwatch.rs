@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::ServeProc;
-use common::client::{self, TlsClient};
+use common::client::TlsClient;
 use common::knot::{KEY_NAME, Knot};
 
 const TOKEN: &str = "certwatch-test-token-0123456789";
@@ -81,17 +81,7 @@ impl World {
     }
 
     async fn metrics(&self) -> String {
-        let resp = client::http_call(
-            self.admin,
-            "GET",
-            "/metrics",
-            &[("Authorization", &format!("Bearer {TOKEN}"))],
-            None,
-        )
-        .await
-        .expect("metrics");
-        assert_eq!(resp.status, 200);
-        String::from_utf8_lossy(&resp.body).into_owned()
+        common::admin_metrics(self.admin, TOKEN).await
     }
 
     /// The `_mta-sts` id `mtasts records` prints for `domain`.

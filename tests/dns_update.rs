@@ -480,8 +480,7 @@ fn serve_pushes_after_start_and_after_reload() {
 #[test]
 fn stale_prerequisite_is_refused_by_the_server() {
     use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
-    use hickory_proto::rr::{Name, RData, Record, TSigner};
+    use hickory_proto::rr::{Name, RData, Record};
     use mtasts::dns::update::{Change, rrsets, update_message};
 
     let Some(knot) = Knot::start(ZONE, "_mta-sts.a TXT \"v=STSv1; id=current;\"") else {
@@ -497,20 +496,7 @@ fn stale_prerequisite_is_refused_by_the_server() {
         zone: "example.test.".into(),
     };
     let (sets, _) = rrsets(&[want], &zone, None).expect("rrsets");
-    let secret = data_encoding::BASE64
-        .decode(knot.secret.as_bytes())
-        .expect("base64");
-    let signer = TSigner::new(
-        secret,
-        TsigAlgorithm::HmacSha256,
-        Name::from_ascii(KEY_NAME).expect("key"),
-        300,
-    )
-    .expect("signer");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let (signer, now) = knot.signer();
     let txt = |id: &str| {
         Record::from_rdata(
             sets[0].name.clone(),

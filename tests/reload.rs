@@ -75,17 +75,7 @@ impl Setup {
     }
 
     async fn metrics(&self) -> String {
-        let resp = client::http_call(
-            self.admin,
-            "GET",
-            "/metrics",
-            &[("Authorization", &format!("Bearer {TOKEN}"))],
-            None,
-        )
-        .await
-        .expect("metrics");
-        assert_eq!(resp.status, 200);
-        String::from_utf8_lossy(&resp.body).into_owned()
+        common::admin_metrics(self.admin, TOKEN).await
     }
 }
 

@@ -129,8 +129,7 @@ fn txt(knot: &Knot, name: &str) -> Vec<String> {
 fn add_foreign_txt(knot: &Knot, name: &str, value: &str) {
     use hickory_proto::op::{Message, OpCode, Query, ResponseCode, UpdateMessage};
     use hickory_proto::rr::rdata::TXT;
-    use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
-    use hickory_proto::rr::{DNSClass, Name, RData, Record, TSigner};
+    use hickory_proto::rr::{DNSClass, Name, RData, Record};
 
     let mut msg = Message::query();
     msg.metadata.op_code = OpCode::Update;
@@ -144,20 +143,7 @@ fn add_foreign_txt(knot: &Knot, name: &str, value: &str) {
         300,
         RData::TXT(TXT::new(vec![value.to_owned()])),
     ));
-    let secret = data_encoding::BASE64
-        .decode(knot.secret.as_bytes())
-        .expect("base64");
-    let signer = TSigner::new(
-        secret,
-        TsigAlgorithm::HmacSha256,
-        Name::from_ascii(KEY_NAME).expect("key"),
-        300,
-    )
-    .expect("signer");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let (signer, now) = knot.signer();
     msg.finalize(&signer, now).expect("sign");
     let resp = knot
         .exchange(&msg.to_vec().expect("wire"))

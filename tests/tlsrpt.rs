@@ -254,17 +254,7 @@ async fn reports_of_real_shapes_are_stored_once_and_summarised() {
         "{warn} should name the served id {served}"
     );
     // Counted in Prometheus, without domain labels.
-    let auth = format!("Bearer {TOKEN}");
-    let metrics = common::client::http_call(
-        rig.admin,
-        "GET",
-        "/metrics",
-        &[("Authorization", &auth)],
-        None,
-    )
-    .await
-    .expect("metrics");
-    let metrics = text(&metrics);
+    let metrics = common::admin_metrics(rig.admin, TOKEN).await;
     assert!(
         metrics.contains("mtasts_tlsrpt_reports_total{result=\"stored\"} 4"),
         "{metrics}"

@@ -55,6 +55,26 @@ fn random_secret() -> String {
 }
 
 impl Knot {
+    /// A TSIG signer with this server's key (HMAC-SHA256, 300 s fudge) and
+    /// the current time to sign at, for UPDATEs the test sends itself.
+    pub fn signer(&self) -> (hickory_proto::rr::TSigner, u64) {
+        let secret = data_encoding::BASE64
+            .decode(self.secret.as_bytes())
+            .expect("base64");
+        let signer = hickory_proto::rr::TSigner::new(
+            secret,
+            hickory_proto::rr::rdata::tsig::TsigAlgorithm::HmacSha256,
+            Name::from_ascii(KEY_NAME).expect("key"),
+            300,
+        )
+        .expect("signer");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        (signer, now)
+    }
+
     /// Starts knotd serving `zone`, whose file holds an SOA, an NS and the
     /// `extra` lines (names relative to the zone). `None`: knotd is missing.
     pub fn start(zone: &str, extra: &str) -> Option<Knot> {

@@ -326,3 +326,18 @@ pub fn dns_status(out: &str) -> String {
         .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
         .unwrap_or_default()
 }
+
+/// The admin listener's `/metrics` text, asked with `token` (200 expected).
+pub async fn admin_metrics(admin: SocketAddr, token: &str) -> String {
+    let resp = client::http_call(
+        admin,
+        "GET",
+        "/metrics",
+        &[("Authorization", &format!("Bearer {token}"))],
+        None,
+    )
+    .await
+    .expect("metrics");
+    assert_eq!(resp.status, 200);
+    String::from_utf8_lossy(&resp.body).into_owned()
+}
