@@ -9,6 +9,8 @@ admin API on loopback:
   rss-start      resident memory once serving (MB)
   one-changed    one domain's file rewritten (mode changed), SIGHUP, until
                  the new policy is served (s)
+  one-removed    one domain taken out of its file, SIGHUP, until it is
+                 refused (404) (s)
   add-1000       1,000 domains added as new files, SIGHUP, until the last one
                  is served (s)
   noop-sighup    SIGHUP with nothing changed, until /metrics counts it (s)
@@ -112,6 +114,19 @@ def change_one(work, n, layout, i, mode):
                         for x in range(j * per, min(n, (j + 1) * per))))
 
 
+def remove_one(work, n, layout, i):
+    """Takes domain i out of the config."""
+    dd = os.path.join(work, "domains.d")
+    if layout == "per-file":
+        os.unlink(os.path.join(dd, f"{name(i)}.toml"))
+        return
+    k = int(layout.split(":", 1)[1])
+    per = (n + k - 1) // k
+    j = i // per
+    with open(os.path.join(dd, f"part{j:03}.toml"), "w") as f:
+        f.write("".join(entry(x) for x in range(j * per, min(n, (j + 1) * per)) if x != i))
+
+
 def http_get(port, host, path, headers=(), method="GET", timeout=5.0):
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
@@ -199,6 +214,15 @@ def main():
         wait_for(lambda: b"mode: testing" in policy(http, 7)[1], "one-changed")
         rows.append(("one-changed", "s", time.time() - t0))
         time.sleep(1.0)  # the watch event of the same change comes and goes
+
+        # (a2) one domain removed: its file rewritten without it (or, one
+        # file per domain, deleted), SIGHUP until it is refused (404).
+        remove_one(work, n, args.layout, 11)
+        t0 = time.time()
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: policy(http, 11)[0] == 404, "one-removed")
+        rows.append(("one-removed", "s", time.time() - t0))
+        time.sleep(1.0)
 
         # (b) 1,000 domains added as new files.
         dd = os.path.join(work, "domains.d")
