@@ -222,6 +222,11 @@ pub trait CertStore: Send + Sync + 'static {
     /// read or parsed): what a restarted server may serve before the
     /// certificates themselves are looked at.
     fn cert_hosts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Every host with a stored certificate or state, sorted: what `mtasts
+    /// certs` lists (hosts no longer configured included).
+    fn stored_hosts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Where `host`'s certificate is kept, for messages about it.
+    fn cert_location(&self, host: &str) -> String;
     fn load_state(
         &self,
         host: &str,
@@ -310,6 +315,18 @@ impl CertStore for AnyStore {
         match self {
             AnyStore::Files(s) => CertStore::cert_hosts(s).await,
             AnyStore::Postgres(s) => s.cert_hosts().await,
+        }
+    }
+    async fn stored_hosts(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            AnyStore::Files(s) => s.stored_hosts().await,
+            AnyStore::Postgres(s) => s.stored_hosts().await,
+        }
+    }
+    fn cert_location(&self, host: &str) -> String {
+        match self {
+            AnyStore::Files(s) => s.cert_location(host),
+            AnyStore::Postgres(s) => s.cert_location(host),
         }
     }
     async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
@@ -603,6 +620,15 @@ impl CertStore for DirStore {
 
     async fn cert_hosts(&self) -> Result<Vec<String>, StoreError> {
         self.blocking(DirStore::cert_hosts).await
+    }
+
+    async fn stored_hosts(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(|s| Ok(s.hosts())).await
+    }
+
+    fn cert_location(&self, host: &str) -> String {
+        self.cert_path(host)
+            .map_or_else(|_| host.to_owned(), |p| p.display().to_string())
     }
 
     async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {

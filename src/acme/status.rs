@@ -1,6 +1,6 @@
 //! `mtasts certs`: each host's certificate state as the store has it
 //! (issuer, expiry, next renewal, last error), for people and as JSON.
-//! Reads files only; works while the server runs.
+//! Reads through the `CertStore` trait only; works while the server runs.
 
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::order;
 use super::schedule::{self, from_unix, unix};
 use crate::config::Config;
-use crate::store::{CertState, DirStore};
+use crate::store::{CertState, CertStore, DirStore};
 
 /// RFC 3339 UTC of unix seconds.
 pub fn fmt_time(secs: i64) -> String {
@@ -46,14 +46,13 @@ pub struct CertReport {
     pub hosts: Vec<CertRow>,
 }
 
-/// Builds the report for `cfg` from its `state_dir`.
-pub fn report(cfg: &Config) -> CertReport {
-    report_from(cfg, DirStore::existing(&cfg.server.state_dir))
+/// Builds the report for `cfg` from its `state_dir` (files store).
+pub async fn report(cfg: &Config) -> CertReport {
+    report_from(cfg, DirStore::existing(&cfg.server.state_dir).as_ref()).await
 }
 
-/// Builds the report for `cfg` from `store` (the shared store's contents
-/// exported to a directory store, with `[store] backend = "postgres"`).
-pub fn report_from(cfg: &Config, store: Option<DirStore>) -> CertReport {
+/// Builds the report for `cfg` from `store` (`None`: nothing stored yet).
+pub async fn report_from<S: CertStore>(cfg: &Config, store: Option<&S>) -> CertReport {
     let acme = &cfg.tls.acme;
     let now = unix(SystemTime::now());
     let mut hosts: Vec<(String, bool)> = cfg
@@ -61,12 +60,16 @@ pub fn report_from(cfg: &Config, store: Option<DirStore>) -> CertReport {
         .iter()
         .map(|d| (d.name.policy_host(), true))
         .collect();
-    if let Some(store) = &store {
+    if let Some(store) = store {
         // A set, not a scan of the list per stored host: quadratic at
         // 100,000 domains.
         let configured: std::collections::HashSet<String> =
             hosts.iter().map(|(h, _)| h.clone()).collect();
-        for h in store.hosts() {
+        let stored = store.stored_hosts().await.unwrap_or_else(|e| {
+            eprintln!("warning: cannot list the stored hosts: {e}");
+            Vec::new()
+        });
+        for h in stored {
             if !configured.contains(&h) {
                 hosts.push((h, false));
             }
@@ -74,13 +77,7 @@ pub fn report_from(cfg: &Config, store: Option<DirStore>) -> CertReport {
     }
     let mut rows = Vec::with_capacity(hosts.len());
     for (host, configured) in hosts {
-        rows.push(row(
-            store.as_ref(),
-            &host,
-            configured,
-            acme.renew_before,
-            now,
-        ));
+        rows.push(row(store, &host, configured, acme.renew_before, now).await);
     }
     let valid = rows
         .iter()
@@ -102,8 +99,8 @@ pub fn report_from(cfg: &Config, store: Option<DirStore>) -> CertReport {
     }
 }
 
-fn row(
-    store: Option<&DirStore>,
+async fn row<S: CertStore>(
+    store: Option<&S>,
     host: &str,
     configured: bool,
     renew_before: Option<Duration>,
@@ -122,7 +119,7 @@ fn row(
         last_error: None,
     };
     let Some(store) = store else { return row };
-    let state = match store.read_state(host) {
+    let state = match store.load_state(host).await {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => CertState {
             last_error: Some(e.to_string()),
@@ -136,7 +133,7 @@ fn row(
         .filter(|_| state.failures > 0)
         .map(fmt_time);
     let mut usable = false;
-    match store.read_cert(host) {
+    match store.load_cert(host).await {
         Ok(Some(bundle)) => match order::inspect(host, &bundle) {
             Ok((_, info)) => {
                 row.issuer = Some(info.issuer.clone());
@@ -156,10 +153,7 @@ fn row(
                 }
             }
             Err(reason) => {
-                let path = store
-                    .cert_path(host)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
+                let path = store.cert_location(host);
                 row.last_error = Some(format!("{path}: unusable, not served: {reason}"));
             }
         },
@@ -272,8 +266,8 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    #[test]
-    fn report_from_store_and_table() {
+    #[tokio::test]
+    async fn report_from_store_and_table() {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
             "[server]\nstate_dir = \"{}\"\n[tls]\nmode = \"acme\"\norders_per_hour = 2\n[defaults]\nmode = \"none\"\n[[domain]]\nname = \"a.example\"\n[[domain]]\nname = \"b.example\"\n",
@@ -294,7 +288,7 @@ mod tests {
         store
             .write_state("mta-sts.gone.example", &CertState::default())
             .expect("state");
-        let report = report(&cfg);
+        let report = report(&cfg).await;
         let states: Vec<(&str, &str)> = report
             .hosts
             .iter()

@@ -95,6 +95,24 @@ impl CertStore for PgStore {
         }
     }
 
+    async fn stored_hosts(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = self
+            .timed(
+                "list stored hosts",
+                client.query(
+                    "SELECT host FROM mtasts_certs UNION SELECT host FROM mtasts_cert_state ORDER BY 1",
+                    &[],
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    fn cert_location(&self, host: &str) -> String {
+        format!("{host} in the shared store (mtasts_certs)")
+    }
+
     async fn load_state(&self, host: &str) -> Result<Option<CertState>, StoreError> {
         let result = async {
             let client = self.client().await?;
