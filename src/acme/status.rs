@@ -48,7 +48,9 @@ pub struct CertReport {
 
 /// Builds the report for `cfg` from its `state_dir` (files store).
 pub async fn report(cfg: &Config) -> CertReport {
-    report_from(cfg, DirStore::existing(&cfg.server.state_dir).as_ref()).await
+    // One-shot: the store reads on this thread (DirStore::inline).
+    let store = DirStore::existing(&cfg.server.state_dir).map(DirStore::inline);
+    report_from(cfg, store.as_ref()).await
 }
 
 /// Builds the report for `cfg` from `store` (`None`: nothing stored yet).

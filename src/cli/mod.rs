@@ -553,7 +553,7 @@ fn certs(path: &Path, format: CertsFormat) -> anyhow::Result<ExitCode> {
                 let store = crate::store::pg::PgStore::open(pg, tmp.path())?;
                 store.export(&export).await?;
                 Ok::<_, crate::store::StoreError>(
-                    crate::acme::status::report_from(&cfg, Some(&export)).await,
+                    crate::acme::status::report_from(&cfg, Some(&export.inline())).await,
                 )
             })?
         }
