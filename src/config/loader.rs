@@ -230,10 +230,7 @@ impl Loader {
     pub fn new(path: &Path) -> Loader {
         Loader {
             path: path.to_owned(),
-            base: path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), Path::to_owned),
+            base: base_of(path).to_owned(),
             main_text: None,
             main_entries: Vec::new(),
             files: Vec::new(),
@@ -562,7 +559,7 @@ fn read_all(
             .map(|w| (w.slot, refresh(w, dir, defaults, certs, read_at)))
             .collect::<Vec<_>>()
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let threads = reader_threads();
     if threads > 1 && work.len() >= 2 * threads {
         let mut results = Vec::new();
         for (done, own) in on_threads(work, threads, |chunk| {
@@ -635,17 +632,9 @@ fn refresh(
         }
         other => other.map(|f| f.entries).unwrap_or_default(),
     };
-    let source = domain_source(&path, text);
-    let (failed, entries, deps) = match toml::from_str::<RawDomainFile>(&source.text) {
-        Ok(raw) => {
-            let entries = validate_entries(&source, &raw.domain, defaults, certs, &previous);
-            (None, entries, certs.take_touched())
-        }
-        Err(e) => (
-            Some(Box::new(toml_error(&source, &e))),
-            Vec::new(),
-            Box::default(),
-        ),
+    let (failed, entries, deps) = match validate_file(&path, text, defaults, certs, &previous) {
+        Ok(entries) => (None, entries, certs.take_touched()),
+        Err(e) => (Some(e), Vec::new(), Box::default()),
     };
     let file = CachedFile {
         name: w.name,
@@ -689,7 +678,7 @@ pub(super) fn list_dir(dir: &Path) -> Result<Vec<(OsString, Stamp)>, String> {
     };
     // One stat per file is most of a reload's time at 100,000 files (a
     // few µs each): spread it over the cores.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let threads = reader_threads();
     let mut files = if threads > 1 && entries.len() >= 4096 {
         on_threads(entries, threads, stat).concat()
     } else {
@@ -728,6 +717,42 @@ pub(super) fn on_threads<W: Send, R: Send>(
             })
             .collect()
     })
+}
+
+/// The directory relative paths in the main file `path` resolve against.
+pub(super) fn base_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Threads that read and parse `domains_dir` files: one per core, at most
+/// four.
+pub(super) fn reader_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// One `domains_dir` file's text (read from `path`) parsed and its entries
+/// validated; the TOML error as a located diagnostic when it does not
+/// parse.
+pub(super) fn validate_file(
+    path: &Path,
+    text: String,
+    defaults: &Layer<'_>,
+    certs: &mut CertReader,
+    previous: &[DomainEntry],
+) -> Result<Vec<DomainEntry>, Box<Diagnostic>> {
+    let source = domain_source(path, text);
+    match toml::from_str::<RawDomainFile>(&source.text) {
+        Ok(raw) => Ok(validate_entries(
+            &source,
+            &raw.domain,
+            defaults,
+            certs,
+            previous,
+        )),
+        Err(e) => Err(Box::new(toml_error(&source, &e))),
+    }
 }
 
 /// The names of a file's valid entries.

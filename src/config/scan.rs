@@ -13,10 +13,10 @@
 
 use std::path::Path;
 
-use super::loader::{CertReader, list_dir, on_threads};
+use super::loader::{CertReader, base_of, list_dir, on_threads, reader_threads, validate_file};
 use super::{
     Config, ConfigErrors, Diagnostic, DomainConfig, DomainEntry, Domains, Layer, MxSource,
-    RawDomainFile, domain_source, parse_main, read_limited, validate_defaults, validate_entries,
+    parse_main, read_limited, validate_defaults, validate_entries,
 };
 
 /// A config read by [`scan`].
@@ -34,6 +34,17 @@ struct Chunk<T> {
     warnings: Vec<Diagnostic>,
     mx_certs_used: bool,
     clean: bool,
+}
+
+impl<T> Chunk<T> {
+    fn new() -> Chunk<T> {
+        Chunk {
+            kept: Vec::new(),
+            warnings: Vec::new(),
+            mx_certs_used: false,
+            clean: true,
+        }
+    }
 }
 
 /// Reads `path` like [`Config::load`], keeping of each domain what
@@ -70,12 +81,8 @@ where
     T: Send,
     K: FnMut(&DomainConfig) -> T,
 {
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let text = read_limited(path).ok()?;
-    let main = parse_main(path, base, text).ok()?;
+    let main = parse_main(path, base_of(path), text).ok()?;
     let mut report = main.report;
     let mut defaults = Layer::defaults(&main.source, &main.defaults);
     defaults.tlsrpt_receive = main.tlsrpt.receive;
@@ -107,21 +114,11 @@ where
         }
     };
     let main_entries = validate_entries(&main.source, &main.entries, &defaults, &mut certs, &[]);
-    let mut first = Chunk {
-        kept: Vec::new(),
-        warnings: Vec::new(),
-        mx_certs_used: false,
-        clean: true,
-    };
+    let mut first = Chunk::new();
     keep_entries(main_entries, &mut first, &mut keeper());
 
     let read_chunk = |files: Vec<(std::ffi::OsString, _)>| {
-        let mut chunk = Chunk {
-            kept: Vec::new(),
-            warnings: Vec::new(),
-            mx_certs_used: false,
-            clean: true,
-        };
+        let mut chunk = Chunk::new();
         let mut certs = CertReader::new(now);
         let mut keep = keeper();
         for (file, _stamp) in files {
@@ -130,12 +127,10 @@ where
                 chunk.clean = false;
                 break;
             };
-            let source = domain_source(&file, text);
-            let Ok(raw) = toml::from_str::<RawDomainFile>(&source.text) else {
+            let Ok(entries) = validate_file(&file, text, &defaults, &mut certs, &[]) else {
                 chunk.clean = false;
                 break;
             };
-            let entries = validate_entries(&source, &raw.domain, &defaults, &mut certs, &[]);
             keep_entries(entries, &mut chunk, &mut keep);
             if !chunk.clean {
                 break;
@@ -144,7 +139,7 @@ where
         chunk.kept.sort_unstable_by(|a, b| name(a).cmp(name(b)));
         chunk
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let threads = reader_threads();
     let chunks = if threads > 1 && listing.len() >= 2 * threads {
         on_threads(listing, threads, read_chunk)
     } else {
